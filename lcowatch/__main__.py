@@ -1,0 +1,3 @@
+from lcowatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The ``lcowatch`` command line. Exit codes: 0 success, 2 bad usage or config, 1 other failure."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from lcowatch import __version__, log
+from lcowatch.config import Config, load
+from lcowatch.errors import ConfigError
+from lcowatch.ledger import Ledger, connect
+from lcowatch.pipeline import Pipeline, find_files
+from lcowatch.store import FRAME_COLUMNS, Store
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+FINISHED_STATES = {"done", "rejected", "quarantined", "ignored", "skipped"}
+
+
+def _open_output(path: str | None) -> IO[str]:
+    return open(path, "w", newline="") if path else sys.stdout
+
+
+def _format_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.5f}" if abs(value) < 1e5 else f"{value:.6f}"
+    return str(value)
+
+
+def write_table(rows: list[dict[str, object]], columns: Sequence[str], fmt: str, out: IO[str]) -> None:
+    """Rows as CSV or as an aligned text table."""
+    if fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(columns)
+        writer.writerows([_format_value(row.get(c)) for c in columns] for row in rows)
+        return
+    cells = [list(columns)] + [[_format_value(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    for line in cells:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    print(f"{config.source}: valid ({len(config.targets)} target(s), watching {len(config.watch.paths)} path(s))")
+    return EXIT_OK
+
+
+def cmd_process(args: argparse.Namespace, config: Config) -> int:
+    pipeline = Pipeline(config, connect(config.state_dir))
+    files = pipeline.unseen(find_files(Path(p) for p in args.paths))
+    missing = [p for p in args.paths if not Path(p).exists()]
+    for path in missing:
+        pipeline.log.error("path_not_found", path=str(path))
+    outcomes = [pipeline.process_path(path) for path in files]
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome.state] = counts.get(outcome.state, 0) + 1
+    pipeline.log.info("process_finished", files=len(outcomes), **counts)
+    unfinished = any(o.state not in FINISHED_STATES for o in outcomes)
+    return EXIT_FAILURE if unfinished or missing else EXIT_OK
+
+
+def cmd_frames(args: argparse.Namespace, config: Config) -> int:
+    if args.target is not None and args.target not in config.targets:
+        print(f"lcowatch: unknown target {args.target!r}", file=sys.stderr)
+        return EXIT_USAGE
+    store = Store(connect(config.state_dir))
+    with _open_output(args.output) as out:
+        write_table(store.frames(args.target), FRAME_COLUMNS, args.format, out)
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    conn = connect(config.state_dir)
+    counts = Ledger(conn).counts()
+    rows = [
+        dict(row)
+        for row in conn.execute(
+            "SELECT target, filter, COUNT(*) AS frames, SUM(quality = 'good') AS good, "
+            "MAX(mjd) AS last_mjd FROM frames GROUP BY target, filter ORDER BY target, filter"
+        )
+    ]
+    if args.json:
+        json.dump({"files": counts, "targets": rows}, sys.stdout, indent=2)
+        print()
+        return EXIT_OK
+    print("files: " + ", ".join(f"{state} {n}" for state, n in counts.items()))
+    buffer = io.StringIO()
+    write_table(rows, ["target", "filter", "frames", "good", "last_mjd"], "table", buffer)
+    print(buffer.getvalue(), end="")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: $LCOWATCH_CONFIG, else /etc/lcowatch/config.yaml)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check-config", parents=[common], help="validate the config, list every error")
+    check.set_defaults(handler=cmd_check_config, writes_table=False)
+
+    process = commands.add_parser("process", parents=[common], help="process files or folders now")
+    process.add_argument("paths", nargs="+", metavar="PATH")
+    process.set_defaults(handler=cmd_process, writes_table=False)
+
+    frames = commands.add_parser("frames", parents=[common], help="every frame with its quality, in time order")
+    frames.add_argument("target", nargs="?", metavar="TARGET")
+    frames.add_argument("--format", choices=["table", "csv"], default="table")
+    frames.add_argument("-o", "--output", metavar="FILE")
+    frames.set_defaults(handler=cmd_frames, writes_table=True)
+
+    status = commands.add_parser("status", parents=[common], help="ledger counts and per-target summary")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=cmd_status, writes_table=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    log_stream = sys.stderr if args.writes_table else sys.stdout
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        # check-config's answer is the list itself; other commands report it as the reason they stop.
+        stream = sys.stdout if args.command == "check-config" else sys.stderr
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=stream)
+        return EXIT_USAGE
+    log.configure(log_stream, level=config.log_level)
+    return int(args.handler(args, config))

@@ -1,0 +1,184 @@
+"""The configuration: YAML, validated all at once, every problem named by its key.
+
+Found by ``--config PATH``, else ``$LCOWATCH_CONFIG``, else ``/etc/lcowatch/config.yaml``. Relative paths
+resolve against the folder of the config file. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from astropy.coordinates import Angle
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from lcowatch.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/lcowatch/config.yaml")
+
+
+def _angle(value: Any, unit: str, low: float, high: float) -> float:
+    if isinstance(value, bool):
+        raise ValueError("not a coordinate")
+    try:
+        degrees = (
+            float(Angle(value, unit=unit).degree) if isinstance(value, str) else float(value)
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError("not a coordinate") from exc
+    if not low <= degrees <= high:
+        raise ValueError(f"not a coordinate: {degrees:g} deg is outside [{low:g}, {high:g}]")
+    return degrees
+
+
+# Sexagesimal right ascension is in hours, declination in degrees; plain numbers are degrees.
+RightAscension = Annotated[float, BeforeValidator(lambda v: _angle(v, "hourangle", 0.0, 360.0))]
+Declination = Annotated[float, BeforeValidator(lambda v: _angle(v, "deg", -90.0, 90.0))]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchConfig(Section):
+    paths: list[Path] = Field(min_length=1)
+    poll: bool = False
+    poll_interval: float = Field(2.0, gt=0, description="seconds between polls when poll is true")
+    quiet_seconds: float = Field(2.0, ge=0, description="size and mtime unchanged this long: complete")
+    incomplete_after: float = Field(3600.0, gt=0, description="never complete after this long: quarantine")
+    rescan_seconds: float = Field(300.0, gt=0, description="period of the reconcile scan")
+
+
+class TargetConfig(Section):
+    ra: RightAscension | None = None
+    dec: Declination | None = None
+    x: float | None = Field(None, description="pixel x (0-based) on the pinned template, when no ra/dec")
+    y: float | None = None
+    object_names: list[str] = Field(default_factory=list)
+    refcat: Path | None = None
+
+    @model_validator(mode="after")
+    def _has_position(self) -> TargetConfig:
+        if (self.ra is None) != (self.dec is None):
+            raise ValueError("give both ra and dec")
+        if (self.x is None) != (self.y is None):
+            raise ValueError("give both x and y")
+        if self.ra is None and self.x is None:
+            raise ValueError("needs a position: ra/dec, or x/y on a pinned template")
+        return self
+
+
+class CatalogConfig(Section):
+    source: Literal["vizier", "file"] = "vizier"
+    timeout: float = Field(30.0, gt=0, description="seconds per query")
+    retries: int = Field(2, ge=0)
+    radius_arcmin: float | None = Field(None, gt=0, description="default: the frame's half diagonal")
+    preference: dict[str, list[str]] | None = None
+
+
+class QualityConfig(Section):
+    max_fwhm_arcsec: float = Field(4.0, gt=0)
+    min_nstars: int = Field(25, ge=0)
+    max_ellipticity: float = Field(0.35, gt=0, le=1)
+    max_background: float | None = Field(None, gt=0, description="electrons per pixel")
+    detect_sigma: float = Field(5.0, gt=0, description="detection threshold over the background RMS")
+    min_area: int = Field(5, ge=1, description="pixels")
+
+
+class PreprocessConfig(Section):
+    saturation: float | None = Field(
+        None, gt=0, description="critical value in electrons; default: the header's MAXLIN or SATURATE"
+    )
+
+
+class ProcessingConfig(Section):
+    max_attempts: int = Field(3, ge=1)
+    max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
+
+
+class Config(Section):
+    watch: WatchConfig
+    state_dir: Path
+    catalog: CatalogConfig = CatalogConfig()
+    targets: dict[str, TargetConfig] = Field(min_length=1)
+    quality: QualityConfig = QualityConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    processing: ProcessingConfig = ProcessingConfig()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    source: Path | None = Field(None, exclude=True, description="the file this was read from")
+
+    def target_for_object(self, object_name: str) -> str | None:
+        """The target whose name or ``object_names`` matches an OBJECT value (case and space blind)."""
+        key = _normalise_object(object_name)
+        for name, target in self.targets.items():
+            if key in {_normalise_object(n) for n in [name, *target.object_names]}:
+                return name
+        return None
+
+
+def _normalise_object(name: str) -> str:
+    return "".join(name.split()).lower()
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "(top level)"
+
+
+def _message(error: Any) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: ``explicit``, else ``$LCOWATCH_CONFIG``, else the system default."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("LCOWATCH_CONFIG"):
+        return Path(os.environ["LCOWATCH_CONFIG"])
+    return DEFAULT_CONFIG_PATH
+
+
+def parse(raw: Any, base_dir: Path) -> Config:
+    """Validate a parsed YAML document; raise :class:`ConfigError` listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of keys"])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = [f"{_location(e['loc'])}: {_message(e)}" for e in exc.errors()]
+        raise ConfigError(problems) from None
+    return _resolve_paths(config, base_dir)
+
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
+    def absolute(path: Path) -> Path:
+        return (base_dir / path.expanduser()).resolve()
+
+    targets = {
+        name: t.model_copy(update={"refcat": absolute(t.refcat) if t.refcat else None})
+        for name, t in config.targets.items()
+    }
+    watch = config.watch.model_copy(update={"paths": [absolute(p) for p in config.watch.paths]})
+    return config.model_copy(
+        update={"watch": watch, "state_dir": absolute(config.state_dir), "targets": targets}
+    )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config file (see :func:`resolve_path`)."""
+    config_path = resolve_path(path)
+    try:
+        text = config_path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{config_path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{config_path}: not valid YAML: {exc}"]) from None
+    config = parse(raw, config_path.resolve().parent)
+    return config.model_copy(update={"source": config_path.resolve()})

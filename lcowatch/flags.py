@@ -1,0 +1,56 @@
+"""The one registry of quality-flag bits, used by logs, the store and every export.
+
+Flags are an integer bit mask; :func:`decode` turns a mask into names, in bit order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Flag:
+    bit: int
+    name: str
+    description: str
+
+    @property
+    def value(self) -> int:
+        return 1 << self.bit
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag(0, "saturated", "a pixel in the aperture is at or above the saturation level"),
+    Flag(1, "bad_pixel", "a masked (BPM bad, cosmic ray, non-finite) pixel is in the aperture"),
+    Flag(2, "near_edge", "the aperture or its background annulus crosses the frame edge"),
+    Flag(3, "off_frame", "the position falls outside the frame"),
+    Flag(4, "low_snr", "signal-to-noise ratio below the configured minimum"),
+    Flag(5, "blended", "another detected source lies within the aperture"),
+    Flag(6, "poor_quality", "the frame failed quality control (see its reasons)"),
+    Flag(7, "not_registered", "the frame could not be registered to the template"),
+    Flag(8, "forced_position", "the position was placed by registration, not recentroided"),
+    Flag(9, "uncalibrated", "no zero point could be fitted: mag is empty"),
+    Flag(10, "nonstandard_band", "the filter has no standard band; calibrated to a substitute band"),
+    Flag(11, "few_comparisons", "fewer comparison stars than wanted in the differential ensemble"),
+    Flag(12, "bad_background", "the background annulus had too few good pixels"),
+)
+
+BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
+
+
+def value(*names: str) -> int:
+    """Bit mask for the given flag names."""
+    mask = 0
+    for name in names:
+        mask |= BY_NAME[name].value
+    return mask
+
+
+def decode(mask: int) -> list[str]:
+    """Names of the flags set in ``mask``, in bit order."""
+    return [flag.name for flag in FLAGS if mask & flag.value]
+
+
+def describe(mask: int) -> str:
+    """Comma-separated flag names, empty for 0: the form used in logs and exports."""
+    return ",".join(decode(mask))

@@ -1,0 +1,317 @@
+"""Reading one LCO reduced frame: pixels, masks and the header facts the pipeline needs.
+
+Files are ``.fits.fz`` (fpack), ``.fits.gz`` or ``.fits``. The science image is the HDU named ``SCI``,
+or the primary HDU when it holds the image; ``BPM`` and ``ERR`` are optional. Pixel arrays are indexed
+``[y, x]`` and every pixel coordinate in lcowatch is 0-based.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import astropy.units as u
+import numpy as np
+from astropy.coordinates import EarthLocation, SkyCoord
+from astropy.io import fits
+from astropy.time import Time
+from astropy.utils import iers
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
+
+from lcowatch.config import Config
+from lcowatch.errors import Quarantine
+
+# The data host may be offline: never fetch IERS tables. Polar motion beyond the bundled tables only
+# matters at the arcsecond level, far below what a barycentric time correction needs.
+iers.conf.auto_download = False
+iers.conf.auto_max_age = None
+
+REQUIRED_KEYWORDS = ("OBJECT", "FILTER", "EXPTIME")
+GZIP_MAGIC = b"\x1f\x8b"
+FITS_BLOCK = 2880
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """Header facts of one frame, in the units the pipeline uses.
+
+    Times are MJD (UTC) and BJD_TDB in days; ``pixscale`` in arcsec per pixel; ``gain`` in e-/ADU;
+    ``read_noise`` and ``saturation`` in electrons. ``wcs_usable`` is true only when BANZAI solved the
+    astrometry (WCSERR == 0).
+    """
+
+    object: str
+    target: str | None
+    filter: str
+    exptime: float
+    date_obs: str
+    mjd_start: float
+    mjd_mid: float
+    bjd_tdb: float | None
+    airmass: float | None
+    site: str | None
+    telescope: str | None
+    instrument: str | None
+    pixscale: float
+    gain: float
+    read_noise: float
+    saturation: float | None
+    wcs_usable: bool
+    shape: tuple[int, int]
+
+
+@dataclass
+class Frame:
+    """One frame in memory: ``data`` is float32 electrons, native byte order; ``bpm`` uint8 bits."""
+
+    path: Path
+    sha256: str
+    meta: FrameMeta
+    data: np.ndarray
+    header: fits.Header
+    bpm: np.ndarray | None
+    err: np.ndarray | None
+    wcs: WCS | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_content(path: Path, max_bytes: int | None = None) -> tuple[bytes, str]:
+    """The file's bytes and their sha256 (the ledger key)."""
+    content = path.read_bytes()
+    if max_bytes is not None and len(content) > max_bytes:
+        raise Quarantine(f"file of {len(content)} bytes exceeds the limit of {max_bytes}", step="read")
+    return content, hashlib.sha256(content).hexdigest()
+
+
+def _decompressed(content: bytes, max_bytes: int) -> bytes:
+    if not content:
+        raise Quarantine("empty file", step="read")
+    if content[:2] != GZIP_MAGIC:
+        return content
+    # Bounded, so that a small gzip bomb cannot exhaust memory.
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        raw = inflater.decompress(content, max_bytes)
+    except zlib.error as exc:
+        raise Quarantine(f"corrupt gzip stream: {exc}", step="read") from None
+    if inflater.unconsumed_tail:
+        raise Quarantine(f"gzip content larger than {max_bytes} bytes", step="read")
+    if not inflater.eof:
+        raise Quarantine("truncated gzip stream", step="read")
+    return raw
+
+
+def open_hdul(content: bytes, max_bytes: int) -> fits.HDUList:
+    """Open FITS bytes (gzip allowed); raise :class:`Quarantine` when they are not a FITS file."""
+    raw = _decompressed(content, max_bytes)
+    if not raw.startswith(b"SIMPLE  ="):
+        raise Quarantine("not a FITS file (no SIMPLE card)", step="read")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", AstropyWarning)
+            return fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
+    except (OSError, ValueError, IndexError, AstropyWarning) as exc:
+        raise Quarantine(f"unreadable FITS: {exc}", step="read") from None
+
+
+def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
+    if "SCI" in hdul:
+        return hdul["SCI"]
+    for hdu in hdul:
+        if hdu.is_image and hdu.header.get("NAXIS", 0) == 2:
+            return hdu
+    raise Quarantine("no 2-D image HDU", step="read")
+
+
+def _image_shape(header: fits.Header) -> tuple[int, int]:
+    # Compressed HDUs present the image's NAXISn already; ZNAXISn is the fallback for raw headers.
+    nx = header.get("ZNAXIS1", header.get("NAXIS1"))
+    ny = header.get("ZNAXIS2", header.get("NAXIS2"))
+    if not isinstance(nx, int) or not isinstance(ny, int) or nx <= 0 or ny <= 0:
+        raise Quarantine("image has no valid NAXIS1/NAXIS2", step="read")
+    return ny, nx
+
+
+def _float(header: fits.Header, key: str) -> float | None:
+    value = header.get(key)
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def observation_start(header: fits.Header) -> Time:
+    """Start of the exposure (DATE-OBS, else MJD-OBS), UTC."""
+    date_obs = header.get("DATE-OBS")
+    try:
+        if isinstance(date_obs, str) and date_obs.strip():
+            return Time(date_obs.strip(), format="isot", scale="utc")
+        mjd = _float(header, "MJD-OBS")
+        if mjd is not None:
+            return Time(mjd, format="mjd", scale="utc")
+    except ValueError as exc:
+        raise Quarantine(f"DATE-OBS {date_obs!r} is not a time: {exc}", step="read") from None
+    raise Quarantine("missing required keyword DATE-OBS (and MJD-OBS)", step="read")
+
+
+def site_location(header: fits.Header) -> EarthLocation | None:
+    """The site from LATITUDE/LONGITUD (deg) and HEIGHT (m), or None when not given."""
+    lat, lon, height = (_float(header, k) for k in ("LATITUDE", "LONGITUD", "HEIGHT"))
+    if lat is None or lon is None:
+        return None
+    return EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, (height or 0.0) * u.m)
+
+
+def bjd_tdb(mjd_utc: float, ra: float, dec: float, location: EarthLocation | None) -> float:
+    """Barycentric Julian Date (TDB) of an MJD (UTC) instant, for a target at (ra, dec) degrees.
+
+    Offline: uses astropy's built-in ephemeris and bundled IERS tables only.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*IERS data is valid.*", category=AstropyWarning)
+        time = Time(mjd_utc, format="mjd", scale="utc", location=location)
+        light_time = time.light_travel_time(SkyCoord(ra * u.deg, dec * u.deg), "barycentric")
+        return float((time.tdb + light_time).jd)
+
+
+def celestial_wcs(header: fits.Header) -> WCS | None:
+    """The header's celestial WCS, or None when there is none."""
+    with warnings.catch_warnings():
+        # Real LCO headers trip astropy's harmless 'datfix'/'obsfix' notices.
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header, naxis=2, fix=True)
+        except (ValueError, KeyError, MemoryError):
+            return None
+    return wcs if wcs.has_celestial else None
+
+
+def read_meta(header: fits.Header, config: Config) -> FrameMeta:
+    """Frame metadata from the SCI header; raise :class:`Quarantine` when a required keyword is missing."""
+    missing = [k for k in REQUIRED_KEYWORDS if header.get(k) in (None, "")]
+    if missing:
+        raise Quarantine(f"missing required keyword(s) {', '.join(missing)}", step="read")
+    exptime = _float(header, "EXPTIME")
+    if exptime is None or exptime <= 0:
+        raise Quarantine(f"EXPTIME {header.get('EXPTIME')!r} is not a positive number", step="read")
+    pixscale = _float(header, "PIXSCALE")
+    if pixscale is None or pixscale <= 0:
+        raise Quarantine("missing or invalid PIXSCALE", step="read")
+    start = observation_start(header)
+    mjd_mid = float(start.mjd) + exptime / 2.0 / 86400.0
+    object_name = str(header["OBJECT"]).strip()
+    target = config.target_for_object(object_name)
+    bjd = None
+    if target is not None:
+        target_config = config.targets[target]
+        if target_config.ra is not None and target_config.dec is not None:
+            bjd = bjd_tdb(mjd_mid, target_config.ra, target_config.dec, site_location(header))
+    maxlin = _float(header, "MAXLIN")
+    saturation = config.preprocess.saturation or (maxlin if maxlin else _float(header, "SATURATE"))
+    wcserr = header.get("WCSERR")
+    return FrameMeta(
+        object=object_name,
+        target=target,
+        filter=str(header["FILTER"]).strip(),
+        exptime=exptime,
+        date_obs=start.isot,
+        mjd_start=float(start.mjd),
+        mjd_mid=mjd_mid,
+        bjd_tdb=bjd,
+        airmass=_float(header, "AIRMASS"),
+        site=header.get("SITEID"),
+        telescope=header.get("TELESCOP"),
+        instrument=header.get("INSTRUME"),
+        pixscale=pixscale,
+        gain=_float(header, "GAIN") or 1.0,
+        read_noise=_float(header, "RDNOISE") or 0.0,
+        saturation=saturation,
+        wcs_usable=isinstance(wcserr, int) and wcserr == 0,
+        shape=_image_shape(header),
+    )
+
+
+def _native_float32(array: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _optional_plane(
+    hdul: fits.HDUList, name: str, shape: tuple[int, int], dtype: type, notes: list[str]
+) -> np.ndarray | None:
+    if name not in hdul:
+        return None
+    try:
+        plane = hdul[name].data
+    except (OSError, ValueError) as exc:
+        notes.append(f"{name} unreadable ({exc}); ignored")
+        return None
+    if plane is None or plane.shape != shape:
+        got = None if plane is None else plane.shape
+        notes.append(f"{name} shape {got} does not match SCI {shape}; ignored")
+        return None
+    return np.ascontiguousarray(plane, dtype=dtype)
+
+
+def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame:
+    """Read a frame from its bytes; raise :class:`Quarantine` for anything that is not a usable image.
+
+    ``Frame.warnings`` collects non-fatal problems (e.g. a BPM of another shape) for the log.
+    """
+    max_bytes = config.processing.max_pixels * 8 + 64 * FITS_BLOCK
+    with open_hdul(content, max_bytes) as hdul:
+        hdu = _image_hdu(hdul)
+        header = hdu.header.copy()
+        meta = read_meta(header, config)
+        ny, nx = meta.shape
+        if ny * nx > config.processing.max_pixels:
+            raise Quarantine(
+                f"image of {nx}x{ny} pixels exceeds the limit of {config.processing.max_pixels}",
+                step="read",
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", AstropyWarning)
+                pixels = hdu.data
+        except (OSError, ValueError, TypeError, AstropyWarning) as exc:
+            raise Quarantine(f"image data unreadable (truncated?): {exc}", step="read") from None
+        if pixels is None or pixels.shape != (ny, nx):
+            raise Quarantine("image data missing or truncated", step="read")
+        notes: list[str] = []
+        data = _native_float32(pixels)
+        bpm = _optional_plane(hdul, "BPM", data.shape, np.uint8, notes)
+        err = _optional_plane(hdul, "ERR", data.shape, np.float32, notes)
+    wcs = celestial_wcs(header)
+    return Frame(
+        path=path,
+        sha256=sha256,
+        meta=meta,
+        data=data,
+        header=header,
+        bpm=bpm,
+        err=err,
+        wcs=wcs if meta.wcs_usable else None,
+        warnings=notes,
+    )
+
+
+def read_observation_time(path: Path) -> float | None:
+    """MJD of the exposure start from the header alone, for ordering files; None when unreadable."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a broken file is reported when it is processed
+            with fits.open(path, memmap=False) as hdul:
+                for hdu in hdul:
+                    if "DATE-OBS" in hdu.header or "MJD-OBS" in hdu.header:
+                        return float(observation_start(hdu.header).mjd)
+    except (OSError, ValueError, IndexError, TypeError, Quarantine, gzip.BadGzipFile, EOFError):
+        return None
+    return None

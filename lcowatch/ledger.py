@@ -1,0 +1,196 @@
+"""The ledger: every file seen, keyed by the sha256 of its content. It is the source of truth.
+
+States: ``pending`` (seen, not finished; ``attempts`` counts the starts), ``done``, ``rejected``,
+``ignored`` (OBJECT matches no target), ``quarantined``. Attempts are committed *before* work starts,
+so a crash counts as an attempt too. Results and the final state are written in one transaction by
+:meth:`Ledger.finish`.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+STATES = ("pending", "done", "rejected", "ignored", "quarantined")
+TERMINAL_STATES = frozenset(STATES) - {"pending"}
+LEDGER_NAME = "lcowatch.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    sha256 TEXT PRIMARY KEY,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'ignored', 'quarantined')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    object TEXT,
+    target TEXT,
+    filter TEXT,
+    mjd REAL,
+    step TEXT,
+    error TEXT,
+    first_seen REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_state ON files (state);
+CREATE TABLE IF NOT EXISTS paths (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    path: str
+    size: int
+    state: str
+    attempts: int
+    object: str | None
+    target: str | None
+    filter: str | None
+    mjd: float | None
+    step: str | None
+    error: str | None
+
+
+def connect(state_dir: Path) -> sqlite3.Connection:
+    """Open (and create) the one SQLite file under ``state_dir``, in WAL mode, owner-only."""
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state_dir / LEDGER_NAME
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    os.chmod(path, 0o600)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One immediate transaction: all of it is written, or none of it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class Ledger:
+    """File states in the shared SQLite connection."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        conn.executescript(SCHEMA)
+
+    def get(self, sha256: str) -> FileRecord | None:
+        row = self.conn.execute(
+            "SELECT sha256, path, size, state, attempts, object, target, filter, mjd, step, error "
+            "FROM files WHERE sha256 = ?",
+            (sha256,),
+        ).fetchone()
+        return FileRecord(**dict(row)) if row else None
+
+    def known_path(self, path: Path, size: int, mtime_ns: int) -> str | None:
+        """The sha256 last seen at ``path`` if its size and mtime are unchanged, so rescans skip hashing."""
+        row = self.conn.execute(
+            "SELECT sha256 FROM paths WHERE path = ? AND size = ? AND mtime_ns = ?",
+            (str(path), size, mtime_ns),
+        ).fetchone()
+        return row["sha256"] if row else None
+
+    def remember_path(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
+        self.conn.execute(
+            "INSERT INTO paths (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+            "sha256 = excluded.sha256",
+            (str(path), size, mtime_ns, sha256),
+        )
+
+    def start_attempt(self, sha256: str, path: Path, size: int) -> FileRecord:
+        """Record the file if new and count one attempt, committed before any work starts."""
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO files (sha256, path, size, state, attempts, first_seen, updated) "
+                "VALUES (?, ?, ?, 'pending', 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                (sha256, str(path), size, now, now),
+            )
+            self.conn.execute(
+                "UPDATE files SET attempts = attempts + 1, path = ?, updated = ? WHERE sha256 = ?",
+                (str(path), now, sha256),
+            )
+        record = self.get(sha256)
+        assert record is not None
+        return record
+
+    def finish(
+        self,
+        sha256: str,
+        state: str,
+        *,
+        step: str | None = None,
+        error: str | None = None,
+        identity: dict[str, object] | None = None,
+        write: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Write the frame's results (``write``) and its final state in one transaction.
+
+        ``identity`` may carry ``object``, ``target``, ``filter`` and ``mjd`` for the file row.
+        """
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        fields = {k: v for k, v in (identity or {}).items() if k in ("object", "target", "filter", "mjd")}
+        assignments = "".join(f", {k} = :{k}" for k in fields)
+        with transaction(self.conn):
+            if write is not None:
+                write(self.conn)
+            self.conn.execute(
+                f"UPDATE files SET state = :state, step = :step, error = :error, updated = :now{assignments} "
+                "WHERE sha256 = :sha256",
+                {"state": state, "step": step, "error": error, "now": time.time(), "sha256": sha256, **fields},
+            )
+
+    def uncount_attempt(self, sha256: str) -> None:
+        """Take back the attempt of a run that stopped on a transient condition."""
+        self.conn.execute(
+            "UPDATE files SET attempts = MAX(attempts - 1, 0), updated = ? WHERE sha256 = ?",
+            (time.time(), sha256),
+        )
+
+    def note_error(self, sha256: str, step: str, error: str) -> None:
+        """Keep the last error of a failed attempt; the file stays pending for the next one."""
+        self.conn.execute(
+            "UPDATE files SET step = ?, error = ?, updated = ? WHERE sha256 = ?",
+            (step, error, time.time(), sha256),
+        )
+
+    def reset(self, sha256: str) -> None:
+        """Make a file pending again with no attempts (``lcowatch retry``)."""
+        self.conn.execute(
+            "UPDATE files SET state = 'pending', attempts = 0, step = NULL, error = NULL, updated = ? "
+            "WHERE sha256 = ?",
+            (time.time(), sha256),
+        )
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM files GROUP BY state").fetchall()
+        return {state: 0 for state in STATES} | {row["state"]: row["n"] for row in rows}
+
+    def in_state(self, state: str) -> list[FileRecord]:
+        rows = self.conn.execute(
+            "SELECT sha256, path, size, state, attempts, object, target, filter, mjd, step, error "
+            "FROM files WHERE state = ? ORDER BY mjd, path",
+            (state,),
+        ).fetchall()
+        return [FileRecord(**dict(row)) for row in rows]

@@ -1,0 +1,47 @@
+"""Structured logging: JSON lines for machines, a readable console when a person is watching.
+
+Every event about a frame is bound to ``file``, ``sha256``, ``target`` and ``filter`` (see
+:func:`frame_logger`).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any
+
+import structlog
+
+get_logger = structlog.get_logger
+
+
+def configure(stream: IO[str] | None = None, *, level: str = "info", json: bool | None = None) -> None:
+    """Route structlog events to ``stream`` (stdout by default).
+
+    ``json=None`` picks JSON unless the stream is a terminal.
+    """
+    stream = stream or sys.stdout
+    if json is None:
+        json = not stream.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def frame_logger(file: str, sha256: str, target: str | None = None, filter: str | None = None) -> Any:
+    """A logger bound to one frame's identity."""
+    return structlog.get_logger().bind(file=file, sha256=sha256, target=target, filter=filter)

@@ -1,0 +1,189 @@
+"""Quality (the old step 2): detect sources, measure seeing, shape and depth, and give a verdict.
+
+The source list kept per frame is the old ``xys``: 0-based pixel positions and sep measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import sep
+from scipy.spatial import cKDTree
+
+from lcowatch.config import QualityConfig
+from lcowatch.frame import Frame
+from lcowatch.preprocess import Preprocessed
+
+SOURCE_DTYPE = np.dtype(
+    [
+        ("x", "f8"),  # 0-based pixel column of the centroid
+        ("y", "f8"),  # 0-based pixel row
+        ("flux", "f8"),  # electrons above background, isophotal
+        ("peak", "f4"),  # electrons above background
+        ("a", "f4"),  # semi-major RMS size, pixels
+        ("b", "f4"),
+        ("theta", "f4"),  # radians, counter-clockwise from +x
+        ("npix", "i4"),
+        ("snr", "f4"),
+        ("fwhm", "f4"),  # pixels; NaN unless the source was used to measure the frame's FWHM
+        ("saturated", "?"),
+        ("sharp", "?"),  # narrower than the PSF: cosmic ray or hot pixel
+        ("sep_flag", "i2"),
+    ]
+)
+
+MIN_STAR_SNR = 10.0  # a detection counts as a star above this S/N
+FWHM_STAR_SNR = 30.0  # stars used to measure the FWHM
+MAX_FWHM_STARS = 300
+SHARP_RATIO = 2.5  # peak/flux this many times the stars' median marks a cosmic ray
+EXTRACT_PIXSTACK = 3_000_000  # crowded bulge fields overflow sep's default buffer
+
+
+@dataclass
+class Quality:
+    """Frame-level quality measurements.
+
+    ``background`` and ``background_rms`` in electrons per pixel; ``fwhm_pix`` in pixels and
+    ``fwhm_arcsec`` in arcseconds (NaN when no star could be measured); ``ellipticity`` is 1 - b/a.
+    """
+
+    background: float
+    background_rms: float
+    fwhm_pix: float
+    fwhm_arcsec: float
+    ellipticity: float
+    nstars: int
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+
+
+def detect_sources(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
+    """Detect sources on the background-subtracted image; returns an array of :data:`SOURCE_DTYPE`.
+
+    Saturated pixels are not masked during detection (their stars are found, then marked saturated).
+    """
+    sep.set_extract_pixstack(EXTRACT_PIXSTACK)
+    sep.set_sub_object_limit(4096)
+    objects = sep.extract(
+        pre.subtracted,
+        thresh=config.detect_sigma,
+        err=pre.rms,
+        mask=pre.bad,
+        minarea=config.min_area,
+        deblend_cont=0.005,
+    )
+    sources = np.zeros(len(objects), dtype=SOURCE_DTYPE)
+    for name in ("x", "y", "flux", "peak", "a", "b", "theta", "npix"):
+        sources[name] = objects[name]
+    sources["sep_flag"] = objects["flag"]
+    noise = np.sqrt(np.maximum(objects["flux"], 0) + objects["npix"] * pre.background_rms**2)
+    sources["snr"] = np.where(noise > 0, objects["flux"] / noise, 0.0)
+    sources["saturated"] = pre.saturated[objects["ypeak"], objects["xpeak"]]
+    sources["fwhm"] = np.nan
+    ratio = objects["peak"] / np.maximum(objects["flux"], 1e-9)
+    bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"]
+    if bright.sum() >= 3:
+        sources["sharp"] = ratio > SHARP_RATIO * np.median(ratio[bright])
+    return sources
+
+
+def _log_parabola_peak(cutouts: np.ndarray, centre: int) -> np.ndarray:
+    """Peak of each star from a log-parabola through the 3 pixels around the brightest one, per axis."""
+    c = centre
+    core = np.maximum(cutouts[:, c - 1 : c + 2, c - 1 : c + 2], 1e-9)
+    logs = np.log(core)
+    peak_log = logs[:, 1, 1].copy()
+    for left, right in ((logs[:, 1, 0], logs[:, 1, 2]), (logs[:, 0, 1], logs[:, 2, 1])):
+        curvature = left - 2 * logs[:, 1, 1] + right
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shift = np.where(curvature < 0, 0.5 * (left - right) / curvature, 0.0)
+        peak_log -= 0.25 * (left - right) * np.clip(shift, -0.5, 0.5)
+    return np.exp(peak_log)
+
+
+def measure_fwhm(pre: Preprocessed, sources: np.ndarray, half_size: int) -> np.ndarray:
+    """FWHM in pixels of isolated, unsaturated, unmasked bright stars, from the area above half maximum.
+
+    The half-maximum area does not assume a profile (Gaussian or Moffat alike): FWHM = 2 sqrt(A / pi).
+    Writes ``sources['fwhm']`` for the stars used and returns the per-star values.
+    """
+    ny, nx = pre.subtracted.shape
+    x = np.rint(sources["x"]).astype(int)
+    y = np.rint(sources["y"]).astype(int)
+    inside = (x >= half_size) & (x < nx - half_size) & (y >= half_size) & (y < ny - half_size)
+    candidate = (
+        inside
+        & ~sources["saturated"]
+        & ~sources["sharp"]
+        & (sources["snr"] >= FWHM_STAR_SNR)
+        & (sources["sep_flag"] == 0)
+    )
+    if len(sources) > 1:
+        distance, _ = cKDTree(np.column_stack([sources["x"], sources["y"]])).query(
+            np.column_stack([sources["x"], sources["y"]]), k=2
+        )
+        candidate &= distance[:, 1] > 2 * half_size
+    index = np.flatnonzero(candidate)
+    index = index[np.argsort(-sources["flux"][index])][:MAX_FWHM_STARS]
+    if index.size == 0:
+        return np.empty(0)
+    offsets = np.arange(-half_size, half_size + 1)
+    rows = y[index, None, None] + offsets[None, :, None]
+    cols = x[index, None, None] + offsets[None, None, :]
+    cutouts = pre.subtracted[rows, cols]
+    clean = ~pre.mask[rows, cols].any(axis=(1, 2))
+    cutouts, index = cutouts[clean], index[clean]
+    if index.size == 0:
+        return np.empty(0)
+    peak = _log_parabola_peak(cutouts, half_size)
+    area = (cutouts > 0.5 * peak[:, None, None]).sum(axis=(1, 2))
+    fwhm = 2.0 * np.sqrt(area / np.pi)
+    sources["fwhm"][index] = fwhm
+    return fwhm
+
+
+def _robust_median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan")
+    median = np.median(values)
+    spread = 1.4826 * np.median(np.abs(values - median))
+    if spread > 0:
+        values = values[np.abs(values - median) < 3 * spread]
+    return float(np.median(values))
+
+
+def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config: QualityConfig) -> Quality:
+    """Measure FWHM, ellipticity and star count, and judge the frame against the thresholds."""
+    bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"] & ~sources["sharp"]
+    typical_sigma = float(np.median(np.sqrt(sources["a"][bright] * sources["b"][bright]))) if bright.any() else 2.0
+    half_size = int(np.clip(np.ceil(3.0 * 2.355 * typical_sigma), 4, 40))
+    per_star = measure_fwhm(pre, sources, half_size)
+    fwhm_pix = _robust_median(per_star)
+    used = np.isfinite(sources["fwhm"])
+    ellipticity = _robust_median(1.0 - sources["b"][used] / sources["a"][used]) if used.any() else float("nan")
+    nstars = int(((sources["snr"] >= MIN_STAR_SNR) & ~sources["sharp"]).sum())
+    fwhm_arcsec = fwhm_pix * frame.meta.pixscale
+
+    reasons = []
+    if not np.isfinite(fwhm_arcsec):
+        reasons.append("fwhm unmeasurable: no isolated unsaturated star")
+    elif fwhm_arcsec > config.max_fwhm_arcsec:
+        reasons.append(f'fwhm {fwhm_arcsec:.2f}" > {config.max_fwhm_arcsec:g}"')
+    if nstars < config.min_nstars:
+        reasons.append(f"nstars {nstars} < {config.min_nstars}")
+    if np.isfinite(ellipticity) and ellipticity > config.max_ellipticity:
+        reasons.append(f"ellipticity {ellipticity:.2f} > {config.max_ellipticity:g}")
+    if config.max_background is not None and pre.background_level > config.max_background:
+        reasons.append(f"background {pre.background_level:.0f} e- > {config.max_background:g} e-")
+    return Quality(
+        background=pre.background_level,
+        background_rms=pre.background_rms,
+        fwhm_pix=fwhm_pix,
+        fwhm_arcsec=fwhm_arcsec,
+        ellipticity=ellipticity,
+        nstars=nstars,
+        verdict="poor" if reasons else "good",
+        reasons=reasons,
+    )

@@ -1,0 +1,40 @@
+"""Shared fixtures: real LCO files, configs written to disk, a runner for the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# CI clones the project next to a copy of shared/, so the real files sit beside the project root.
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lco-real"
+ROME_FRAME = "lsc1m005-fl15-20170614-0130-e91_cropped.fits.gz"
+SBIG_FRAME = "banzai_test_frame.fits.fz"
+
+REAL_TARGETS: dict[str, dict[str, Any]] = {
+    "ROME02": {"ra": "17:58:32.7", "dec": "-27:58:18", "object_names": ["ROME-FIELD-02"]},
+    "NY65": {"ra": 195.78, "dec": 36.23, "object_names": ["2010 NY65"]},
+}
+
+
+@pytest.fixture
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real LCO files not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+def write_config(folder: Path, targets: dict[str, dict[str, Any]], **sections: Any) -> Path:
+    """Write a config YAML with watch folder ``folder/in`` and state ``folder/state``; return its path."""
+    (folder / "in").mkdir(parents=True, exist_ok=True)
+    document = {"watch": {"paths": ["in"]}, "state_dir": "state", "targets": targets, **sections}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+def real_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path, REAL_TARGETS)

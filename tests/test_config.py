@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lcowatch.cli import main
+from lcowatch.config import load, parse
+from lcowatch.errors import ConfigError
+
+MINIMAL = {"watch": {"paths": ["in"]}, "state_dir": "state", "targets": {"SN1": {"ra": 150.1, "dec": 2.2}}}
+
+
+class TestParse:
+    """A config is validated as a whole: every problem is reported at once, each naming its key."""
+
+    def test_every_bad_key_is_named(self) -> None:
+        raw = {
+            "watch": {"paths": ["in"], "pol": True},
+            "state_dir": "state",
+            "targets": {"SN1": {"ra": "abc", "dec": 2}, "SN2": {"ra": 10.0, "dec": 95.0}},
+            "catalog": {"source": "simbad"},
+            "colour": 1,
+        }
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, Path("/tmp"))
+        problems = caught.value.problems
+        assert "watch.pol: unknown key" in problems
+        assert "targets.SN1.ra: not a coordinate" in problems
+        assert any(p.startswith("targets.SN2.dec: not a coordinate") for p in problems)
+        assert any(p.startswith("catalog.source:") for p in problems)
+        assert "colour: unknown key" in problems
+        assert len(problems) == 5
+
+    def test_missing_required_sections(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            parse({"targets": {"SN1": {"ra": 1, "dec": 2}}}, Path("/tmp"))
+        assert set(caught.value.problems) == {
+            "watch: required key is missing",
+            "state_dir: required key is missing",
+        }
+
+    def test_sexagesimal_coordinates_are_hours_and_degrees(self) -> None:
+        raw = MINIMAL | {"targets": {"SN1": {"ra": "10:00:29.6", "dec": "-02:14:04"}}}
+        target = parse(raw, Path("/tmp")).targets["SN1"]
+        assert target.ra == pytest.approx(150.12333, abs=1e-5)
+        assert target.dec == pytest.approx(-2.23444, abs=1e-5)
+
+    def test_target_needs_a_position(self) -> None:
+        with pytest.raises(ConfigError) as caught:
+            parse(MINIMAL | {"targets": {"SN1": {"ra": 150.0}}}, Path("/tmp"))
+        assert caught.value.problems == ["targets.SN1: give both ra and dec"]
+
+    def test_relative_paths_resolve_against_the_config_folder(self, tmp_path: Path) -> None:
+        raw = MINIMAL | {"targets": {"SN1": {"ra": 1.0, "dec": 2.0, "refcat": "cats/sn1.csv"}}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        config = load(tmp_path / "c.yaml")
+        assert config.state_dir == tmp_path / "state"
+        assert config.watch.paths == [tmp_path / "in"]
+        assert config.targets["SN1"].refcat == tmp_path / "cats" / "sn1.csv"
+
+    def test_objects_match_by_name_or_alias_ignoring_case_and_spaces(self) -> None:
+        raw = MINIMAL | {"targets": {"SN1": {"ra": 1.0, "dec": 2.0, "object_names": ["AT 2026abc"]}}}
+        config = parse(raw, Path("/tmp"))
+        assert config.target_for_object("sn1") == "SN1"
+        assert config.target_for_object("AT2026ABC") == "SN1"
+        assert config.target_for_object("SN2") is None
+
+
+class TestConfigDiscovery:
+    """--config wins over $LCOWATCH_CONFIG, which wins over /etc/lcowatch/config.yaml."""
+
+    def test_environment_variable_is_used(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "env.yaml").write_text(yaml.safe_dump(MINIMAL))
+        monkeypatch.setenv("LCOWATCH_CONFIG", str(tmp_path / "env.yaml"))
+        assert load(None).source == tmp_path / "env.yaml"
+
+    def test_explicit_path_wins(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "a.yaml").write_text(yaml.safe_dump(MINIMAL))
+        monkeypatch.setenv("LCOWATCH_CONFIG", str(tmp_path / "missing.yaml"))
+        assert load(tmp_path / "a.yaml").source == tmp_path / "a.yaml"
+
+
+class TestCheckConfigCommand:
+    """`lcowatch check-config` prints every error and exits 2; a valid config exits 0."""
+
+    def test_invalid_config_exits_2_listing_every_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        bad = MINIMAL | {"targets": {"SN1": {"ra": "x", "dec": "y"}}, "extra": 1}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        out = capsys.readouterr().out
+        assert "targets.SN1.ra: not a coordinate" in out
+        assert "targets.SN1.dec: not a coordinate" in out
+        assert "extra: unknown key" in out
+
+    def test_valid_config_exits_0(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(MINIMAL))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
+        assert "valid" in capsys.readouterr().out
+
+    def test_unreadable_yaml_exits_2(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "c.yaml").write_text("watch: [unclosed\n")
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        assert "not valid YAML" in capsys.readouterr().out
+
+    def test_missing_file_exits_2(self, tmp_path: Path) -> None:
+        assert main(["check-config", "--config", str(tmp_path / "none.yaml")]) == 2
