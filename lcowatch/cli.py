@@ -14,6 +14,8 @@ from typing import IO
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError
+from lcowatch.export import lightcurve_table
+from lcowatch.export import write_table as export_table
 from lcowatch.ledger import Ledger, connect
 from lcowatch.pipeline import Pipeline, find_files
 from lcowatch.store import FRAME_COLUMNS, Store
@@ -99,6 +101,34 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _known_target(config: Config, target: str) -> bool:
+    if target in config.targets:
+        return True
+    print(f"lcowatch: unknown target {target!r} (configured: {', '.join(config.targets)})", file=sys.stderr)
+    return False
+
+
+def cmd_export(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    table = lightcurve_table(Store(connect(config.state_dir)), args.target, args.filter)
+    with _open_output(args.output) as out:
+        export_table(table, out, args.format)
+    return EXIT_OK
+
+
+def cmd_template(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    store = Store(connect(config.state_dir))
+    rows = store.template_history(args.target, args.filter)
+    for row in rows:
+        row["state"] = "current" if row.pop("active") else ("pinned" if row["pinned"] else "replaced")
+    columns = ["filter", "state", "file", "mjd", "score", "fwhm", "background_rms", "nstars", "reason"]
+    write_table(rows, columns, "table", sys.stdout)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
@@ -122,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="ledger counts and per-target summary")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status, writes_table=True)
+
+    export = commands.add_parser("export", parents=[common], help="a target's light curve")
+    export.add_argument("target", metavar="TARGET")
+    export.add_argument("--filter", metavar="F", help="only this filter")
+    export.add_argument("--format", choices=["csv", "ecsv"], default="csv")
+    export.add_argument("-o", "--output", metavar="FILE")
+    export.set_defaults(handler=cmd_export, writes_table=True)
+
+    template = commands.add_parser("template", parents=[common], help="a target's templates and their history")
+    template.add_argument("target", metavar="TARGET")
+    template.add_argument("--filter", metavar="F")
+    template.set_defaults(handler=cmd_template, writes_table=True)
     return parser
 
 

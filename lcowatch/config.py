@@ -7,6 +7,8 @@ resolve against the folder of the config file. Unknown keys are errors.
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,15 +19,14 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from lcowatch.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/lcowatch/config.yaml")
+APERTURE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(fwhm|arcsec|\")\s*$", re.IGNORECASE)
 
 
 def _angle(value: Any, unit: str, low: float, high: float) -> float:
     if isinstance(value, bool):
         raise ValueError("not a coordinate")
     try:
-        degrees = (
-            float(Angle(value, unit=unit).degree) if isinstance(value, str) else float(value)
-        )
+        degrees = float(Angle(value, unit=unit).degree) if isinstance(value, str) else float(value)
     except (ValueError, TypeError) as exc:
         raise ValueError("not a coordinate") from exc
     if not low <= degrees <= high:
@@ -36,6 +37,34 @@ def _angle(value: Any, unit: str, low: float, high: float) -> float:
 # Sexagesimal right ascension is in hours, declination in degrees; plain numbers are degrees.
 RightAscension = Annotated[float, BeforeValidator(lambda v: _angle(v, "hourangle", 0.0, 360.0))]
 Declination = Annotated[float, BeforeValidator(lambda v: _angle(v, "deg", -90.0, 90.0))]
+
+
+@dataclass(frozen=True)
+class Aperture:
+    """A radius in arcseconds or in multiples of the frame's FWHM."""
+
+    value: float
+    unit: str  # "fwhm" or "arcsec"
+
+    @classmethod
+    def parse(cls, text: str | float) -> Aperture:
+        """Parse ``"1.5 fwhm"`` or ``"4 arcsec"`` (``4"`` too); a bare number is in FWHM."""
+        if isinstance(text, int | float) and not isinstance(text, bool):
+            return cls(float(text), "fwhm")
+        match = APERTURE_PATTERN.match(str(text))
+        if not match or float(match.group(1)) <= 0:
+            raise ValueError(f"not an aperture: {text!r} (e.g. '1.5 fwhm' or '4 arcsec')")
+        unit = match.group(2).lower()
+        return cls(float(match.group(1)), "arcsec" if unit in ("arcsec", '"') else "fwhm")
+
+    def radius_pix(self, fwhm_pix: float, pixscale: float) -> float:
+        return self.value * fwhm_pix if self.unit == "fwhm" else self.value / pixscale
+
+    def __str__(self) -> str:
+        return f"{self.value:g} {self.unit}"
+
+
+ApertureValue = Annotated[Aperture, BeforeValidator(lambda v: v if isinstance(v, Aperture) else Aperture.parse(v))]
 
 
 class Section(BaseModel):
@@ -93,6 +122,31 @@ class PreprocessConfig(Section):
     )
 
 
+class TemplateWeights(Section):
+    fwhm: float = Field(1.0, ge=0)
+    background: float = Field(0.5, ge=0)
+    nstars: float = Field(0.5, ge=0)
+
+
+class TemplateConfig(Section):
+    weights: TemplateWeights = TemplateWeights()
+    min_improvement: float = Field(
+        0.1, ge=0, description="score gain (natural-log units, ~10%) a frame needs to replace the template"
+    )
+
+
+class PhotometryConfig(Section):
+    apertures: list[ApertureValue] = Field(
+        default_factory=lambda: [Aperture(1.0, "fwhm"), Aperture(1.5, "fwhm"), Aperture(2.5, "fwhm")],
+        min_length=1,
+        description="radii, e.g. '1.5 fwhm' or '4 arcsec'; the first is the light curve's default",
+    )
+    annulus: tuple[ApertureValue, ApertureValue] = (Aperture(4.0, "fwhm"), Aperture(7.0, "fwhm"))
+    min_snr: float = Field(3.0, gt=0, description="below this a measurement is flagged low_snr")
+    recentre_snr: float = Field(10.0, gt=0, description="S/N above which positions are recentroided")
+    max_field_stars: int = Field(300, ge=3, description="comparison stars kept per target (no catalog)")
+
+
 class ProcessingConfig(Section):
     max_attempts: int = Field(3, ge=1)
     max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
@@ -106,6 +160,8 @@ class Config(Section):
     quality: QualityConfig = QualityConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    template: TemplateConfig = TemplateConfig()
+    photometry: PhotometryConfig = PhotometryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: Path | None = Field(None, exclude=True, description="the file this was read from")
 
@@ -164,9 +220,7 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
         for name, t in config.targets.items()
     }
     watch = config.watch.model_copy(update={"paths": [absolute(p) for p in config.watch.paths]})
-    return config.model_copy(
-        update={"watch": watch, "state_dir": absolute(config.state_dir), "targets": targets}
-    )
+    return config.model_copy(update={"watch": watch, "state_dir": absolute(config.state_dir), "targets": targets})
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:

@@ -158,7 +158,14 @@ class Ledger:
             self.conn.execute(
                 f"UPDATE files SET state = :state, step = :step, error = :error, updated = :now{assignments} "
                 "WHERE sha256 = :sha256",
-                {"state": state, "step": step, "error": error, "now": time.time(), "sha256": sha256, **fields},
+                {
+                    "state": state,
+                    "step": step,
+                    "error": error,
+                    "now": time.time(),
+                    "sha256": sha256,
+                    **fields,
+                },
             )
 
     def uncount_attempt(self, sha256: str) -> None:
@@ -178,8 +185,7 @@ class Ledger:
     def reset(self, sha256: str) -> None:
         """Make a file pending again with no attempts (``lcowatch retry``)."""
         self.conn.execute(
-            "UPDATE files SET state = 'pending', attempts = 0, step = NULL, error = NULL, updated = ? "
-            "WHERE sha256 = ?",
+            "UPDATE files SET state = 'pending', attempts = 0, step = NULL, error = NULL, updated = ? WHERE sha256 = ?",
             (time.time(), sha256),
         )
 

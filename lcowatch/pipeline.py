@@ -18,16 +18,22 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lcowatch import flags
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater
+from lcowatch.export import update_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
+from lcowatch.photometry import ENSEMBLE_BLOCKING, Photometry, ensemble_offset, measure
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
+from lcowatch.register import IDENTITY, Registration, register, wcs_guess
 from lcowatch.store import Store
+from lcowatch.template import Template, choose_field_stars, template_score
 
+MIN_COMPARISONS = 3
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 
@@ -38,9 +44,18 @@ class FrameWork:
     frame: Frame
     config: Config
     log: Any
+    store: Store
     pre: Preprocessed | None = None
     sources: np.ndarray | None = None
     quality: Quality | None = None
+    template: Template | None = None
+    template_reason: str | None = None
+    new_field: tuple[np.ndarray, np.ndarray] | None = None
+    registration: Registration | None = None
+    star_ids: np.ndarray | None = None
+    photometry: Photometry | None = None
+    new_refs: dict[int, float] = field(default_factory=dict)
+    points: list[dict[str, object]] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
 
@@ -71,8 +86,151 @@ class MeasureQuality:
         work.rejection.extend(work.quality.reasons)
 
 
+class SelectTemplate:
+    """Use the target's template for this filter, or make this frame the template when it is better.
+
+    The first template of a target also fixes the field's comparison stars in the sky.
+    """
+
+    name = "template"
+
+    def __call__(self, work: FrameWork) -> None:
+        frame, quality, config = work.frame, work.quality, work.config
+        assert quality is not None and work.sources is not None and frame.meta.target is not None
+        target, filter = frame.meta.target, frame.meta.filter
+        current = work.store.current_template(target, filter)
+        score = template_score(quality, config.template)
+        better = current is None or (not current.pinned and score > current.score + config.template.min_improvement)
+        if frame.wcs is not None and np.isfinite(score) and better:
+            work.template = Template(
+                id=None, target=target, filter=filter, sha256=frame.sha256, file=frame.path.name,
+                score=score, pinned=False, shape=frame.meta.shape,
+                wcs_header=frame.wcs.to_header(relax=True).tostring(), sources=work.sources,
+            )  # fmt: skip
+            work.template_reason = (
+                "first template" if current is None
+                else f"score {score:.3f} beats {current.score:.3f} by more than {config.template.min_improvement:g}"
+            )  # fmt: skip
+            _, ra, _ = work.store.field_stars(target)
+            if ra.size == 0:
+                target_xy = work.template.target_xy(config.targets[target])
+                chosen = choose_field_stars(
+                    work.sources,
+                    target_xy,
+                    frame.meta.shape,
+                    quality.fwhm_pix,
+                    config.photometry.max_field_stars,
+                )
+                xy = np.column_stack([work.sources["x"][chosen], work.sources["y"][chosen]])
+                work.new_field = work.template.sky_of(xy)
+        elif current is None:
+            raise Reject("no template yet, and this frame has no solved WCS to make one", step=self.name)
+        else:
+            work.template = current
+
+
+class Register:
+    """Find the transform from template pixels to this frame's pixels by matching stars."""
+
+    name = "register"
+
+    def __call__(self, work: FrameWork) -> None:
+        template, sources = work.template, work.sources
+        assert template is not None and sources is not None
+        if template.sha256 == work.frame.sha256:
+            work.registration = Registration(IDENTITY, len(sources), 0.0, "identity")
+            return
+        guess = None
+        if work.frame.wcs is not None:
+            guess = wcs_guess(template.wcs, work.frame.wcs, template.shape)
+        work.registration = register(template.sources, sources, guess=guess)
+        work.log.debug(
+            "registered", method=work.registration.method, n_matched=work.registration.n_matched,
+            rms=round(work.registration.rms, 4), rotation_deg=round(work.registration.rotation_deg, 3),
+        )  # fmt: skip
+
+
+class MeasurePhotometry:
+    """Aperture photometry of the target and the field's comparison stars at registered positions."""
+
+    name = "photometry"
+
+    def __call__(self, work: FrameWork) -> None:
+        template, registration, quality, pre = work.template, work.registration, work.quality, work.pre
+        assert template is not None and registration is not None and quality is not None and pre is not None
+        assert work.sources is not None and work.frame.meta.target is not None
+        config = work.config
+        if work.new_field is not None:
+            ra, dec = work.new_field
+            star_ids = np.arange(1, len(ra) + 1)
+        else:
+            star_ids, ra, dec = work.store.field_stars(work.frame.meta.target)
+        template_xy = np.vstack(
+            [template.target_xy(config.targets[work.frame.meta.target]), template.pixels_of(ra, dec)]
+        )
+        xy = registration.apply(template_xy)
+        work.star_ids = np.concatenate([[0], star_ids])
+        work.photometry = measure(
+            work.frame, pre, work.sources, xy[:, 0], xy[:, 1],
+            config.photometry.apertures, config.photometry.annulus, quality.fwhm_pix,
+            recentre_snr=config.photometry.recentre_snr, min_snr=config.photometry.min_snr,
+            max_shift=max(1.0, 0.5 * quality.fwhm_pix),
+        )  # fmt: skip
+
+
+class DifferentialPhotometry:
+    """The target's magnitude against a weighted ensemble of the field's comparison stars."""
+
+    name = "differential"
+
+    def __call__(self, work: FrameWork) -> None:
+        phot, star_ids, template, registration = (
+            work.photometry,
+            work.star_ids,
+            work.template,
+            work.registration,
+        )
+        assert phot is not None and star_ids is not None and template is not None and registration is not None
+        meta = work.frame.meta
+        assert meta.target is not None
+        refs = work.store.star_refs(meta.target, meta.filter)
+        if not refs:
+            # The first frame measured in a filter (its template) sets the reference magnitudes.
+            clean = (phot.flags[1:, 0] & ENSEMBLE_BLOCKING) == 0
+            refs = {
+                int(star): float(mag)
+                for star, mag, ok in zip(star_ids[1:], phot.inst_mag[1:, 0], clean, strict=True)
+                if ok and np.isfinite(mag)
+            }
+            work.new_refs = refs
+        ref_mag = np.array([refs.get(int(star), np.nan) for star in star_ids[1:]])
+        for k, aperture in enumerate(work.config.photometry.apertures):
+            ensemble = ensemble_offset(phot.inst_mag[1:, k], phot.inst_err[1:, k], ref_mag, phot.flags[1:, k])
+            point_flags = int(phot.flags[0, k])
+            if ensemble.n_used < MIN_COMPARISONS:
+                point_flags |= flags.value("few_comparisons")
+            work.points.append(
+                {
+                    "sha256": work.frame.sha256, "aperture": k, "aperture_text": str(aperture),
+                    "target": meta.target, "filter": meta.filter,
+                    "x": float(phot.x[0]), "y": float(phot.y[0]),
+                    "diff_mag": _finite(phot.inst_mag[0, k] - ensemble.offset),
+                    "diff_mag_err": _finite(np.hypot(phot.inst_err[0, k], ensemble.offset_err)),
+                    "n_comparison": ensemble.n_used, "registration_rms": registration.rms,
+                    "n_matched": registration.n_matched, "template": template.file,
+                    "flags": point_flags | flags.value("uncalibrated"),
+                }
+            )  # fmt: skip
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
 def default_stages() -> list[Stage]:
-    return [Preprocess(), MeasureQuality()]
+    return [
+        Preprocess(), MeasureQuality(), SelectTemplate(), Register(), MeasurePhotometry(), DifferentialPhotometry(),
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,9 +315,7 @@ class Pipeline:
         return self._run_stages(frame)
 
     def _quarantine(self, path: Path, sha256: str, exc: Quarantine) -> Outcome:
-        destination = quarantine_file(
-            path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step
-        )
+        destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
         self.ledger.finish(sha256, "quarantined", step=exc.step, error=str(exc))
         self.log.warning(
             "frame_quarantined", file=path.name, sha256=sha256, step=exc.step, reason=str(exc),
@@ -179,7 +335,7 @@ class Pipeline:
             log.info("frame_ignored", reason=reason)
             return Outcome(frame.path, "ignored", frame.sha256, reason)
 
-        work = FrameWork(frame=frame, config=self.config, log=log)
+        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
         seconds: dict[str, float] = {}
         step = "read"
         try:
@@ -209,11 +365,29 @@ class Pipeline:
         quality, sources = work.quality, work.sources
 
         def write(conn: sqlite3.Connection) -> None:
-            if quality is not None and sources is not None:
-                self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources)
+            if quality is None or sources is None:
+                return
+            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources)
+            if state != "done":
+                return
+            assert meta.target is not None and work.star_ids is not None and work.photometry is not None
+            if work.template_reason is not None and work.template is not None:
+                self.store.write_template(conn, work.template, work.template_reason)
+            if work.new_field is not None:
+                self.store.write_field_stars(conn, meta.target, *work.new_field, origin=f"template {frame.path.name}")
+            if work.new_refs:
+                self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
+            self.store.write_photometry(conn, frame.sha256, work.star_ids, work.photometry)
+            self.store.write_points(conn, work.points)
 
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
+        if state == "done" and meta.target is not None:
+            # The store holds the point already; the file is a derived view, rebuilt on the next frame.
+            try:
+                update_result_file(self.store, meta.target, self.config.state_dir)
+            except OSError as exc:
+                log.warning("result_file_not_written", reason=str(exc))
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,

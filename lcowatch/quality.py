@@ -138,12 +138,14 @@ def measure_fwhm(pre: Preprocessed, sources: np.ndarray, half_size: int) -> np.n
         return np.empty(0)
     peak = _log_parabola_peak(cutouts, half_size)
     area = (cutouts > 0.5 * peak[:, None, None]).sum(axis=(1, 2))
-    fwhm = 2.0 * np.sqrt(area / np.pi)
+    fwhm = np.where(area > 0, 2.0 * np.sqrt(area / np.pi), np.nan)
     sources["fwhm"][index] = fwhm
     return fwhm
 
 
-def _robust_median(values: np.ndarray) -> float:
+def _clipped_mean(values: np.ndarray) -> float:
+    """Mean after a 3-sigma clip around the median: the half-maximum areas are whole pixels, and a mean
+    over many stars resolves what a median would leave quantised."""
     values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan")
@@ -151,7 +153,7 @@ def _robust_median(values: np.ndarray) -> float:
     spread = 1.4826 * np.median(np.abs(values - median))
     if spread > 0:
         values = values[np.abs(values - median) < 3 * spread]
-    return float(np.median(values))
+    return float(np.mean(values))
 
 
 def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config: QualityConfig) -> Quality:
@@ -160,9 +162,9 @@ def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config
     typical_sigma = float(np.median(np.sqrt(sources["a"][bright] * sources["b"][bright]))) if bright.any() else 2.0
     half_size = int(np.clip(np.ceil(3.0 * 2.355 * typical_sigma), 4, 40))
     per_star = measure_fwhm(pre, sources, half_size)
-    fwhm_pix = _robust_median(per_star)
+    fwhm_pix = _clipped_mean(per_star)
     used = np.isfinite(sources["fwhm"])
-    ellipticity = _robust_median(1.0 - sources["b"][used] / sources["a"][used]) if used.any() else float("nan")
+    ellipticity = _clipped_mean(1.0 - sources["b"][used] / sources["a"][used]) if used.any() else float("nan")
     nstars = int(((sources["snr"] >= MIN_STAR_SNR) & ~sources["sharp"]).sum())
     fwhm_arcsec = fwhm_pix * frame.meta.pixscale
 

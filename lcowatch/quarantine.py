@@ -29,9 +29,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def quarantine_file(
-    path: Path, state_dir: Path, *, sha256: str | None, reason: str, step: str | None
-) -> Path:
+def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: str, step: str | None) -> Path:
     """Move ``path`` into the quarantine folder and write ``<name>.reason.json`` beside it.
 
     Returns the new location. A name already taken there gets the content hash as a prefix, so nothing

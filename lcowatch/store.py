@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
 
 from lcowatch.frame import FrameMeta
+from lcowatch.photometry import Photometry
 from lcowatch.quality import SOURCE_DTYPE, Quality
+from lcowatch.template import Template
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -58,7 +61,78 @@ CREATE TABLE IF NOT EXISTS sources (
     sep_flag INTEGER NOT NULL,
     PRIMARY KEY (sha256, id)
 );
+CREATE TABLE IF NOT EXISTS templates (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    target TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    sha256 TEXT NOT NULL REFERENCES frames (sha256),
+    file TEXT NOT NULL,
+    score REAL NOT NULL,
+    pinned INTEGER NOT NULL,
+    active INTEGER NOT NULL,
+    created REAL NOT NULL,
+    reason TEXT NOT NULL,
+    nx INTEGER NOT NULL,
+    ny INTEGER NOT NULL,
+    wcs_header TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS templates_active ON templates (target, filter, active);
+CREATE TABLE IF NOT EXISTS field_stars (
+    target TEXT NOT NULL,
+    star_id INTEGER NOT NULL,
+    ra REAL NOT NULL,
+    dec REAL NOT NULL,
+    origin TEXT NOT NULL,
+    PRIMARY KEY (target, star_id)
+);
+CREATE TABLE IF NOT EXISTS star_refs (
+    target TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    star_id INTEGER NOT NULL,
+    ref_mag REAL NOT NULL,
+    PRIMARY KEY (target, filter, star_id)
+);
+CREATE TABLE IF NOT EXISTS photometry (
+    sha256 TEXT NOT NULL REFERENCES frames (sha256),
+    star_id INTEGER NOT NULL,
+    aperture INTEGER NOT NULL,
+    x REAL,
+    y REAL,
+    radius REAL NOT NULL,
+    flux REAL,
+    flux_err REAL,
+    inst_mag REAL,
+    inst_err REAL,
+    background REAL,
+    flags INTEGER NOT NULL,
+    PRIMARY KEY (sha256, star_id, aperture)
+);
+CREATE TABLE IF NOT EXISTS points (
+    sha256 TEXT NOT NULL REFERENCES frames (sha256),
+    aperture INTEGER NOT NULL,
+    aperture_text TEXT NOT NULL,
+    target TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    x REAL,
+    y REAL,
+    diff_mag REAL,
+    diff_mag_err REAL,
+    n_comparison INTEGER NOT NULL,
+    registration_rms REAL NOT NULL,
+    n_matched INTEGER NOT NULL,
+    template TEXT NOT NULL,
+    mag REAL,
+    mag_err REAL,
+    zp REAL,
+    zp_err REAL,
+    band TEXT,
+    flags INTEGER NOT NULL,
+    PRIMARY KEY (sha256, aperture)
+);
+CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 """
+
+TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header"
 
 FRAME_COLUMNS = (
     "file", "target", "filter", "mjd", "exptime", "background", "background_rms",
@@ -67,7 +141,7 @@ FRAME_COLUMNS = (
 
 
 def _nullable(value: float) -> float | None:
-    return value if np.isfinite(value) else None
+    return float(value) if np.isfinite(value) else None
 
 
 class Store:
@@ -76,6 +150,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         conn.executescript(SCHEMA)
+        self._templates: dict[int, Template] = {}
 
     @staticmethod
     def write_frame(
@@ -128,3 +203,116 @@ class Store:
         ).fetchall()
         nan_for_null = [tuple(np.nan if v is None else v for v in row) for row in rows]
         return np.array(nan_for_null, dtype=SOURCE_DTYPE)
+
+    def current_template(self, target: str, filter: str) -> Template | None:
+        """The active template of a target and filter, loaded once per template."""
+        row = self.conn.execute(
+            f"SELECT {TEMPLATE_ROW} FROM templates WHERE target = ? AND filter = ? AND active = 1",
+            (target, filter),
+        ).fetchone()
+        if row is None:
+            return None
+        cached = self._templates.get(row["id"])
+        if cached is None:
+            cached = Template(
+                id=row["id"], target=target, filter=filter, sha256=row["sha256"], file=row["file"],
+                score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
+                wcs_header=row["wcs_header"], sources=self.sources(row["sha256"]),
+            )  # fmt: skip
+            self._templates = {row["id"]: cached}
+        return cached
+
+    @staticmethod
+    def write_template(conn: sqlite3.Connection, template: Template, reason: str) -> None:
+        """Make ``template`` the active one for its target and filter; the history stays."""
+        conn.execute(
+            "UPDATE templates SET active = 0 WHERE target = ? AND filter = ?",
+            (template.target, template.filter),
+        )
+        conn.execute(
+            "INSERT INTO templates (target, filter, sha256, file, score, pinned, active, created, reason, nx, ny, "
+            "wcs_header) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+            (
+                template.target, template.filter, template.sha256, template.file, template.score,
+                int(template.pinned), time.time(), reason, template.shape[1], template.shape[0],
+                template.wcs_header,
+            ),
+        )  # fmt: skip
+
+    def template_history(self, target: str, filter: str | None = None) -> list[dict[str, object]]:
+        query = (
+            "SELECT t.filter, t.file, t.score, t.pinned, t.active, t.created, t.reason, f.mjd, f.fwhm, "
+            "f.background_rms, f.nstars FROM templates t JOIN frames f USING (sha256) WHERE t.target = ?"
+        )
+        args: tuple[str, ...] = (target,)
+        if filter is not None:
+            query += " AND t.filter = ?"
+            args += (filter,)
+        return [dict(row) for row in self.conn.execute(query + " ORDER BY t.filter, t.id", args)]
+
+    def field_stars(self, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(star_id, ra, dec) of the target's comparison stars, ids from 1; the target itself is 0."""
+        rows = self.conn.execute(
+            "SELECT star_id, ra, dec FROM field_stars WHERE target = ? ORDER BY star_id", (target,)
+        ).fetchall()
+        table = np.array([tuple(row) for row in rows], dtype=float).reshape(-1, 3)
+        return table[:, 0].astype(int), table[:, 1], table[:, 2]
+
+    @staticmethod
+    def write_field_stars(conn: sqlite3.Connection, target: str, ra: np.ndarray, dec: np.ndarray, origin: str) -> None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO field_stars VALUES (?, ?, ?, ?, ?)",
+            [(target, i + 1, float(r), float(d), origin) for i, (r, d) in enumerate(zip(ra, dec, strict=True))],
+        )
+
+    def star_refs(self, target: str, filter: str) -> dict[int, float]:
+        rows = self.conn.execute(
+            "SELECT star_id, ref_mag FROM star_refs WHERE target = ? AND filter = ?", (target, filter)
+        ).fetchall()
+        return {row["star_id"]: row["ref_mag"] for row in rows}
+
+    @staticmethod
+    def write_star_refs(conn: sqlite3.Connection, target: str, filter: str, refs: dict[int, float]) -> None:
+        conn.executemany(
+            "INSERT OR IGNORE INTO star_refs VALUES (?, ?, ?, ?)",
+            [(target, filter, star, mag) for star, mag in refs.items()],
+        )
+
+    @staticmethod
+    def write_photometry(conn: sqlite3.Connection, sha256: str, star_ids: np.ndarray, phot: Photometry) -> None:
+        conn.execute("DELETE FROM photometry WHERE sha256 = ?", (sha256,))
+        rows = [
+            (
+                sha256, int(star), k, _nullable(phot.x[i]), _nullable(phot.y[i]), float(phot.radii[k]),
+                _nullable(phot.flux[i, k]), _nullable(phot.flux_err[i, k]), _nullable(phot.inst_mag[i, k]),
+                _nullable(phot.inst_err[i, k]), _nullable(phot.background[i]), int(phot.flags[i, k]),
+            )
+            for i, star in enumerate(star_ids)
+            for k in range(len(phot.radii))
+        ]  # fmt: skip
+        conn.executemany(f"INSERT INTO photometry VALUES ({', '.join('?' * 12)})", rows)
+
+    @staticmethod
+    def write_points(conn: sqlite3.Connection, points: list[dict[str, object]]) -> None:
+        if not points:
+            return
+        conn.execute("DELETE FROM points WHERE sha256 = ?", (points[0]["sha256"],))
+        columns = list(points[0])
+        conn.executemany(
+            f"INSERT INTO points ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})",
+            points,
+        )
+
+    def lightcurve(self, target: str, filter: str | None = None) -> list[dict[str, object]]:
+        """The target's points joined with their frames, in time order, one row per frame and aperture."""
+        query = (
+            "SELECT f.file, f.mjd, f.bjd_tdb, p.filter, p.mag, p.mag_err, p.zp, p.zp_err, f.fwhm, f.airmass, "
+            "p.flags, p.diff_mag, p.diff_mag_err, p.aperture_text AS aperture, p.x, p.y, p.registration_rms, "
+            "p.template, p.band, p.n_comparison, p.n_matched, f.exptime, f.sha256 "
+            "FROM points p JOIN frames f USING (sha256) WHERE p.target = ?"
+        )
+        args: tuple[str, ...] = (target,)
+        if filter is not None:
+            query += " AND p.filter = ?"
+            args += (filter,)
+        return [dict(row) for row in self.conn.execute(query + " ORDER BY f.mjd, f.file, p.aperture", args)]

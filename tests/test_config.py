@@ -85,7 +85,9 @@ class TestConfigDiscovery:
 class TestCheckConfigCommand:
     """`lcowatch check-config` prints every error and exits 2; a valid config exits 0."""
 
-    def test_invalid_config_exits_2_listing_every_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def test_invalid_config_exits_2_listing_every_error(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
         bad = MINIMAL | {"targets": {"SN1": {"ra": "x", "dec": "y"}}, "extra": 1}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
         assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
