@@ -55,6 +55,12 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from lcowatch.daemon import run  # the daemon's threads and signal handlers only when asked for
+
+    return run(config)
+
+
 def cmd_process(args: argparse.Namespace, config: Config) -> int:
     pipeline = Pipeline(config, connect(config.state_dir))
     files = pipeline.unseen(find_files(Path(p) for p in args.paths))
@@ -138,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", parents=[common], help="validate the config, list every error")
     check.set_defaults(handler=cmd_check_config, writes_table=False)
+
+    run = commands.add_parser("run", parents=[common], help="the daemon: watch the folders, process new frames")
+    run.set_defaults(handler=cmd_run, writes_table=False)
 
     process = commands.add_parser("process", parents=[common], help="process files or folders now")
     process.add_argument("paths", nargs="+", metavar="PATH")

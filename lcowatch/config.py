@@ -112,6 +112,9 @@ class QualityConfig(Section):
     min_nstars: int = Field(25, ge=0)
     max_ellipticity: float = Field(0.35, gt=0, le=1)
     max_background: float | None = Field(None, gt=0, description="electrons per pixel")
+    max_cloud_loss: float = Field(
+        0.5, gt=0, description="mag of light lost against the reference frame before points are flagged cloudy"
+    )
     detect_sigma: float = Field(5.0, gt=0, description="detection threshold over the background RMS")
     min_area: int = Field(5, ge=1, description="pixels")
 
@@ -152,6 +155,21 @@ class ProcessingConfig(Section):
     max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
 
 
+class DaemonConfig(Section):
+    """How ``lcowatch run`` behaves (stopping, backing off, the systemd watchdog)."""
+
+    stop_timeout: float = Field(
+        30.0, gt=0, description="seconds to finish the frame in hand after SIGTERM/SIGINT; then exit anyway"
+    )
+    stall_seconds: float = Field(
+        600.0, gt=0, description="a frame in hand longer than this counts as stuck: systemd watchdog pings stop"
+    )
+    retry_seconds: float = Field(
+        30.0, gt=0, description="first back-off after a transient error (doubling); failed files are retried after it"
+    )
+    max_retry_seconds: float = Field(600.0, gt=0, description="longest back-off after transient errors")
+
+
 class Config(Section):
     watch: WatchConfig
     state_dir: Path
@@ -160,6 +178,7 @@ class Config(Section):
     quality: QualityConfig = QualityConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    daemon: DaemonConfig = DaemonConfig()
     template: TemplateConfig = TemplateConfig()
     photometry: PhotometryConfig = PhotometryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"

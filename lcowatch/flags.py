@@ -33,6 +33,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(10, "nonstandard_band", "the filter has no standard band; calibrated to a substitute band"),
     Flag(11, "few_comparisons", "fewer comparison stars than wanted in the differential ensemble"),
     Flag(12, "bad_background", "the background annulus had too few good pixels"),
+    Flag(13, "cloudy", "comparison stars fainter than in the reference frame by more than quality.max_cloud_loss"),
 )
 
 BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}

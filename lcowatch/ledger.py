@@ -168,6 +168,24 @@ class Ledger:
                 },
             )
 
+    def record(
+        self, sha256: str, path: Path, size: int, state: str, *, step: str | None = None, error: str | None = None
+    ) -> None:
+        """Record a file the pipeline never worked on in its final state, in one transaction, no attempt.
+
+        The daemon uses it for files it quarantines because they never became complete.
+        """
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO files (sha256, path, size, state, attempts, step, error, first_seen, updated) "
+                "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET path = excluded.path, "
+                "state = excluded.state, step = excluded.step, error = excluded.error, updated = excluded.updated",
+                (sha256, str(path), size, state, step, error, now, now),
+            )
+
     def uncount_attempt(self, sha256: str) -> None:
         """Take back the attempt of a run that stopped on a transient condition."""
         self.conn.execute(

@@ -15,12 +15,36 @@ import structlog
 get_logger = structlog.get_logger
 
 
+class _CurrentStream:
+    """Writes to whatever ``sys.<name>`` is at the time, so a replaced or captured stream is followed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _stream(self) -> IO[str]:
+        stream: IO[str] = getattr(sys, self.name)
+        return stream
+
+    def write(self, text: str) -> int:
+        return self._stream().write(text)
+
+    def flush(self) -> None:
+        self._stream().flush()
+
+    def isatty(self) -> bool:
+        return self._stream().isatty()
+
+
 def configure(stream: IO[str] | None = None, *, level: str = "info", json: bool | None = None) -> None:
-    """Route structlog events to ``stream`` (stdout by default).
+    """Route structlog events to ``stream`` (the current stdout by default).
 
     ``json=None`` picks JSON unless the stream is a terminal.
     """
-    stream = stream or sys.stdout
+    if stream is None or stream is sys.stdout:
+        stream = _CurrentStream("stdout")  # type: ignore[assignment]
+    elif stream is sys.stderr:
+        stream = _CurrentStream("stderr")  # type: ignore[assignment]
+    assert stream is not None
     if json is None:
         json = not stream.isatty()
     renderer: Any = (

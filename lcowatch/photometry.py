@@ -18,9 +18,9 @@ from lcowatch import flags
 from lcowatch.config import Aperture
 from lcowatch.frame import Frame
 from lcowatch.preprocess import Preprocessed
+from lcowatch.quality import recentre
 
 MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: magnitude error per unit relative flux error
-CENTROID_ITERATIONS = 5
 MIN_ANNULUS_PIXELS = 20
 
 
@@ -76,32 +76,17 @@ def annulus_background(
     return median, rms, used
 
 
-def recentre(image: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_pix: float) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-windowed centroids (SExtractor's XWIN iteration), vectorised over positions.
+def source_mask(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> np.ndarray:
+    """Pixels to leave out of background annuli: masked pixels and every detected source.
 
-    ``image`` must be background-subtracted. Positions whose window leaves the frame come back NaN.
+    Each source is covered to a radius growing with its S/N (1.5 FWHM at S/N 10, 3.5 FWHM at 1e5), so a
+    neighbour's wings do not raise the annulus median.
     """
-    sigma = max(fwhm_pix / 2.3548, 0.5)
-    half = int(np.ceil(2.5 * sigma)) + 1
-    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
-    ny, nx = image.shape
-    cx, cy = x.astype(float).copy(), y.astype(float).copy()
-    for _ in range(CENTROID_ITERATIONS):
-        alive = np.isfinite(cx) & np.isfinite(cy)
-        ix = np.rint(np.where(alive, cx, half)).astype(int)
-        iy = np.rint(np.where(alive, cy, half)).astype(int)
-        valid = alive & (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
-        ix, iy = np.where(valid, ix, half), np.where(valid, iy, half)
-        cut = image[iy[:, None, None] + dy, ix[:, None, None] + dx]
-        ox = ix[:, None, None] + dx - np.where(valid, cx, half)[:, None, None]
-        oy = iy[:, None, None] + dy - np.where(valid, cy, half)[:, None, None]
-        weight = np.exp(-(ox**2 + oy**2) / (2 * sigma**2)) * cut
-        total = weight.sum(axis=(1, 2))
-        good = valid & (total > 0)
-        safe_total = np.where(good, total, 1.0)
-        cx = np.where(good, cx + 2 * (weight * ox).sum(axis=(1, 2)) / safe_total, np.nan)
-        cy = np.where(good, cy + 2 * (weight * oy).sum(axis=(1, 2)) / safe_total, np.nan)
-    return cx, cy
+    mask = pre.mask.copy()
+    if len(sources):
+        radius = fwhm_pix * (1.0 + 0.5 * np.log10(np.maximum(sources["snr"], 1.0)))
+        sep.mask_ellipse(mask, sources["x"], sources["y"], radius, radius, np.zeros(len(sources)), r=1.0)
+    return mask
 
 
 def measure(
@@ -129,11 +114,14 @@ def measure(
     r_in, r_out = (a.radius_pix(fwhm_pix, pixscale) for a in annulus)
     r_out = max(r_out, r_in + 3.0)
     ny, nx = frame.data.shape
-    error_map, gain = (frame.err, None) if frame.err is not None else (pre.rms, frame.meta.gain)
+    # With an ERR plane the per-pixel errors include the star's own shot noise; without one, the
+    # background RMS map gives the sky and read noise and the star's shot noise is added from its flux.
+    error_map = frame.err if frame.err is not None else pre.rms
+    shot_noise_gain = None if frame.err is not None else frame.meta.gain
 
     off_frame = ~((x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)) | ~np.isfinite(x) | ~np.isfinite(y)
     px, py = np.where(off_frame, 0.0, x), np.where(off_frame, 0.0, y)
-    first, first_err, _ = sep.sum_circle(pre.subtracted, px, py, radii[0], err=error_map, mask=pre.bad, gain=gain)
+    first, first_err, _ = sep.sum_circle(pre.subtracted, px, py, radii[0], err=error_map, mask=pre.bad)
     with np.errstate(divide="ignore", invalid="ignore"):
         bright = (first / first_err >= recentre_snr) & ~off_frame
     cx, cy = recentre(pre.subtracted, px, py, fwhm_pix)
@@ -141,26 +129,30 @@ def measure(
     take = bright & np.isfinite(moved) & (moved < max_shift)
     px, py = np.where(take, cx, px), np.where(take, cy, py)
 
-    local, local_rms, n_annulus = annulus_background(pre.subtracted, pre.mask, px, py, r_in, r_out)
+    # Sums and annuli on the original pixels: the local annulus is the whole background. A background
+    # mesh bends up under a bright star's wings, so mesh-subtracted sums would lose flux with brightness.
+    local, local_rms, n_annulus = annulus_background(
+        frame.data, source_mask(pre, frame_sources, fwhm_pix), px, py, r_in, r_out
+    )
     flux = np.empty((len(px), len(radii)))
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)
     tree = cKDTree(np.column_stack([frame_sources["x"], frame_sources["y"]])) if len(frame_sources) else None
     for k, radius in enumerate(radii):
-        total, total_err, sep_flags = sep.sum_circle(
-            pre.subtracted, px, py, radius, err=error_map, mask=pre.bad, gain=gain
-        )
-        _, _, saturated = sep.sum_circle(pre.subtracted, px, py, radius, mask=pre.saturated)
+        total, total_err, sep_flags = sep.sum_circle(frame.data, px, py, radius, err=error_map, mask=pre.bad)
+        _, _, saturated = sep.sum_circle(frame.data, px, py, radius, mask=pre.saturated)
         area = np.pi * radius**2
-        background = np.nan_to_num(local, nan=0.0)
-        background_var = np.where(used := n_annulus > 0, (np.pi / 2) * local_rms**2 / np.maximum(n_annulus, 1), 0.0)
-        flux[:, k] = total - area * background
-        flux_err[:, k] = np.sqrt(total_err**2 + area**2 * np.nan_to_num(background_var))
+        used = n_annulus >= MIN_ANNULUS_PIXELS
+        # Error of the annulus median: (pi / 2) times the variance of a mean.
+        median_var = np.where(used, (np.pi / 2) * local_rms**2 / np.maximum(n_annulus, 1), 0.0)
+        flux[:, k] = np.where(used, total - area * np.nan_to_num(local), np.nan)
+        shot_var = np.maximum(flux[:, k], 0.0) / shot_noise_gain if shot_noise_gain else 0.0
+        flux_err[:, k] = np.sqrt(total_err**2 + shot_var + area**2 * median_var)
         bits = np.zeros(len(px), dtype=np.int64)
         bits |= np.where(saturated & sep.APER_HASMASKED, flags.value("saturated"), 0)
         bits |= np.where(sep_flags & sep.APER_HASMASKED, flags.value("bad_pixel"), 0)
         bits |= np.where(sep_flags & sep.APER_TRUNC, flags.value("near_edge"), 0)
-        bits |= np.where(~used | np.isnan(local), flags.value("bad_background"), 0)
+        bits |= np.where(~used, flags.value("bad_background"), 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             bits |= np.where(~(flux[:, k] / flux_err[:, k] >= min_snr), flags.value("low_snr"), 0)
         if tree is not None:
@@ -191,44 +183,7 @@ ENSEMBLE_BLOCKING = flags.value(
 )
 
 
-@dataclass(frozen=True)
-class Ensemble:
-    """The frame's offset from the reference magnitudes: ``inst_mag - ref_mag`` averaged over stars."""
-
-    offset: float
-    offset_err: float
-    n_used: int
-    used: np.ndarray
-
-
-def ensemble_offset(
-    inst_mag: np.ndarray, inst_err: np.ndarray, ref_mag: np.ndarray, star_flags: np.ndarray
-) -> Ensemble:
-    """Weighted, sigma-clipped mean of ``inst_mag - ref_mag`` over clean comparison stars.
-
-    Outliers (variables, cosmic rays, blends the flags missed) are clipped at 3 sigma around the median
-    and the weights are inverse variances; the error is inflated by the reduced chi2 when above 1.
-    """
-    delta = inst_mag - ref_mag
-    usable = np.isfinite(delta) & np.isfinite(inst_err) & (inst_err > 0) & ((star_flags & ENSEMBLE_BLOCKING) == 0)
-    used = usable.copy()
-    for _ in range(5):
-        if used.sum() < 2:
-            break
-        median = np.median(delta[used])
-        spread = 1.4826 * np.median(np.abs(delta[used] - median))
-        tolerance = np.maximum(3 * spread, 3 * inst_err)
-        clipped = usable & (np.abs(delta - median) <= tolerance)
-        if np.array_equal(clipped, used):
-            break
-        used = clipped
-    n_used = int(used.sum())
-    if n_used == 0:
-        return Ensemble(np.nan, np.nan, 0, used)
-    weight = 1.0 / inst_err[used] ** 2
-    offset = float(np.sum(weight * delta[used]) / np.sum(weight))
-    error = float(np.sqrt(1.0 / np.sum(weight)))
-    if n_used > 1:
-        chi2 = float(np.sum(weight * (delta[used] - offset) ** 2) / (n_used - 1))
-        error *= np.sqrt(max(chi2, 1.0))
-    return Ensemble(offset, error, n_used, used)
+def comparison_stars(phot: Photometry, aperture: int) -> np.ndarray:
+    """Which field stars (rows 1..N; row 0 is the target) can enter an ensemble in this aperture."""
+    clean = (phot.flags[1:, aperture] & ENSEMBLE_BLOCKING) == 0
+    return clean & np.isfinite(phot.inst_mag[1:, aperture]) & (phot.inst_err[1:, aperture] > 0)

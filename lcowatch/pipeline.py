@@ -19,13 +19,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from lcowatch import flags
+from lcowatch.calibrate import TooFewStars, fit_zeropoint
 from lcowatch.config import Config
-from lcowatch.errors import Quarantine, Reject, RetryLater
+from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.export import update_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
-from lcowatch.photometry import ENSEMBLE_BLOCKING, Photometry, ensemble_offset, measure
+from lcowatch.photometry import Photometry, comparison_stars, measure
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
@@ -196,27 +197,38 @@ class DifferentialPhotometry:
         refs = work.store.star_refs(meta.target, meta.filter)
         if not refs:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
-            clean = (phot.flags[1:, 0] & ENSEMBLE_BLOCKING) == 0
+            clean = comparison_stars(phot, 0)
             refs = {
                 int(star): float(mag)
-                for star, mag, ok in zip(star_ids[1:], phot.inst_mag[1:, 0], clean, strict=True)
-                if ok and np.isfinite(mag)
+                for star, mag in zip(star_ids[1:][clean], phot.inst_mag[1:, 0][clean], strict=True)
             }
             work.new_refs = refs
         ref_mag = np.array([refs.get(int(star), np.nan) for star in star_ids[1:]])
         for k, aperture in enumerate(work.config.photometry.apertures):
-            ensemble = ensemble_offset(phot.inst_mag[1:, k], phot.inst_err[1:, k], ref_mag, phot.flags[1:, k])
+            # The ensemble is a zero point against the reference magnitudes: the same robust fit (clipping,
+            # intrinsic scatter so no few bright stars dominate) as the calibration against a catalog.
+            comparison = comparison_stars(phot, k)
+            try:
+                ensemble = fit_zeropoint(
+                    phot.inst_mag[1:, k][comparison], phot.inst_err[1:, k][comparison],
+                    ref_mag[comparison], np.zeros(int(comparison.sum())),
+                )  # fmt: skip
+                offset, offset_err, n_used = ensemble.zp, ensemble.zp_err, ensemble.n_used
+            except TooFewStars:
+                offset, offset_err, n_used = np.nan, np.nan, 0
             point_flags = int(phot.flags[0, k])
-            if ensemble.n_used < MIN_COMPARISONS:
+            if n_used < MIN_COMPARISONS:
                 point_flags |= flags.value("few_comparisons")
+            if -offset > work.config.quality.max_cloud_loss:
+                point_flags |= flags.value("cloudy")
             work.points.append(
                 {
                     "sha256": work.frame.sha256, "aperture": k, "aperture_text": str(aperture),
                     "target": meta.target, "filter": meta.filter,
                     "x": float(phot.x[0]), "y": float(phot.y[0]),
-                    "diff_mag": _finite(phot.inst_mag[0, k] - ensemble.offset),
-                    "diff_mag_err": _finite(np.hypot(phot.inst_err[0, k], ensemble.offset_err)),
-                    "n_comparison": ensemble.n_used, "registration_rms": registration.rms,
+                    "diff_mag": _finite(phot.inst_mag[0, k] + offset),
+                    "diff_mag_err": _finite(np.hypot(phot.inst_err[0, k], offset_err)),
+                    "n_comparison": n_used, "registration_rms": registration.rms,
                     "n_matched": registration.n_matched, "template": template.file,
                     "flags": point_flags | flags.value("uncalibrated"),
                 }
@@ -355,6 +367,8 @@ class Pipeline:
         except Quarantine as exc:
             exc.step = exc.step or step
             return self._quarantine(frame.path, frame.sha256, exc)
+        except Stop:
+            raise  # fatal for the daemon (which exits non-zero), not a fault of this frame
         except Exception as exc:  # a bug, not bad input: keep the file pending; attempts bound the retries
             log.exception("frame_failed", step=step)
             self.ledger.note_error(frame.sha256, step, f"{type(exc).__name__}: {exc}")

@@ -14,6 +14,7 @@ import sep
 from lcowatch.frame import Frame
 
 BPM_SATURATED = 2
+SATURATION_MARGIN = 0.9999
 BACKGROUND_BOX = 64  # pixels; several FWHM wide even at 0.27"/pix, small enough to follow gradients
 
 
@@ -44,7 +45,8 @@ def preprocess(frame: Frame) -> Preprocessed:
     finite = np.isfinite(data)
     saturated = np.zeros(data.shape, dtype=bool)
     if frame.meta.saturation is not None:
-        np.greater_equal(data, frame.meta.saturation, out=saturated, where=finite)
+        # fpack's quantisation leaves clipped pixels scattered a fraction of an electron around SATURATE.
+        np.greater_equal(data, frame.meta.saturation * SATURATION_MARGIN, out=saturated, where=finite)
     bad = ~finite
     if frame.bpm is not None:
         saturated |= (frame.bpm & BPM_SATURATED) != 0

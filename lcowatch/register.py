@@ -18,6 +18,7 @@ from lcowatch.errors import Reject
 
 CONTROL_STARS = 40  # brightest unsaturated stars per side for asterism matching: bounded work and memory
 REFINE_STARS = 400  # template stars used to refine and measure the residual
+REFINE_SNR = 20.0
 MATCH_RADIUS = 2.0  # pixels, for the refinement once a first transform is known
 GUESS_RADIUS = 8.0  # pixels: the WCS guess is right to a few pixels when both frames are solved
 MIN_MATCHES = 6
@@ -55,13 +56,13 @@ class Registration:
 IDENTITY = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
-def usable_stars(sources: np.ndarray) -> np.ndarray:
-    """Positions (N, 2) of unsaturated, non-sharp sources, brightest first.
+def usable_stars(sources: np.ndarray, min_snr: float = 0.0) -> np.ndarray:
+    """Positions (N, 2) of unsaturated, non-sharp sources with at least ``min_snr``, brightest first.
 
     Saturated stars are left out: their clipped peaks and fluxes differ from frame to frame, so lists
     ordered with them do not correspond.
     """
-    keep = ~sources["saturated"] & ~sources["sharp"] & (sources["sep_flag"] < 8)
+    keep = ~sources["saturated"] & ~sources["sharp"] & (sources["sep_flag"] < 8) & (sources["snr"] >= min_snr)
     chosen = sources[keep]
     order = np.argsort(-chosen["flux"])
     return np.column_stack([chosen["x"][order], chosen["y"][order]])
@@ -148,7 +149,9 @@ def register(
             f"registration failed: too few stars (template {len(template_xy)}, frame {len(frame_xy)})",
             step="register",
         )
-    refine_xy = template_xy[:REFINE_STARS]
+    # Faint stars' centroids would only add noise to the fit and to the residual it reports.
+    precise_xy = usable_stars(template_sources, REFINE_SNR)
+    refine_xy = (precise_xy if len(precise_xy) >= 2 * MIN_MATCHES else template_xy)[:REFINE_STARS]
     attempts: list[tuple[str, np.ndarray | None]] = [("wcs", guess), ("asterism", None)]
     best = (IDENTITY, 0, np.inf, "none")
     for method, first in attempts:

@@ -1,0 +1,92 @@
+"""End to end on simulated campaigns: frames in, differential light curves out, checked against truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from simulated import Campaign, build_campaign
+
+from lcowatch import flags
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory: pytest.TempPathFactory) -> Campaign:
+    return build_campaign(tmp_path_factory.mktemp("campaign"))
+
+
+class TestRegistration:
+    """Every good frame registers to its template with a residual under 0.3 pixel."""
+
+    def test_all_good_frames_register_tightly(self, campaign: Campaign) -> None:
+        with campaign.connect() as conn:
+            states = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+            good = f"aperture = 0 AND flags & {flags.value('cloudy')} = 0"
+            rms = [r[0] for r in conn.execute(f"SELECT registration_rms FROM points WHERE {good}")]
+            matched = [r[0] for r in conn.execute(f"SELECT n_matched FROM points WHERE {good}")]
+        # Only the cloudy frame may be turned away (by quality), never a good one.
+        assert states.get("done", 0) >= len(campaign.truth) - 1
+        assert states.keys() <= {"done", "rejected"}
+        assert max(rms) < 0.3
+        assert min(matched) >= 10
+
+    def test_frame_with_wrong_wcs_registers_without_it(self, campaign: Campaign) -> None:
+        name = next(n for n, (spec, _) in campaign.truth.items() if spec.wcs_error)
+        row = next(r for r in campaign.points("SN2026A", "rp") if r["file"] == name)
+        true_x, true_y = campaign.truth[name][1].x[0], campaign.truth[name][1].y[0]
+        assert row["registration_rms"] < 0.3
+        assert np.hypot(row["x"] - true_x, row["y"] - true_y) < 0.3
+
+
+class TestDifferentialLightCurve:
+    """The target's differential magnitudes follow the simulated light curve within their errors."""
+
+    @pytest.mark.parametrize(("target", "filter"), [("SN2026A", "rp"), ("SN2026A", "gp"), ("V1", "rp")])
+    def test_matches_truth_with_honest_errors(self, campaign: Campaign, target: str, filter: str) -> None:
+        delta, error, _ = campaign.residuals(target, filter)
+        assert len(delta) >= 6
+        chi2 = np.sum((delta / error) ** 2) / (len(delta) - 1)
+        assert np.median(np.abs(delta)) < 0.01
+        assert 0.2 < chi2 < 3.0, f"chi2/dof {chi2:.2f}"
+
+    def test_target_positions_match_truth(self, campaign: Campaign) -> None:
+        rows = campaign.points("SN2026A", "rp")
+        offsets = [
+            np.hypot(r["x"] - campaign.truth[r["file"]][1].x[0], r["y"] - campaign.truth[r["file"]][1].y[0])
+            for r in rows
+        ]
+        assert max(offsets) < 0.3
+
+    def test_cloudy_frame_is_flagged(self, campaign: Campaign) -> None:
+        name = next(n for n, (spec, _) in campaign.truth.items() if spec.transparency < 0.5)
+        with campaign.connect() as conn:
+            state = conn.execute("SELECT f.state FROM files f WHERE f.path LIKE ?", (f"%{name}",)).fetchone()[0]
+            point_flags = [r[0] for r in conn.execute(
+                "SELECT p.flags FROM points p JOIN frames f USING (sha256) WHERE f.file = ?", (name,)
+            )]  # fmt: skip
+        assert state == "rejected" or all(mask & flags.value("cloudy") for mask in point_flags)
+
+
+class TestReprocessing:
+    """Processing the same folder again adds nothing."""
+
+    def test_second_run_adds_no_rows(self, campaign: Campaign) -> None:
+        from lcowatch.cli import main
+
+        def counts() -> tuple[int, ...]:
+            with campaign.connect() as conn:
+                return tuple(
+                    conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                    for t in ("files", "frames", "points", "photometry")
+                )
+
+        before = counts()
+        assert main(["process", "--config", str(campaign.config), str(campaign.folder / "in")]) == 0
+        assert counts() == before
+
+    def test_result_file_reads_back_with_units(self, campaign: Campaign) -> None:
+        from astropy.table import Table
+
+        table = Table.read(campaign.folder / "state" / "results" / "SN2026A.ecsv", format="ascii.ecsv")
+        assert str(table["mjd"].unit) == "d"
+        assert len(table) == len(campaign.points("SN2026A", "rp")) * 3 + len(campaign.points("SN2026A", "gp")) * 3
+        assert np.all(np.diff(table["mjd"]) >= 0)

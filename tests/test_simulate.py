@@ -1,0 +1,435 @@
+"""Tests of lcowatch.simulate: the synthetic frames are the ground truth of every accuracy test, so the
+pixels must carry exactly the fluxes, positions, PSF and flags the truth claims."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from dataclasses import replace
+from datetime import datetime
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.table import Table
+from astropy.time import Time
+from astropy.wcs import WCS
+
+from lcowatch import simulate as sim
+
+RA0, DEC0 = 150.0, -20.0
+
+REQUIRED_SCI_KEYS = [
+    "OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "MJD-OBS", "AIRMASS", "SITEID", "TELESCOP", "INSTRUME",
+    "GAIN", "RDNOISE", "SATURATE", "MAXLIN", "PIXSCALE", "CCDSUM", "LATITUDE", "LONGITUD", "HEIGHT",
+    "L1FWHM", "L1MEDIAN", "L1SIGMA", "L1ELLIP", "WCSERR", "PIPEVER", "RLEVEL", "REQNUM", "BLKUID", "RA",
+    "DEC", "CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
+]
+
+
+def custom_field(offsets_arcsec, r_mags, *, amplitude: float = 0.0, gr=None) -> sim.Field:
+    """A field with stars at given (east, north) offsets in arcsec from the target (index 0 first)."""
+    off = np.asarray(offsets_arcsec, dtype=float) / 3600.0
+    ra = RA0 + off[:, 0] / math.cos(math.radians(DEC0))
+    dec = DEC0 + off[:, 1]
+    r = np.asarray(r_mags, dtype=float)
+    gr = np.full(len(r), 0.5) if gr is None else np.asarray(gr, dtype=float)
+    mags = {band: r.copy() for band in sim.ALL_BANDS}
+    mags["g"] = r + gr
+    return sim.Field("T1", RA0, DEC0, ra, dec, mags, amplitude=amplitude, period=0.4, epoch=61000.0)
+
+
+def box_flux(image: np.ndarray, x: float, y: float, half: int, sky: float) -> tuple[float, int]:
+    """Sum of a (2 half + 1)^2 box around (x, y) minus sky; also the number of pixels."""
+    ix, iy = round(x), round(y)
+    box = image[iy - half:iy + half + 1, ix - half:ix + half + 1].astype(np.float64)
+    return float(box.sum() - sky * box.size), box.size
+
+
+class TestFileLayout:
+    """write_frame writes an LCO-like file for each compress mode: PRIMARY empty, SCI float32 electrons
+    with the BANZAI keywords and a clean TAN WCS, BPM uint8 and ERR float32; fz uses RICE tiles like
+    fpack, gz is a gzip stream of the plain file, and each reads back through astropy without warnings."""
+
+    @pytest.mark.parametrize("compress", [None, "fz", "gz"])
+    def test_reads_back(self, tmp_path, compress):
+        field = custom_field([(0, 0), (30, 20)], [14.0, 13.0])
+        spec = sim.FrameSpec(shape=(256, 320), seed=3)
+        path = tmp_path / sim.lco_filename(spec, compress)
+        truth = sim.write_frame(path, field, spec, compress=compress)
+        plain, _ = sim.render_frame(field, spec)
+        if compress == "gz":
+            assert path.read_bytes()[:2] == b"\x1f\x8b"
+        with fits.open(path) as hdul:
+            assert [h.name for h in hdul] == ["PRIMARY", "SCI", "BPM", "ERR"]
+            assert hdul[0].data is None
+            sci = hdul["SCI"]
+            assert isinstance(sci, fits.CompImageHDU) == (compress == "fz")
+            assert sci.data.shape == (256, 320)
+            assert sci.data.dtype.type is np.float32
+            assert hdul["BPM"].data.dtype.type is np.uint8
+            assert hdul["ERR"].data.dtype.type is np.float32
+            header = sci.header
+            missing = [k for k in REQUIRED_SCI_KEYS if k not in header]
+            assert not missing
+            assert header["CTYPE1"] == "RA---TAN" and header["CTYPE2"] == "DEC--TAN"
+            assert header["GAIN"] == 1.0 and header["CCDSUM"] == "1 1"
+            assert header["SATURATE"] == header["MAXLIN"] == spec.saturate
+            assert header["OBJECT"] == "T1" and header["FILTER"] == "rp" and header["RLEVEL"] == 91
+            wcs = WCS(header)
+            assert wcs.has_celestial
+            x, y = wcs.world_to_pixel_values(RA0, DEC0)
+            assert (x, y) == pytest.approx((truth.x[0], truth.y[0]), abs=1e-6)
+            data = sci.data
+            expected = plain["SCI"].data
+            if compress == "fz":
+                # lossy quantisation at 1/64 of the background noise
+                step = header["L1SIGMA"] / 64.0
+                assert np.abs(data - expected).max() <= step
+                assert np.array_equal(hdul["BPM"].data, plain["BPM"].data)
+            else:
+                assert np.array_equal(data, expected)
+            sky_err = np.median(hdul["ERR"].data)
+            assert sky_err == pytest.approx(math.sqrt(spec.sky + spec.read_noise**2), rel=1e-3)
+
+    def test_optional_extensions_can_be_left_out(self, tmp_path):
+        field = custom_field([(0, 0)], [14.0])
+        spec = sim.FrameSpec(shape=(64, 64), with_bpm=False, with_err=False)
+        path = tmp_path / "a.fits.fz"
+        sim.write_frame(path, field, spec, compress="fz")
+        with fits.open(path) as hdul:
+            assert [h.name for h in hdul] == ["PRIMARY", "SCI"]
+
+    def test_times_and_site_keywords_are_consistent(self):
+        field = custom_field([(0, 0)], [14.0])
+        spec = sim.FrameSpec(shape=(64, 64), site="lsc", mjd_start=61053.13385, exptime=120.0)
+        hdul, truth = sim.render_frame(field, spec)
+        header = hdul["SCI"].header
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}", header["DATE-OBS"])
+        mjd_from_date = Time(header["DATE-OBS"], scale="utc").mjd
+        assert header["MJD-OBS"] == pytest.approx(mjd_from_date, abs=1e-9)
+        assert header["MJD-OBS"] == pytest.approx(spec.mjd_start, abs=1e-8)
+        assert truth.mjd_mid == pytest.approx(header["MJD-OBS"] + 60.0 / 86400.0, abs=1e-10)
+        assert (header["LATITUDE"], header["LONGITUD"], header["HEIGHT"]) == (-30.1673, -70.8047, 2198.0)
+
+    def test_unknown_compress_mode_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match="compress"):
+            sim.write_frame(tmp_path / "x", custom_field([(0, 0)], [14.0]), sim.FrameSpec(), compress="bz2")
+
+
+class TestInputValidation:
+    """Unknown filters, sites and impossible PSFs are refused with a message naming the bad value."""
+
+    @pytest.mark.parametrize(("change", "word"), [({"filter": "Y"}, "filter"), ({"site": "xyz"}, "site"),
+                                                   ({"ellipticity": 1.0}, "ellipticity"),
+                                                   ({"moffat_beta": 1.0}, "beta")])
+    def test_refused(self, change, word):
+        with pytest.raises(ValueError, match=word):
+            sim.render_frame(custom_field([(0, 0)], [14.0]), replace(sim.FrameSpec(shape=(32, 32)), **change))
+
+
+class TestLcoFilename:
+    """lco_filename builds SITE+TELESCOPE(without '-')-INSTRUMENT-YYYYMMDD-FRAME-e91 with the extension of
+    the compress mode, the date being that of DATE-OBS."""
+
+    def test_sinistro_name(self):
+        start = (datetime(2026, 1, 13, 3, 12, 45) - datetime(1858, 11, 17)).total_seconds() / 86400.0
+        spec = sim.FrameSpec(mjd_start=start, frame_number=102)
+        assert sim.lco_filename(spec) == "cpt1m012-fa06-20260113-0102-e91.fits.fz"
+        assert sim.lco_filename(spec, None).endswith("-0102-e91.fits")
+        assert sim.lco_filename(spec, "gz").endswith("-0102-e91.fits.gz")
+
+    def test_other_telescope(self):
+        spec = sim.FrameSpec(site="tfn", telescope="0m4-14", instrument="kb29", frame_number=7,
+                             mjd_start=57564.8861535)
+        assert sim.lco_filename(spec, None) == "tfn0m414-kb29-20160625-0007-e91.fits"
+
+
+class TestStarFlux:
+    """Each star's light in the image sums to its truth flux (within noise), and the truth flux follows the
+    documented zero point, exposure time, transparency and colour-term formula."""
+
+    @pytest.mark.parametrize("ellipticity", [0.0, 0.5])
+    def test_box_sum_matches_truth(self, ellipticity):
+        field = custom_field([(0, 0), (-60, 40), (50, -45)], [13.0, 14.5, 12.5])
+        spec = sim.FrameSpec(shape=(384, 384), ellipticity=ellipticity, psf_angle_deg=25.0, seed=11,
+                             offset_pix=(0.31, -0.22))
+        hdul, truth = sim.render_frame(field, spec)
+        assert not truth.saturated.any()
+        image = hdul["SCI"].data
+        half = 45  # beyond the stamp, so the box holds all of each star's light
+        for i in range(3):
+            measured, npix = box_flux(image, truth.x[i], truth.y[i], half, spec.sky)
+            sigma = math.sqrt(truth.flux[i] + npix * (spec.sky + spec.read_noise**2))
+            assert abs(measured - truth.flux[i]) < 4 * sigma, i
+            assert sigma < 0.03 * truth.flux[i]  # the test can see a 10 % error
+
+    def test_flux_formula(self):
+        field = custom_field([(0, 0), (30, 0)], [15.0, 15.0], gr=[0.2, 1.2])
+        base = sim.FrameSpec(shape=(64, 64), exptime=100.0, zeropoint=23.0)
+        _, truth = sim.render_frame(field, base)
+        assert truth.flux[0] == pytest.approx(100.0 * 10 ** (-0.4 * (15.0 - 23.0)))
+        _, cloudy = sim.render_frame(field, replace(base, transparency=0.2))
+        assert cloudy.flux == pytest.approx(0.2 * truth.flux)
+        _, coloured = sim.render_frame(field, replace(base, color_term=0.1))
+        # a redder star (larger g - r) is fainter by color_term * colour
+        assert coloured.flux / truth.flux == pytest.approx(10 ** (-0.4 * 0.1 * np.array([0.2, 1.2])))
+
+    def test_stars_off_the_frame_have_truth_but_no_light(self):
+        field = custom_field([(0, 0), (400, 0)], [14.0, 12.0])
+        spec = sim.FrameSpec(shape=(128, 128), seed=2)
+        hdul, truth = sim.render_frame(field, spec)
+        assert not truth.on_frame(spec.shape)[1]
+        assert truth.flux[1] > 0
+        image = hdul["SCI"].data
+        # no light beyond the target's: everything except the target box is sky
+        mask = np.ones(image.shape, bool)
+        ix, iy = round(truth.x[0]), round(truth.y[0])
+        mask[iy - 35:iy + 36, ix - 35:ix + 36] = False
+        assert np.mean(image[mask]) == pytest.approx(spec.sky, abs=0.5)
+
+
+class TestPsfWidth:
+    """The rendered PSF has the requested FWHM: the half-maximum area A of a bright unsaturated star gives
+    2 sqrt(A / pi) within 10 % of the truth, for round and elliptical PSFs."""
+
+    @pytest.mark.parametrize(("fwhm", "ellipticity"), [(2.5, 0.0), (3.0, 0.0), (3.0, 0.5)])
+    def test_half_max_area(self, fwhm, ellipticity):
+        field = custom_field([(0, 0)], [12.0])
+        spec = sim.FrameSpec(shape=(128, 128), fwhm_arcsec=fwhm, ellipticity=ellipticity, psf_angle_deg=40,
+                             offset_pix=(0.27, 0.41), seed=5)
+        hdul, truth = sim.render_frame(field, spec)
+        assert not truth.saturated[0]
+        image = hdul["SCI"].data - spec.sky
+        area = np.count_nonzero(image > image.max() / 2.0)
+        assert 2.0 * math.sqrt(area / math.pi) == pytest.approx(truth.fwhm_pix, rel=0.10)
+        assert truth.fwhm_pix == pytest.approx(fwhm / 0.389)
+
+    def test_elongation_follows_the_angle(self):
+        field = custom_field([(0, 0)], [12.0])
+        spec = sim.FrameSpec(shape=(128, 128), ellipticity=0.6, psf_angle_deg=90.0, seed=5)
+        hdul, _ = sim.render_frame(field, spec)
+        image = hdul["SCI"].data - spec.sky
+        bright = image > image.max() / 2.0
+        rows = np.flatnonzero(bright.any(axis=1))
+        cols = np.flatnonzero(bright.any(axis=0))
+        # major axis at 90 degrees from +x: the half-max region is taller than wide
+        assert len(rows) > 1.5 * len(cols)
+
+
+class TestSaturationAndDefects:
+    """Pixels at or above SATURATE are clipped to it and flagged BPM bit 2; bad columns are junk and
+    flagged bit 1; cosmic rays add thousands of electrons and are not in the BPM."""
+
+    def test_saturated_star(self):
+        field = custom_field([(0, 0), (25, 25)], [9.5, 14.0])
+        spec = sim.FrameSpec(shape=(128, 128), seed=8)
+        hdul, truth = sim.render_frame(field, spec)
+        image, bpm = hdul["SCI"].data, hdul["BPM"].data
+        assert truth.saturated.tolist() == [True, False]
+        assert image.max() == np.float32(spec.saturate)
+        clipped = image >= np.float32(spec.saturate)
+        assert clipped.sum() > 5
+        assert np.array_equal(clipped, (bpm & 2) > 0)
+        ix, iy = round(truth.x[0]), round(truth.y[0])
+        assert clipped[iy, ix]
+
+    def test_bad_columns_and_cosmics(self):
+        field = custom_field([(0, 0)], [16.0])
+        spec = sim.FrameSpec(shape=(128, 128), bad_columns=(10, 77), n_cosmics=6, seed=9)
+        hdul, truth = sim.render_frame(field, spec)
+        image, bpm = hdul["SCI"].data, hdul["BPM"].data
+        assert np.all(bpm[:, [10, 77]] & 1)
+        assert not np.any(np.delete(bpm, [10, 77], axis=1) & 1)
+        assert np.median(image[:, 10]) > 20 * spec.sky
+        assert len(truth.cosmic_x) == 6
+        hits = image[truth.cosmic_y, truth.cosmic_x]
+        assert np.all(hits > spec.sky + 1000)
+        assert not np.any(bpm[truth.cosmic_y, truth.cosmic_x])
+
+
+class TestTargetLightCurve:
+    """The target's brightness in each frame is Field.target_mag at mid-exposure: its measured magnitude
+    tracks the sinusoid, while comparison stars stay constant."""
+
+    def test_target_mag_function(self):
+        field = custom_field([(0, 0), (30, 0)], [15.0, 13.0], amplitude=0.3)
+        assert field.target_mag("r", 61000.0) == pytest.approx(15.0)
+        assert field.target_mag("r", 61000.1) == pytest.approx(15.3)
+        assert field.target_mag("r", 61000.3) == pytest.approx(14.7)
+        assert np.allclose(field.target_mag("r", np.array([61000.0, 61000.1])), [15.0, 15.3])
+        mags = field.star_mags("r", 61000.1)
+        assert mags.tolist() == pytest.approx([15.3, 13.0])
+        assert field.mags["r"][0] == 15.0  # the stored mean is untouched
+
+    def test_measured_target_follows_the_curve(self):
+        field = custom_field([(0, 0), (-30, 20)], [13.5, 13.0], amplitude=0.3)
+        measured, expected = [], []
+        for k, phase in enumerate([0.0, 0.25, 0.5, 0.75]):
+            spec = sim.FrameSpec(shape=(256, 256), mjd_start=61000.0 + phase * 0.4 + 1e-4, seed=k)
+            hdul, truth = sim.render_frame(field, spec)
+            image = hdul["SCI"].data
+            target, _ = box_flux(image, truth.x[0], truth.y[0], 40, spec.sky)
+            comp, _ = box_flux(image, truth.x[1], truth.y[1], 40, spec.sky)
+            measured.append(-2.5 * math.log10(target / comp) + 13.0)
+            expected.append(field.target_mag("r", truth.mjd_mid))
+            assert truth.mag[0] == pytest.approx(expected[-1])
+        assert measured == pytest.approx(expected, abs=0.01)
+        assert max(measured) - min(measured) == pytest.approx(0.6, abs=0.02)
+
+
+class TestWcs:
+    """The header WCS is exact (WCSERR=0) unless wcs_error, in which case it is only the pointing: off by
+    more than 100 pixels at the target and WCSERR=4, while the stars stay at their true positions. The
+    orientation is north up, east left, rotated by rotation_deg."""
+
+    def test_exact_wcs(self):
+        field = custom_field([(0, 0)], [14.0])
+        spec = sim.FrameSpec(shape=(300, 200), offset_pix=(12.5, -20.25), rotation_deg=0.7)
+        hdul, truth = sim.render_frame(field, spec)
+        header = hdul["SCI"].header
+        assert header["WCSERR"] == 0
+        x, y = WCS(header).world_to_pixel_values(RA0, DEC0)
+        assert x == pytest.approx(truth.x[0], abs=1e-6)
+        assert y == pytest.approx(truth.y[0], abs=1e-6)
+        assert (truth.x[0], truth.y[0]) == pytest.approx((99.5 + 12.5, 149.5 - 20.25), abs=1e-3)
+
+    def test_wrong_wcs(self):
+        field = custom_field([(0, 0)], [12.5])
+        spec = sim.FrameSpec(shape=(256, 256), wcs_error=True, seed=4)
+        hdul, truth = sim.render_frame(field, spec)
+        header = hdul["SCI"].header
+        assert header["WCSERR"] == 4
+        x, y = WCS(header).world_to_pixel_values(RA0, DEC0)
+        assert math.hypot(x - truth.x[0], y - truth.y[0]) > 100
+        image = hdul["SCI"].data
+        iy, ix = np.unravel_index(np.argmax(image), image.shape)
+        assert math.hypot(ix - truth.x[0], iy - truth.y[0]) < 1.0
+
+    @pytest.mark.parametrize(("rotation", "east", "north"), [(0.0, (-1, 0), (0, 1)), (90.0, (0, 1), (1, 0))])
+    def test_orientation(self, rotation, east, north):
+        field = custom_field([(0, 0), (20, 0), (0, 20)], [14.0, 14.0, 14.0])
+        _, truth = sim.render_frame(field, sim.FrameSpec(shape=(200, 200), rotation_deg=rotation))
+        step = 20.0 / 0.389
+        assert (truth.x[1] - truth.x[0], truth.y[1] - truth.y[0]) == pytest.approx(
+            (east[0] * step, east[1] * step), abs=0.01)
+        assert (truth.x[2] - truth.x[0], truth.y[2] - truth.y[0]) == pytest.approx(
+            (north[0] * step, north[1] * step), abs=0.01)
+
+
+class TestNoiseAndDeterminism:
+    """Sky pixels have mean sky and variance sky + read_noise^2 (fast and exact Poisson modes alike), and
+    the same seed gives identical pixels and identical fpack files."""
+
+    @pytest.mark.parametrize(("sky", "exact"), [(300.0, False), (300.0, True), (20.0, False)])
+    def test_sky_statistics(self, sky, exact):
+        field = custom_field([(0, 0)], [30.0])
+        spec = sim.FrameSpec(shape=(256, 256), sky=sky, exact_poisson=exact, seed=1)
+        image = sim.render_frame(field, spec)[0]["SCI"].data.astype(np.float64)
+        assert image.mean() == pytest.approx(sky, abs=0.2)
+        assert image.var() == pytest.approx(sky + 49.0, rel=0.03)
+
+    def test_same_seed_same_pixels(self, tmp_path):
+        field = sim.make_field("X", RA0, DEC0, nstars=200, radius_arcmin=3, seed=2)
+        spec = sim.FrameSpec(shape=(200, 200), n_cosmics=3, seed=5)
+        a = sim.render_frame(field, spec)[0]
+        b = sim.render_frame(field, spec)[0]
+        c = sim.render_frame(field, sim.FrameSpec(shape=(200, 200), n_cosmics=3, seed=6))[0]
+        for name in ("SCI", "BPM", "ERR"):
+            assert np.array_equal(a[name].data, b[name].data)
+        assert not np.array_equal(a["SCI"].data, c["SCI"].data)
+        sim.write_frame(tmp_path / "1.fits.fz", field, spec, compress="fz")
+        sim.write_frame(tmp_path / "2.fits.fz", field, spec, compress="fz")
+        assert (tmp_path / "1.fits.fz").read_bytes() == (tmp_path / "2.fits.fz").read_bytes()
+        sim.write_frame(tmp_path / "1.fits.gz", field, spec, compress="gz")
+        sim.write_frame(tmp_path / "2.fits.gz", field, spec, compress="gz")
+        assert (tmp_path / "1.fits.gz").read_bytes() == (tmp_path / "2.fits.gz").read_bytes()
+        with gzip.open(tmp_path / "1.fits.gz") as raw, fits.open(raw) as hdul:
+            assert np.array_equal(hdul["SCI"].data, a["SCI"].data)
+
+
+class TestMakeField:
+    """make_field gives a reproducible field: target at index 0 and isolated, many faint and few bright
+    stars in r 9-20 with a few that saturate, and main-sequence colours."""
+
+    def test_field(self):
+        field = sim.make_field("F", 10.0, 5.0, nstars=500, radius_arcmin=8.0, seed=3, target_mag=15.5)
+        again = sim.make_field("F", 10.0, 5.0, nstars=500, radius_arcmin=8.0, seed=3, target_mag=15.5)
+        assert np.array_equal(field.star_ra, again.star_ra)
+        assert field.nstars == 501 and len(field.star_dec) == 501
+        assert (field.star_ra[0], field.star_dec[0]) == (10.0, 5.0)
+        assert field.mags["r"][0] == 15.5
+        dra = (field.star_ra[1:] - 10.0) * math.cos(math.radians(5.0))
+        sep = 3600 * np.hypot(dra, field.star_dec[1:] - 5.0)
+        assert sep.min() >= 6.0 and sep.max() <= 8.0 * 60 + 1
+        r = field.mags["r"][1:]
+        assert r.min() >= 9.0 and r.max() <= 20.0
+        assert np.sum(r < 10.5) == 5
+        assert np.sum(r > 18) > 5 * np.sum((r > 13) & (r < 15))
+        gr = field.mags["g"] - field.mags["r"]
+        assert gr.min() >= 0.15 - 1e-9 and gr.max() <= 1.4 + 1e-9
+        ri = field.mags["r"] - field.mags["i"]
+        assert np.corrcoef(gr, ri)[0, 1] > 0.9
+        bv = field.mags["B"] - field.mags["V"]
+        assert np.all((bv > 0.2) & (bv < 1.6))
+        assert set(field.mags) >= {"u", "g", "r", "i", "z", "B", "V", "R", "I"}
+
+    def test_box_fills_a_square(self):
+        field = sim.make_field("F", 10.0, 5.0, nstars=400, box_arcmin=4.0, seed=1)
+        _, truth = sim.render_frame(field, sim.FrameSpec(shape=(617, 617)))
+        assert truth.on_frame((617, 617)).mean() > 0.97
+
+
+class TestWriteRefcat:
+    """write_refcat writes ra, dec, <band>, <band>_err for the non-target stars brighter than the r limit,
+    with catalog noise of size mag_err, as CSV or ECSV."""
+
+    @pytest.mark.parametrize("suffix", ["csv", "ecsv"])
+    def test_catalog(self, tmp_path, suffix):
+        field = sim.make_field("F", 10.0, 5.0, nstars=400, seed=3)
+        path = tmp_path / f"cat.{suffix}"
+        sim.write_refcat(field, path, mag_err=0.02, faint_limit=18.5)
+        table = Table.read(path, format="ascii.ecsv" if suffix == "ecsv" else "ascii.csv")
+        assert table.colnames == ["ra", "dec", "g", "g_err", "r", "r_err", "i", "i_err", "z", "z_err",
+                                  "B", "B_err", "V", "V_err"]
+        wanted = np.flatnonzero(field.mags["r"] < 18.5)
+        wanted = wanted[wanted != 0]
+        assert len(table) == len(wanted)
+        assert np.allclose(table["ra"], field.star_ra[wanted], atol=1e-7)
+        dist = np.hypot(table["ra"] - 10.0, table["dec"] - 5.0)
+        assert dist.min() > 1e-3  # the target is not in it
+        noise = np.asarray(table["r"]) - field.mags["r"][wanted]
+        assert np.std(noise) == pytest.approx(0.02, rel=0.3)
+        assert np.all(table["r_err"] == 0.02)
+
+
+class TestSimulateSeries:
+    """simulate_series writes a time-ordered night-by-night series with LCO names, varying pointing,
+    rotation, seeing, sky and airmass, one frame per filter per visit."""
+
+    def test_series(self, tmp_path):
+        field = sim.make_field("SN1", 150.0, -20.0, nstars=150, radius_arcmin=3.0, seed=1)
+        out = sim.simulate_series(field, tmp_path / "in", nights=2, frames_per_night=3, filters=("gp", "rp"),
+                                  shape=(128, 128), seed=4, exptime=30.0)
+        assert len(out) == 12
+        names = [p.name for p, _, _ in out]
+        assert len(set(names)) == 12
+        assert all(re.fullmatch(r"cpt1m012-fa06-\d{8}-\d{4}-e91\.fits\.fz", n) for n in names)
+        assert all(p.exists() for p, _, _ in out)
+        mjds = [t.mjd_mid for _, _, t in out]
+        assert mjds == sorted(mjds)
+        assert mjds[-1] - mjds[0] > 0.5  # two nights
+        specs = [s for _, s, _ in out]
+        assert [s.filter for s in specs[:4]] == ["gp", "rp", "gp", "rp"]
+        assert all(s.exptime == 30.0 for s in specs)
+        assert all(1.5 <= s.fwhm_arcsec <= 3.0 for s in specs)
+        assert all(1.0 <= s.airmass <= 3.0 for s in specs)
+        assert all(abs(s.rotation_deg) < 1.0 for s in specs)
+        assert len({s.offset_pix for s in specs}) == 12
+        assert len({s.seed for s in specs}) == 12
+        with fits.open(out[5][0]) as hdul:
+            header = hdul["SCI"].header
+            assert header["OBJECT"] == "SN1"
+            assert header["FILTER"] == specs[5].filter
+            assert header["MJD-OBS"] == pytest.approx(out[5][2].mjd_mid - 15.0 / 86400.0, abs=1e-9)
