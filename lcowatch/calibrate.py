@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from astropy.table import Table
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
@@ -398,3 +399,70 @@ def _fit_with_intrinsic(
     sig = 0.5 * (lo + hi)
     p, cov, _ = fit(sig)
     return p, cov, sig
+
+
+# --------------------------------------------------------------------------------------------- frames
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One aperture's calibration of one frame: the zero point and the target's standard magnitude."""
+
+    zeropoint: ZeroPoint
+    mag: float
+    mag_err: float
+
+
+def calibrate_apertures(
+    inst_mag: NDArray[np.float64],
+    inst_err: NDArray[np.float64],
+    usable: NDArray[np.bool_],
+    catalog: Table,
+    catalog_index: NDArray[np.int_],
+    star_index: NDArray[np.int_],
+    *,
+    color_term: float | None = None,
+) -> list[Calibration | None]:
+    """Fit a zero point per aperture from matched comparison stars and calibrate the target.
+
+    Parameters
+    ----------
+    inst_mag, inst_err : numpy.ndarray
+        (N, K) instrumental magnitudes and errors of the target (row 0) and the field stars (rows 1..N-1).
+    usable : numpy.ndarray
+        (N - 1, K) which field stars may enter a fit (clean flags, finite values).
+    catalog : astropy.table.Table
+        Reference stars with ``mag``, ``mag_err``, ``color``, ``color_err`` in the frame's band.
+    catalog_index, star_index : numpy.ndarray
+        Matched pairs: ``catalog[catalog_index[j]]`` is field star ``star_index[j]`` (0-based among rows
+        1..N-1).
+    color_term : float, optional
+        A fixed colour term; fitted when None and the stars allow it.
+
+    Returns
+    -------
+    list
+        Per aperture a :class:`Calibration`, or None when fewer than 3 stars could be used. The target's
+        colour is unknown, so its magnitude is that of a colour-0 source when a colour term is applied.
+    """
+    cat_mag = np.asarray(catalog["mag"], dtype=float)[catalog_index]
+    cat_err = np.nan_to_num(np.asarray(catalog["mag_err"], dtype=float)[catalog_index], nan=0.0)
+    color = np.asarray(catalog["color"], dtype=float)[catalog_index]
+    color_err = np.nan_to_num(np.asarray(catalog["color_err"], dtype=float)[catalog_index], nan=0.0)
+    results: list[Calibration | None] = []
+    for k in range(inst_mag.shape[1]):
+        rows = star_index[usable[star_index, k]]
+        keep = usable[star_index, k]
+        try:
+            zp = fit_zeropoint(
+                inst_mag[1:, k][rows], inst_err[1:, k][rows], cat_mag[keep], cat_err[keep],
+                color[keep] if np.isfinite(color[keep]).any() else None,
+                color_err[keep] if np.isfinite(color[keep]).any() else None,
+                color_term=color_term,
+            )  # fmt: skip
+        except TooFewStars:
+            results.append(None)
+            continue
+        mag, mag_err = apply_zeropoint(inst_mag[0, k], inst_err[0, k], zp)
+        results.append(Calibration(zp, float(mag), float(mag_err)))
+    return results

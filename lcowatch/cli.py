@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import IO
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError
-from lcowatch.export import lightcurve_table
+from lcowatch.export import lightcurve_table, update_result_file
 from lcowatch.export import write_table as export_table
 from lcowatch.ledger import Ledger, connect
-from lcowatch.pipeline import Pipeline, find_files
+from lcowatch.log import get_logger
+from lcowatch.pipeline import Pipeline, find_files, recalibrate
+from lcowatch.refcat import FieldCatalogs, standard_band
 from lcowatch.store import FRAME_COLUMNS, Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -135,6 +138,29 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_recalibrate(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    conn = connect(config.state_dir)
+    examined, calibrated = recalibrate(config, conn, args.target)
+    get_logger().info("recalibrated", target=args.target, frames=examined, calibrated=calibrated)
+    update_result_file(Store(conn), args.target, config.state_dir)
+    return EXIT_OK if calibrated == examined else EXIT_FAILURE
+
+
+def cmd_refstars(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    band = standard_band(args.filter)
+    table = FieldCatalogs(config).get(args.target, band, args.radius, refresh=args.refresh)
+    if table is None:
+        print(f"lcowatch: no reference catalog could be had for {args.target} in {band}", file=sys.stderr)
+        return EXIT_FAILURE
+    with _open_output(args.output) as out:
+        export_table(table, out, args.format)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
@@ -173,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("target", metavar="TARGET")
     template.add_argument("--filter", metavar="F")
     template.set_defaults(handler=cmd_template, writes_table=True)
+
+    recal = commands.add_parser("recalibrate", parents=[common], help="calibrate stored points again (no images)")
+    recal.add_argument("target", metavar="TARGET")
+    recal.set_defaults(handler=cmd_recalibrate, writes_table=False)
+
+    refstars = commands.add_parser("refstars", parents=[common], help="a target's reference stars")
+    refstars.add_argument("target", metavar="TARGET")
+    refstars.add_argument("--filter", default="rp", help="LCO filter or band (default rp)")
+    refstars.add_argument("--radius", type=float, default=10.0, metavar="ARCMIN", help="search radius (default 10)")
+    refstars.add_argument("--refresh", action="store_true", help="ask the catalog again, ignoring the cache")
+    refstars.add_argument("--format", choices=["csv", "ecsv"], default="csv")
+    refstars.add_argument("-o", "--output", metavar="FILE")
+    refstars.set_defaults(handler=cmd_refstars, writes_table=True)
     return parser
 
 
@@ -188,4 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"config error: {problem}", file=stream)
         return EXIT_USAGE
     log.configure(log_stream, level=config.log_level)
-    return int(args.handler(args, config))
+    try:
+        return int(args.handler(args, config))
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) has gone: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

@@ -104,7 +104,15 @@ class CatalogConfig(Section):
     timeout: float = Field(30.0, gt=0, description="seconds per query")
     retries: int = Field(2, ge=0)
     radius_arcmin: float | None = Field(None, gt=0, description="default: the frame's half diagonal")
-    preference: dict[str, list[str]] | None = None
+    preference: dict[str, list[str]] | None = Field(
+        None, description="per standard band, catalog keys in order (refcat2, ps1, apass, sdss, gaia_synth)"
+    )
+    color_terms: dict[str, float] = Field(
+        default_factory=dict,
+        description="fixed colour terms by 'INSTRUMENT:filter' or 'filter'; otherwise fitted when possible",
+    )
+    match_radius_arcsec: float = Field(3.0, gt=0, description="catalog to measured star matching radius")
+    retry_after: float = Field(600.0, gt=0, description="seconds before an unreachable catalog is asked again")
 
 
 class QualityConfig(Section):

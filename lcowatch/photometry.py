@@ -183,7 +183,11 @@ ENSEMBLE_BLOCKING = flags.value(
 )
 
 
+def comparison_mask(inst_mag: np.ndarray, inst_err: np.ndarray, star_flags: np.ndarray) -> np.ndarray:
+    """Which stars can enter an ensemble or a zero point: clean flags, finite magnitudes and errors."""
+    return ((star_flags & ENSEMBLE_BLOCKING) == 0) & np.isfinite(inst_mag) & (np.nan_to_num(inst_err) > 0)
+
+
 def comparison_stars(phot: Photometry, aperture: int) -> np.ndarray:
     """Which field stars (rows 1..N; row 0 is the target) can enter an ensemble in this aperture."""
-    clean = (phot.flags[1:, aperture] & ENSEMBLE_BLOCKING) == 0
-    return clean & np.isfinite(phot.inst_mag[1:, aperture]) & (phot.inst_err[1:, aperture] > 0)
+    return comparison_mask(phot.inst_mag[1:, aperture], phot.inst_err[1:, aperture], phot.flags[1:, aperture])

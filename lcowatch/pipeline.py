@@ -17,24 +17,27 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from astropy.table import Table
 
 from lcowatch import flags
-from lcowatch.calibrate import TooFewStars, fit_zeropoint
+from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.export import update_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
-from lcowatch.photometry import Photometry, comparison_stars, measure
+from lcowatch.photometry import Photometry, comparison_mask, comparison_stars, measure
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
-from lcowatch.register import IDENTITY, Registration, register, wcs_guess
+from lcowatch.refcat import REFCAT_BAND, FieldCatalogs, standard_band
+from lcowatch.register import IDENTITY, Registration, match_positions, register, wcs_guess
 from lcowatch.store import Store
 from lcowatch.template import Template, choose_field_stars, template_score
 
 MIN_COMPARISONS = 3
+STANDARD_FILTERS = frozenset(REFCAT_BAND) - {"w"}  # 'w' is calibrated to r and flagged
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 
@@ -54,6 +57,7 @@ class FrameWork:
     new_field: tuple[np.ndarray, np.ndarray] | None = None
     registration: Registration | None = None
     star_ids: np.ndarray | None = None
+    field_xy: np.ndarray | None = None
     photometry: Photometry | None = None
     new_refs: dict[int, float] = field(default_factory=dict)
     points: list[dict[str, object]] = field(default_factory=list)
@@ -166,9 +170,8 @@ class MeasurePhotometry:
             star_ids = np.arange(1, len(ra) + 1)
         else:
             star_ids, ra, dec = work.store.field_stars(work.frame.meta.target)
-        template_xy = np.vstack(
-            [template.target_xy(config.targets[work.frame.meta.target]), template.pixels_of(ra, dec)]
-        )
+        work.field_xy = template.field_pixels(ra, dec)
+        template_xy = np.vstack([template.target_xy(config.targets[work.frame.meta.target]), work.field_xy])
         xy = registration.apply(template_xy)
         work.star_ids = np.concatenate([[0], star_ids])
         work.photometry = measure(
@@ -239,9 +242,89 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def default_stages() -> list[Stage]:
+class Calibrate:
+    """Standard magnitudes: a zero point per aperture from the field's catalog stars (old steps 4.5-6).
+
+    Without a catalog the points stay uncalibrated and flagged; ``lcowatch recalibrate`` fills them in
+    later from the stored star photometry.
+    """
+
+    name = "calibrate"
+
+    def __init__(self, catalogs: FieldCatalogs) -> None:
+        self.catalogs = catalogs
+        self._matches: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def __call__(self, work: FrameWork) -> None:
+        phot, template, meta = work.photometry, work.template, work.frame.meta
+        assert phot is not None and template is not None and work.field_xy is not None and meta.target is not None
+        ny, nx = meta.shape
+        radius_arcmin = 0.6 * np.hypot(nx, ny) * meta.pixscale / 60.0
+        calibrations, catalog = self.calibrate(
+            work.config, meta.target, meta.filter, meta.instrument, template, work.field_xy,
+            phot.inst_mag, phot.inst_err, phot.flags, radius_arcmin,
+        )  # fmt: skip
+        for point, calibration in zip(work.points, calibrations, strict=True):
+            point.update(calibration_columns(calibration, catalog, meta.filter, int(point["flags"])))  # type: ignore[arg-type]
+
+    def calibrate(
+        self,
+        config: Config,
+        target: str,
+        filter: str,
+        instrument: str | None,
+        template: Template,
+        field_xy: np.ndarray,
+        inst_mag: np.ndarray,
+        inst_err: np.ndarray,
+        star_flags: np.ndarray,
+        radius_arcmin: float,
+    ) -> tuple[list[Calibration | None], Table | None]:
+        """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
+        apertures = inst_mag.shape[1]
+        catalog = self.catalogs.get(target, standard_band(filter), radius_arcmin)
+        if catalog is None or len(catalog) == 0:
+            return [None] * apertures, catalog
+        key = (target, filter, template.sha256, len(field_xy))
+        if key not in self._matches:
+            cat_xy = template.pixels_of(np.asarray(catalog["ra"]), np.asarray(catalog["dec"]))
+            radius = config.catalog.match_radius_arcsec / template.pixscale
+            _, cat_index, star_index = match_positions(cat_xy, field_xy, radius)
+            self._matches[key] = (cat_index, star_index)
+        cat_index, star_index = self._matches[key]
+        usable = np.column_stack(
+            [comparison_mask(inst_mag[1:, k], inst_err[1:, k], star_flags[1:, k]) for k in range(apertures)]
+        )
+        color_terms = config.catalog.color_terms
+        fixed = color_terms.get(f"{instrument}:{filter}", color_terms.get(filter))
+        return calibrate_apertures(
+            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed
+        ), catalog
+
+
+def calibration_columns(
+    calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int
+) -> dict[str, object]:
+    """The points-table columns a calibration sets (all empty, and flagged, without one)."""
+    band = standard_band(filter)
+    if filter not in STANDARD_FILTERS:
+        point_flags |= flags.value("nonstandard_band")
+    if calibration is None:
+        empty = dict.fromkeys(("mag", "mag_err", "zp", "zp_err", "color_term", "zp_nstars", "zp_scatter", "catalog"))
+        return empty | {"band": band, "flags": point_flags | flags.value("uncalibrated")}
+    zp = calibration.zeropoint
+    return {
+        "mag": _finite(calibration.mag), "mag_err": _finite(calibration.mag_err), "zp": zp.zp, "zp_err": zp.zp_err,
+        "color_term": zp.color_term, "zp_nstars": zp.n_used, "zp_scatter": _finite(zp.scatter),
+        "catalog": catalog.meta.get("catalog") if catalog is not None else None, "band": band,
+        "flags": point_flags & ~flags.value("uncalibrated"),
+    }  # fmt: skip
+
+
+def default_stages(config: Config) -> list[Stage]:
     return [
         Preprocess(), MeasureQuality(), SelectTemplate(), Register(), MeasurePhotometry(), DifferentialPhotometry(),
+        Calibrate(FieldCatalogs(config)),
     ]  # fmt: skip
 
 
@@ -284,7 +367,7 @@ class Pipeline:
         self.config = config
         self.ledger = Ledger(conn)
         self.store = Store(conn)
-        self.stages = list(stages) if stages is not None else default_stages()
+        self.stages = list(stages) if stages is not None else default_stages(config)
         self.log = get_logger()
 
     def unseen(self, paths: Iterable[Path]) -> list[Path]:
@@ -410,3 +493,39 @@ class Pipeline:
             nstars=quality.nstars if quality else None,
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[int, int]:
+    """Calibrate a target's stored points again from the stored star photometry, reading no image.
+
+    Returns (frames examined, frames calibrated).
+    """
+    store = Store(conn)
+    calibrate = Calibrate(FieldCatalogs(config))
+    star_ids, ra, dec = store.field_stars(target)
+    order = np.concatenate([[0], star_ids])
+    apertures = len(config.photometry.apertures)
+    frames = conn.execute(
+        "SELECT f.sha256, f.filter, f.instrument, f.nx, f.ny, f.pixscale FROM frames f JOIN files USING (sha256) "
+        "WHERE f.target = ? AND files.state = 'done' ORDER BY f.mjd",
+        (target,),
+    ).fetchall()
+    calibrated = 0
+    for sha256, filter, instrument, nx, ny, pixscale in frames:
+        template = store.current_template(target, filter)
+        if template is None:
+            continue
+        inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
+        calibrations, catalog = calibrate.calibrate(
+            config, target, filter, instrument, template, template.field_pixels(ra, dec),
+            inst_mag, inst_err, star_flags, 0.6 * np.hypot(nx, ny) * pixscale / 60.0,
+        )  # fmt: skip
+        point_flags = [row[0] for row in conn.execute(
+            "SELECT flags FROM points WHERE sha256 = ? ORDER BY aperture", (sha256,)
+        )]  # fmt: skip
+        store.update_points(
+            sha256,
+            [calibration_columns(c, catalog, filter, f) for c, f in zip(calibrations, point_flags, strict=False)],
+        )
+        calibrated += any(c is not None for c in calibrations)
+    return len(frames), calibrated

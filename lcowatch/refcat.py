@@ -51,6 +51,7 @@ from astropy import units as u
 from astropy.table import Table
 from astropy.utils import iers
 
+from lcowatch.config import Config
 from lcowatch.errors import LcowatchError, RetryLater
 from lcowatch.log import get_logger
 
@@ -111,6 +112,7 @@ DEFAULT_PREFERENCE: dict[str, list[str]] = {
     "u": ["sdss", "gaia_synth"],
 }
 
+CACHE_DIR = "catalogs"  # under state_dir
 _ROW_LIMIT = 100_000  # rows per VizieR query; answers are sorted by distance, so a cut loses the edge
 _CENTRE_DECIMALS = 3  # cache key: centre rounded to 0.001 deg
 _RADIUS_STEP = 0.1  # arcmin; query radius rounded up to this step
@@ -853,3 +855,51 @@ def _cache_write(cache_dir: Path, spec: VizierCatalog, tab: Table) -> Path:
     except OSError:
         pass
     return target
+
+
+class FieldCatalogs:
+    """Reference stars per target and band for a running pipeline: asked once, kept in memory.
+
+    A catalog that cannot be had (offline, unreachable) is not asked again for ``retry_after`` seconds;
+    meanwhile :meth:`get` returns None and points stay uncalibrated (``lcowatch recalibrate`` fills them in
+    later).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._tables: dict[tuple[str, str], Table] = {}
+        self._unavailable_until: dict[tuple[str, str], float] = {}
+
+    def get(self, target: str, band: str, radius_arcmin: float, *, refresh: bool = False) -> Table | None:
+        """The target's reference stars in ``band`` (columns mag, mag_err, color, color_err), or None."""
+        key = (target, band)
+        if key in self._tables and not refresh:
+            return self._tables[key]
+        if not refresh and time.monotonic() < self._unavailable_until.get(key, 0.0):
+            return None
+        settings, target_config = self.config.catalog, self.config.targets[target]
+        local = target_config.refcat
+        if local is None and settings.source == "file":
+            # No catalog for this target: its points stay uncalibrated; say so once.
+            if key not in self._unavailable_until:
+                get_logger().warning(
+                    "catalog_not_configured", target=target, reason="catalog.source is file, no refcat"
+                )
+            self._unavailable_until[key] = math.inf
+            return None
+        assert target_config.ra is not None and target_config.dec is not None
+        try:
+            table = get_reference_stars(
+                target_config.ra, target_config.dec, settings.radius_arcmin or radius_arcmin, band,
+                source="file" if local is not None else "vizier", path=local, preference=settings.preference,
+                cache_dir=self.config.state_dir / CACHE_DIR, timeout=settings.timeout, retries=settings.retries,
+                refresh=refresh,
+            )  # fmt: skip
+        except RetryLater as exc:
+            self._unavailable_until[key] = time.monotonic() + settings.retry_after
+            get_logger().warning(
+                "catalog_unavailable", target=target, band=band, reason=str(exc), retry_in=settings.retry_after
+            )
+            return None
+        self._tables[key] = table
+        return table

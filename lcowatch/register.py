@@ -168,3 +168,22 @@ def register(
         f"registration failed: {best[1]} matched stars, rms {best[2]:.2f} px (need >= {MIN_MATCHES}, <= {MAX_RMS})",
         step="register",
     )
+
+
+def match_positions(
+    source_xy: np.ndarray, target_xy: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pair two position lists that agree to within ``radius`` pixels up to a small affine correction.
+
+    Used to identify catalog stars among measured ones: both are projected through the same WCS, which
+    may be off by a few arcseconds. Returns (matrix, source_index, target_index); empty indices when fewer
+    than the minimum number of pairs agree.
+    """
+    empty = np.empty(0, dtype=int)
+    if len(source_xy) < MIN_MATCHES or len(target_xy) < MIN_MATCHES:
+        return IDENTITY, empty, empty
+    matrix, n_matched, rms = _refine(IDENTITY, source_xy, target_xy, radius)
+    if n_matched < MIN_MATCHES:
+        return IDENTITY, empty, empty
+    source_index, target_index = _match(matrix, source_xy, cKDTree(target_xy), max(MATCH_RADIUS, 3 * rms))
+    return matrix, source_index, target_index

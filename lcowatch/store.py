@@ -125,6 +125,10 @@ CREATE TABLE IF NOT EXISTS points (
     mag_err REAL,
     zp REAL,
     zp_err REAL,
+    color_term REAL,
+    zp_nstars INTEGER,
+    zp_scatter REAL,
+    catalog TEXT,
     band TEXT,
     flags INTEGER NOT NULL,
     PRIMARY KEY (sha256, aperture)
@@ -316,3 +320,30 @@ class Store:
             query += " AND p.filter = ?"
             args += (filter,)
         return [dict(row) for row in self.conn.execute(query + " ORDER BY f.mjd, f.file, p.aperture", args)]
+
+    def photometry_arrays(
+        self, sha256: str, star_ids: np.ndarray, apertures: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A frame's stored (inst_mag, inst_err, flags), each (N, K), rows in ``star_ids`` order."""
+        row_of = {int(star): i for i, star in enumerate(star_ids)}
+        inst_mag = np.full((len(star_ids), apertures), np.nan)
+        inst_err = np.full_like(inst_mag, np.nan)
+        star_flags = np.zeros(inst_mag.shape, dtype=np.int64)
+        query = "SELECT star_id, aperture, inst_mag, inst_err, flags FROM photometry WHERE sha256 = ?"
+        for star, k, mag, err, mask in self.conn.execute(query, (sha256,)):
+            if star in row_of and k < apertures:
+                i = row_of[star]
+                inst_mag[i, k] = np.nan if mag is None else mag
+                inst_err[i, k] = np.nan if err is None else err
+                star_flags[i, k] = mask
+        return inst_mag, inst_err, star_flags
+
+    def update_points(self, sha256: str, columns: list[dict[str, object]]) -> None:
+        """Replace calibration columns of a frame's points, one dict per aperture, in one transaction."""
+        with self.conn:
+            for k, values in enumerate(columns):
+                assignments = ", ".join(f"{name} = :{name}" for name in values)
+                self.conn.execute(
+                    f"UPDATE points SET {assignments} WHERE sha256 = :sha256 AND aperture = :aperture",
+                    {**values, "sha256": sha256, "aperture": k},
+                )

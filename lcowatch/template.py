@@ -11,7 +11,8 @@ light curve: it only changes how positions are found.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from astropy.coordinates import SkyCoord
@@ -54,8 +55,9 @@ class Template:
     shape: tuple[int, int]
     wcs_header: str
     sources: np.ndarray
+    _field_xy: np.ndarray | None = field(default=None, repr=False)
 
-    @property
+    @cached_property
     def wcs(self) -> WCS:
         wcs = celestial_wcs(fits.Header.fromstring(self.wcs_header))
         assert wcs is not None, "templates always carry a solved WCS"
@@ -67,6 +69,17 @@ class Template:
             return np.array([target.x, target.y])
         x, y = self.wcs.world_to_pixel(SkyCoord(target.ra, target.dec, unit="deg"))
         return np.array([float(x), float(y)])
+
+    @property
+    def pixscale(self) -> float:
+        """Arcseconds per template pixel."""
+        return float(np.sqrt(abs(np.linalg.det(self.wcs.pixel_scale_matrix))) * 3600.0)
+
+    def field_pixels(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        """Template pixels of the field stars, computed once per template (the field only grows)."""
+        if self._field_xy is None or len(self._field_xy) != len(ra):
+            self._field_xy = self.pixels_of(ra, dec)
+        return self._field_xy
 
     def sky_of(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """RA, Dec (deg) of template pixel positions (N, 2)."""

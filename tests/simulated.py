@@ -10,7 +10,16 @@ import numpy as np
 from conftest import write_config
 
 from lcowatch.cli import main
-from lcowatch.simulate import Field, FrameSpec, FrameTruth, lco_filename, make_field, simulate_series, write_frame
+from lcowatch.simulate import (
+    Field,
+    FrameSpec,
+    FrameTruth,
+    lco_filename,
+    make_field,
+    simulate_series,
+    write_frame,
+    write_refcat,
+)
 
 FIELD_STARS = 1000
 FIELD_RADIUS_ARCMIN = 4.0
@@ -38,6 +47,12 @@ class Campaign:
                 "WHERE p.target = ? AND p.filter = ? AND p.aperture = ? ORDER BY f.mjd",
                 (target, filter, aperture),
             ).fetchall()
+
+    def calibrated(self, target: str, filter: str) -> tuple[np.ndarray, np.ndarray, list[sqlite3.Row]]:
+        """Calibrated mag - true magnitude and mag_err of the target's clean points."""
+        rows = [r for r in self.points(target, filter) if _clean(r["flags"])]
+        delta = np.array([r["mag"] - self.truth[r["file"]][1].mag[0] for r in rows])
+        return delta, np.array([r["mag_err"] for r in rows]), rows
 
     def residuals(self, target: str, filter: str, *, clean: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """diff_mag - true magnitude (its median removed), errors and file names of the target's points."""
@@ -85,7 +100,10 @@ def build_campaign(folder: Path) -> Campaign:
     add_frame(
         incoming, fields["SN2026A"], base, truth, transparency=0.12, frame_number=902, mjd_start=base.mjd_start + 0.02
     )
-    targets = {name: {"ra": field.ra, "dec": field.dec} for name, field in fields.items()}
-    config = write_config(folder, targets)
+    targets: dict[str, dict[str, object]] = {name: {"ra": field.ra, "dec": field.dec} for name, field in fields.items()}
+    # Only SN2026A has a reference catalog: V1 shows the uncalibrated path, and recalibration later.
+    write_refcat(fields["SN2026A"], folder / "sn2026a-stars.csv")
+    targets["SN2026A"]["refcat"] = "sn2026a-stars.csv"
+    config = write_config(folder, targets, catalog={"source": "file"})
     assert main(["process", "--config", str(config), str(incoming)]) == 0
     return Campaign(folder, config, fields, truth)

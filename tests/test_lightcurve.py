@@ -66,6 +66,25 @@ class TestDifferentialLightCurve:
         assert state == "rejected" or all(mask & flags.value("cloudy") for mask in point_flags)
 
 
+class TestCalibration:
+    """With a reference catalog, points carry standard magnitudes that match the simulated truth."""
+
+    @pytest.mark.parametrize(("filter", "band"), [("rp", "r"), ("gp", "g")])
+    def test_calibrated_magnitudes_match_truth(self, campaign: Campaign, filter: str, band: str) -> None:
+        delta, error, rows = campaign.calibrated("SN2026A", filter)
+        assert len(rows) >= 6
+        assert {r["band"] for r in rows} == {band}
+        assert all(r["zp_nstars"] >= 5 for r in rows)
+        assert np.median(np.abs(delta)) < 0.02
+        chi2 = np.sum((delta / error) ** 2) / len(delta)
+        assert chi2 < 3.0, f"chi2/dof {chi2:.2f}"
+
+    def test_without_a_catalog_points_are_flagged_uncalibrated(self, campaign: Campaign) -> None:
+        rows = campaign.points("V1", "rp")
+        assert rows and all(r["mag"] is None and r["flags"] & flags.value("uncalibrated") for r in rows)
+        assert all(r["diff_mag"] is not None for r in rows)
+
+
 class TestReprocessing:
     """Processing the same folder again adds nothing."""
 
@@ -82,6 +101,27 @@ class TestReprocessing:
         before = counts()
         assert main(["process", "--config", str(campaign.config), str(campaign.folder / "in")]) == 0
         assert counts() == before
+
+    def test_recalibrate_fills_in_points_without_reading_images(self, campaign: Campaign) -> None:
+        import yaml
+
+        from lcowatch.cli import main
+        from lcowatch.simulate import write_refcat
+
+        write_refcat(campaign.fields["V1"], campaign.folder / "v1-stars.csv")
+        document = yaml.safe_load(campaign.config.read_text())
+        document["targets"]["V1"]["refcat"] = "v1-stars.csv"
+        config = campaign.folder / "config-with-v1.yaml"
+        config.write_text(yaml.safe_dump(document))
+        hidden = campaign.folder / "images-gone"
+        (campaign.folder / "in").rename(hidden)  # no image may be read again
+        try:
+            assert main(["recalibrate", "--config", str(config), "V1"]) == 0
+        finally:
+            hidden.rename(campaign.folder / "in")
+        delta, _, rows = campaign.calibrated("V1", "rp")
+        assert len(rows) == len(campaign.points("V1", "rp"))
+        assert np.median(np.abs(delta)) < 0.02
 
     def test_result_file_reads_back_with_units(self, campaign: Campaign) -> None:
         from astropy.table import Table
