@@ -9,17 +9,19 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import IO
 
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError
-from lcowatch.export import lightcurve_table, update_result_file
+from lcowatch.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
 from lcowatch.export import write_table as export_table
 from lcowatch.ledger import Ledger, connect
 from lcowatch.log import get_logger
 from lcowatch.pipeline import Pipeline, find_files, recalibrate
+from lcowatch.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.refcat import FieldCatalogs, standard_band
 from lcowatch.store import FRAME_COLUMNS, Store
 
@@ -27,8 +29,9 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FINISHED_STATES = {"done", "rejected", "quarantined", "ignored", "skipped"}
 
 
-def _open_output(path: str | None) -> IO[str]:
-    return open(path, "w", newline="") if path else sys.stdout
+def _open_output(path: str | None) -> AbstractContextManager[IO[str]]:
+    """The file named by -o, or stdout (left open)."""
+    return open(path, "w", newline="") if path else nullcontext(sys.stdout)
 
 
 def _format_value(value: object) -> str:
@@ -120,9 +123,25 @@ def _known_target(config: Config, target: str) -> bool:
 def cmd_export(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
-    table = lightcurve_table(Store(connect(config.state_dir)), args.target, args.filter)
+    store = Store(connect(config.state_dir))
+    table = lightcurve_table(store, args.target, args.filter)
     with _open_output(args.output) as out:
-        export_table(table, out, args.format)
+        if args.format == "aavso":
+            check = check_star_magnitudes(store, args.target)
+            written = write_aavso(table, out, target=args.target, obscode=config.aavso_obscode, check=check)
+            get_logger().info("aavso_export", target=args.target, observations=written)
+        else:
+            export_table(table, out, args.format)
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    path = Path(args.output) if args.output else config.state_dir / PLOTS_DIR / f"{args.target}.png"
+    table = lightcurve_table(Store(connect(config.state_dir)), args.target, args.filter)
+    points = plot_lightcurve(table, path, title=args.target)
+    print(f"{path} ({points} points)")
     return EXIT_OK
 
 
@@ -161,12 +180,22 @@ def cmd_refstars(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lcowatch.demo import run_demo  # the simulator is only needed here
+
+    return run_demo(Path(args.workdir) if args.workdir else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (default: $LCOWATCH_CONFIG, else /etc/lcowatch/config.yaml)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="simulate a night of LCO frames and run the pipeline on them")
+    demo.add_argument("--workdir", metavar="DIR", help="where to put everything (default: a new temporary folder)")
+    demo.set_defaults(handler=cmd_demo, writes_table=False, needs_config=False)
 
     check = commands.add_parser("check-config", parents=[common], help="validate the config, list every error")
     check.set_defaults(handler=cmd_check_config, writes_table=False)
@@ -191,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[common], help="a target's light curve")
     export.add_argument("target", metavar="TARGET")
     export.add_argument("--filter", metavar="F", help="only this filter")
-    export.add_argument("--format", choices=["csv", "ecsv"], default="csv")
+    export.add_argument("--format", choices=["csv", "ecsv", "aavso"], default="csv")
     export.add_argument("-o", "--output", metavar="FILE")
     export.set_defaults(handler=cmd_export, writes_table=True)
 
@@ -212,11 +241,20 @@ def build_parser() -> argparse.ArgumentParser:
     refstars.add_argument("--format", choices=["csv", "ecsv"], default="csv")
     refstars.add_argument("-o", "--output", metavar="FILE")
     refstars.set_defaults(handler=cmd_refstars, writes_table=True)
+
+    plot = commands.add_parser("plot", parents=[common], help="a PNG of a target's light curve")
+    plot.add_argument("target", metavar="TARGET")
+    plot.add_argument("--filter", metavar="F")
+    plot.add_argument("-o", "--output", metavar="FILE.png", help="default: state_dir/plots/TARGET.png")
+    plot.set_defaults(handler=cmd_plot, writes_table=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not getattr(args, "needs_config", True):
+        log.configure(sys.stdout)
+        return int(args.handler(args))
     log_stream = sys.stderr if args.writes_table else sys.stdout
     try:
         config = load(args.config)

@@ -190,6 +190,8 @@ class Config(Section):
     template: TemplateConfig = TemplateConfig()
     photometry: PhotometryConfig = PhotometryConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    aavso_obscode: str = Field("na", description="your AAVSO observer code, for `lcowatch export --format aavso`")
+    plot_after_each_frame: bool = Field(False, description="keep state_dir/plots/<target>.png up to date")
     source: Path | None = Field(None, exclude=True, description="the file this was read from")
 
     def target_for_object(self, object_name: str) -> str | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 import astropy.units as u
+import numpy as np
 from astropy.table import MaskedColumn, Table
 
 from lcowatch import __version__, flags
@@ -69,6 +70,67 @@ def lightcurve_table(store: Store, target: str, filter: str | None = None) -> Ta
         }
     )
     return table
+
+
+AAVSO_FILTERS = {"up": "SU", "gp": "SG", "rp": "SR", "ip": "SI", "zs": "SZ", "B": "B", "V": "V", "R": "R", "I": "I",
+                 "w": "CR"}  # fmt: skip
+AAVSO_FIELDS = ("NAME", "DATE", "MAG", "MERR", "FILT", "TRANS", "MTYPE", "CNAME", "CMAG", "KNAME", "KMAG", "AMASS",
+                "GROUP", "CHART", "NOTES")  # fmt: skip
+
+
+def write_aavso(table: Table, out: IO[str], *, target: str, obscode: str, check: dict[str, float] | None = None) -> int:
+    """AAVSO Extended File Format: calibrated points of the first aperture, JD (UTC) at mid-exposure.
+
+    The comparison is the ensemble (``CNAME=ENSEMBLE``, ``CMAG=na``, as the format asks for ensembles);
+    ``check`` maps file name to the check star's calibrated magnitude in that frame, written as KMAG.
+    Returns the number of observations written.
+    """
+    out.write("#TYPE=EXTENDED\n")
+    out.write(f"#OBSCODE={obscode}\n")
+    out.write(f"#SOFTWARE=lcowatch {__version__}\n")
+    out.write("#DELIM=,\n#DATE=JD\n#OBSTYPE=CCD\n")
+    out.write("#" + ",".join(AAVSO_FIELDS) + "\n")
+    if not len(table):
+        return 0
+    first = table[table["aperture"] == table["aperture"][0]]
+    written = 0
+    for row in first:
+        if np.ma.is_masked(row["mag"]):
+            continue
+        kmag = (check or {}).get(str(row["file"]))
+        notes = f"lcowatch flags={row['flag_names'] or 'none'}; band={row['band']}; zp={row['zp']:.4f}"
+        fields = (
+            target, f"{row['mjd'] + 2400000.5:.6f}", f"{row['mag']:.4f}", f"{row['mag_err']:.4f}",
+            AAVSO_FILTERS.get(str(row["filter"]), "na"), "NO", "STD", "ENSEMBLE", "na",
+            f"{target}-check" if kmag is not None else "na", f"{kmag:.4f}" if kmag is not None else "na",
+            "na" if np.ma.is_masked(row["airmass"]) else f"{row['airmass']:.4f}", "na", "na", notes.replace(",", ";"),
+        )  # fmt: skip
+        out.write(",".join(fields) + "\n")
+        written += 1
+    return written
+
+
+def check_star_magnitudes(store: Store, target: str) -> dict[str, float]:
+    """Calibrated magnitude, per frame file, of one check star: the field star measured cleanly in the
+    most frames, the nearest in brightness to the target among those (first aperture)."""
+    rows = store.conn.execute(
+        "SELECT f.file, ph.star_id, ph.inst_mag, ph.flags, p.zp FROM photometry ph "
+        "JOIN points p ON p.sha256 = ph.sha256 AND p.aperture = ph.aperture JOIN frames f ON f.sha256 = ph.sha256 "
+        "WHERE p.target = ? AND ph.aperture = 0 AND p.zp IS NOT NULL AND ph.inst_mag IS NOT NULL",
+        (target,),
+    ).fetchall()
+    target_mags = [r["inst_mag"] for r in rows if r["star_id"] == 0]
+    clean: dict[int, list[tuple[str, float, float]]] = {}
+    for r in rows:
+        if r["star_id"] > 0 and r["flags"] & ~flags.value("forced_position") == 0:
+            clean.setdefault(r["star_id"], []).append((r["file"], r["inst_mag"], r["zp"]))
+    if not clean or not target_mags:
+        return {}
+    most = max(len(v) for v in clean.values())
+    reference = float(np.median(target_mags))
+    candidates = {star: v for star, v in clean.items() if len(v) >= 0.8 * most}
+    star = min(candidates, key=lambda s: abs(float(np.median([m for _, m, _ in candidates[s]])) - reference))
+    return {file: mag + zp for file, mag, zp in candidates[star]}
 
 
 def write_table(table: Table, out: IO[str], fmt: str) -> None:

@@ -23,11 +23,12 @@ from lcowatch import flags
 from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
-from lcowatch.export import update_result_file
+from lcowatch.export import lightcurve_table, update_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
 from lcowatch.photometry import Photometry, comparison_mask, comparison_stars, measure
+from lcowatch.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
@@ -483,6 +484,9 @@ class Pipeline:
             # The store holds the point already; the file is a derived view, rebuilt on the next frame.
             try:
                 update_result_file(self.store, meta.target, self.config.state_dir)
+                if self.config.plot_after_each_frame:
+                    plot_path = self.config.state_dir / PLOTS_DIR / f"{meta.target}.png"
+                    plot_lightcurve(lightcurve_table(self.store, meta.target), plot_path, title=meta.target)
             except OSError as exc:
                 log.warning("result_file_not_written", reason=str(exc))
         seconds["store"] = round(time.perf_counter() - started, 4)

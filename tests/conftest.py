@@ -38,3 +38,11 @@ def write_config(folder: Path, targets: dict[str, dict[str, Any]], **sections: A
 @pytest.fixture
 def real_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, REAL_TARGETS)
+
+
+@pytest.fixture(scope="session")
+def campaign(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A simulated campaign (see ``simulated.build_campaign``), processed once for the whole session."""
+    from simulated import build_campaign
+
+    return build_campaign(tmp_path_factory.mktemp("campaign"))

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from simulated import Campaign, build_campaign
+from simulated import Campaign
 
 from lcowatch import flags
-
-
-@pytest.fixture(scope="module")
-def campaign(tmp_path_factory: pytest.TempPathFactory) -> Campaign:
-    return build_campaign(tmp_path_factory.mktemp("campaign"))
 
 
 class TestRegistration:

@@ -1,0 +1,61 @@
+"""Light-curve plots: one panel per filter, magnitude against time, flagged points marked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.table import Table
+
+# The object interface draws with Agg and keeps no global state: no display, safe in the daemon's threads.
+from matplotlib.figure import Figure
+
+PLOTS_DIR = "plots"  # under state_dir
+
+
+def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | None = None) -> int:
+    """Write a PNG of the light curve in ``table`` (see :func:`lcowatch.export.lightcurve_table`).
+
+    Uses the calibrated magnitude where a filter has one, the differential magnitude otherwise; points
+    with any flag are drawn hollow. Only ``aperture`` (default: the first listed) is shown. Returns the
+    number of points plotted.
+    """
+    if len(table) and aperture is None:
+        aperture = str(table["aperture"][0])
+    rows = table[table["aperture"] == aperture] if len(table) else table
+    filters = sorted(set(rows["filter"])) if len(rows) else []
+    panels = max(len(filters), 1)
+    figure = Figure(figsize=(8, 2.6 * panels + 0.6))
+    axes = figure.subplots(panels, 1, squeeze=False)
+    plotted = 0
+    for axis, filter in zip(axes[:, 0], filters, strict=False):
+        subset = rows[rows["filter"] == filter]
+        calibrated = ~np.ma.getmaskarray(subset["mag"])
+        column, error, label = (
+            ("mag", "mag_err", f"{subset['band'][0]} (calibrated)")
+            if calibrated.any()
+            else ("diff_mag", "diff_mag_err", "differential")
+        )
+        mag = np.ma.filled(subset[column].astype(float), np.nan)
+        err = np.ma.filled(subset[error].astype(float), np.nan)
+        mjd = np.asarray(subset["mjd"], dtype=float)
+        flagged = np.asarray(subset["flags"]) != 0
+        for chosen, style in (
+            (~flagged, {"fmt": "o", "color": "C0"}),
+            (flagged, {"fmt": "o", "mfc": "none", "color": "C3"}),
+        ):
+            if chosen.any():
+                axis.errorbar(mjd[chosen], mag[chosen], yerr=err[chosen], ms=4, lw=0.8, capsize=0, **style)
+        plotted += int(np.isfinite(mag).sum())
+        axis.invert_yaxis()
+        axis.ticklabel_format(axis="x", useOffset=False, style="plain")
+        axis.set_ylabel(f"{filter}: {label}")
+        axis.grid(alpha=0.3)
+    if not filters:
+        axes[0, 0].text(0.5, 0.5, "no points yet", ha="center", va="center", transform=axes[0, 0].transAxes)
+    axes[-1, 0].set_xlabel("MJD (UTC, mid-exposure)")
+    axes[0, 0].set_title(f"{title}  (aperture {aperture}; hollow red: flagged)" if aperture else title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return plotted

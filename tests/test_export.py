@@ -1,0 +1,112 @@
+"""Exports and plots of a processed campaign: ECSV with units, AAVSO extended format, PNG plots."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from lcowatch.cli import main
+from lcowatch.export import AAVSO_FIELDS
+from simulated import Campaign
+
+
+def _export(campaign: Campaign, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    capsys.readouterr()
+    assert main(["export", "--config", str(campaign.config), *args]) == 0
+    return capsys.readouterr().out
+
+
+class TestEcsvExport:
+    """The ECSV export reads back with astropy, with units and provenance, one row per frame and aperture."""
+
+    def test_round_trip_with_units(self, campaign: Campaign, capsys: pytest.CaptureFixture[str]) -> None:
+        text = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "ecsv")
+        table = Table.read(text, format="ascii.ecsv")
+        assert str(table["mag"].unit) == "mag" and str(table["fwhm"].unit) == "arcsec"
+        assert table.meta["target"] == "SN2026A" and table.meta["software"].startswith("lcowatch ")
+        assert "cloudy" in table.meta["flags"]
+        points = campaign.points("SN2026A", "rp")
+        assert len(table) == 3 * len(points)
+        first = table[table["aperture"] == table["aperture"][0]]
+        assert np.allclose(first["diff_mag"], [p["diff_mag"] for p in points])
+        assert set(table.colnames) >= {"file", "mjd", "bjd_tdb", "filter", "mag", "mag_err", "zp", "zp_err", "fwhm",
+                                       "airmass", "flags", "diff_mag", "diff_mag_err", "aperture", "x", "y",
+                                       "registration_rms", "template"}  # fmt: skip
+
+    def test_csv_leaves_uncalibrated_magnitudes_empty(
+        self, campaign: Campaign, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        text = _export(campaign, capsys, "V1", "--format", "csv")
+        table = Table.read(text, format="ascii.csv")
+        first = table[table["aperture"] == table["aperture"][0]]
+        stored = campaign.points("V1", "rp")
+        assert len(first) == len(stored) > 0
+        empty = np.ma.getmaskarray(first["mag"]) if hasattr(first["mag"], "mask") else np.zeros(len(first), bool)
+        assert list(empty) == [p["mag"] is None for p in stored]
+        assert np.isfinite(np.asarray(first["diff_mag"], float)).all()
+
+
+class TestAavsoExport:
+    """The AAVSO Extended File Format: its header lines, then 15 comma-separated fields in the published order."""
+
+    def test_format(self, campaign: Campaign, capsys: pytest.CaptureFixture[str]) -> None:
+        lines = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso").splitlines()
+        header = [line for line in lines if line.startswith("#")]
+        assert header[:2] == ["#TYPE=EXTENDED", "#OBSCODE=na"]
+        assert "#DELIM=," in header and "#DATE=JD" in header and "#OBSTYPE=CCD" in header
+        assert any(line.startswith("#SOFTWARE=lcowatch") for line in header)
+        assert header[-1] == "#" + ",".join(AAVSO_FIELDS)
+        assert AAVSO_FIELDS == ("NAME", "DATE", "MAG", "MERR", "FILT", "TRANS", "MTYPE", "CNAME", "CMAG", "KNAME",
+                                "KMAG", "AMASS", "GROUP", "CHART", "NOTES")  # fmt: skip
+        rows = [line.split(",") for line in lines if not line.startswith("#")]
+        calibrated = [p for p in campaign.points("SN2026A", "rp") if p["mag"] is not None]
+        assert len(rows) == len(calibrated)
+        for fields, point in zip(rows, calibrated, strict=True):
+            assert len(fields) == 15
+            assert fields[0] == "SN2026A" and fields[4] == "SR" and fields[6] == "STD" and fields[7] == "ENSEMBLE"
+            assert float(fields[1]) == pytest.approx(point["mjd"] + 2400000.5, abs=1e-6)
+            assert float(fields[2]) == pytest.approx(point["mag"], abs=1e-4)
+            assert fields[10] == "na" or 8 < float(fields[10]) < 20
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+class TestPlot:
+    """`lcowatch plot` writes a real PNG whose points are the stored ones."""
+
+    def test_png_from_the_store(self, campaign: Campaign, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        path = tmp_path / "sn.png"
+        capsys.readouterr()
+        assert main(["plot", "--config", str(campaign.config), "SN2026A", "-o", str(path)]) == 0
+        reported = int(capsys.readouterr().out.split("(")[1].split()[0])
+        stored = len(campaign.points("SN2026A", "rp")) + len(campaign.points("SN2026A", "gp"))
+        assert reported == stored
+        width, height = _png_size(path)
+        assert width >= 600 and height >= 400
+
+
+@pytest.mark.slow
+class TestDemo:
+    """`lcowatch demo` runs the daemon on simulated frames and ends with a summary naming a real plot."""
+
+    def test_demo_runs_to_its_summary(self, tmp_path: Path) -> None:
+        result = subprocess.run(
+            [sys.executable, "-m", "lcowatch", "demo", "--workdir", str(tmp_path / "demo")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        plot = Path(next(line.split()[-1] for line in result.stdout.splitlines() if line.startswith("plot:")))
+        assert _png_size(plot)[0] >= 600
+        assert "24 done" in result.stdout
+        median = float(result.stdout.split("median ")[1].split(",")[0])
+        assert median < 0.02
