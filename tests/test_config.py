@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,29 @@ class TestCheckConfigCommand:
 
     def test_missing_file_exits_2(self, tmp_path: Path) -> None:
         assert main(["check-config", "--config", str(tmp_path / "none.yaml")]) == 2
+
+
+class TestExampleConfig:
+    """config.example.yaml documents every key and is itself a valid config."""
+
+    def test_example_is_valid_and_complete(self) -> None:
+        from lcowatch.config import Config
+
+        path = Path(__file__).resolve().parents[1] / "config.example.yaml"
+        config = load(path)
+        text = path.read_text()
+
+        def names(model: type, prefix: str = "") -> list[str]:
+            found = []
+            for name, field in model.model_fields.items():
+                if field.exclude:
+                    continue
+                found.append(name)
+                inner = getattr(field.annotation, "model_fields", None)
+                if inner is not None:
+                    found += names(field.annotation, f"{prefix}{name}.")
+            return found
+
+        missing = [name for name in names(Config) if not re.search(rf"(^|[\s{{,#]){name}:", text, re.MULTILINE)]
+        assert missing == []
+        assert config.catalog.source == "vizier"
