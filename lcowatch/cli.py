@@ -18,10 +18,12 @@ from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError
 from lcowatch.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
 from lcowatch.export import write_table as export_table
+from lcowatch.frame import read_content
 from lcowatch.ledger import Ledger, connect
 from lcowatch.log import get_logger
 from lcowatch.pipeline import Pipeline, find_files, recalibrate
 from lcowatch.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.quarantine import QUARANTINE_DIR, find_quarantined, release
 from lcowatch.refcat import FieldCatalogs, standard_band
 from lcowatch.store import FRAME_COLUMNS, Store
 
@@ -180,6 +182,26 @@ def cmd_refstars(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    ledger = Ledger(connect(config.state_dir))
+    quarantined = find_quarantined(args.file, config.state_dir)
+    if quarantined is not None:
+        try:
+            destination, sha256 = release(quarantined, config.watch.paths[0])
+        except FileExistsError as exc:
+            print(f"lcowatch: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    elif Path(args.file).is_file():
+        destination, sha256 = Path(args.file), read_content(Path(args.file))[1]
+    else:
+        print(f"lcowatch: {args.file} is neither in {config.state_dir / QUARANTINE_DIR} nor a file", file=sys.stderr)
+        return EXIT_USAGE
+    if sha256 is not None:
+        ledger.reset(sha256)
+    print(f"{destination}: pending again; the daemon (or `lcowatch process`) will work on it")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from lcowatch.demo import run_demo  # the simulator is only needed here
 
@@ -241,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     refstars.add_argument("--format", choices=["csv", "ecsv"], default="csv")
     refstars.add_argument("-o", "--output", metavar="FILE")
     refstars.set_defaults(handler=cmd_refstars, writes_table=True)
+
+    retry = commands.add_parser("retry", parents=[common], help="put a quarantined or rejected file back in line")
+    retry.add_argument("file", metavar="FILE", help="the quarantined file (path or name), or a file to redo")
+    retry.set_defaults(handler=cmd_retry, writes_table=False)
 
     plot = commands.add_parser("plot", parents=[common], help="a PNG of a target's light curve")
     plot.add_argument("target", metavar="TARGET")

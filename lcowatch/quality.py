@@ -36,7 +36,9 @@ SOURCE_DTYPE = np.dtype(
 MIN_STAR_SNR = 10.0  # a detection counts as a star above this S/N
 FWHM_STAR_SNR = 30.0  # stars used to measure the FWHM
 MAX_FWHM_STARS = 300
-SHARP_RATIO = 2.5  # peak/flux this many times the stars' median marks a cosmic ray
+PRECISE_FWHM_SNR = 100.0
+MIN_PRECISE_FWHM_STARS = 10
+SHARP_RATIO = 4.0  # peak/flux this many times that of well-measured stars marks a cosmic ray
 CENTROID_ITERATIONS = 5
 EXTRACT_PIXSTACK = 3_000_000  # crowded bulge fields overflow sep's default buffer
 
@@ -85,7 +87,9 @@ def detect_sources(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
     ratio = objects["peak"] / np.maximum(objects["flux"], 1e-9)
     bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"]
     if bright.sum() >= 3:
-        sources["sharp"] = ratio > SHARP_RATIO * np.median(ratio[bright])
+        # Stars have the lowest peak/flux ratios; cosmic rays can outnumber bright stars, so the reference is
+        # a low percentile rather than the median.
+        sources["sharp"] = ratio > SHARP_RATIO * np.percentile(ratio[bright], 20)
     return sources
 
 
@@ -106,8 +110,10 @@ def _log_parabola_peak(cutouts: np.ndarray, centre: int) -> np.ndarray:
 def measure_fwhm(pre: Preprocessed, sources: np.ndarray, half_size: int) -> np.ndarray:
     """FWHM in pixels of isolated, unsaturated, unmasked bright stars, from the area above half maximum.
 
-    The half-maximum area does not assume a profile (Gaussian or Moffat alike): FWHM = 2 sqrt(A / pi).
-    Writes ``sources['fwhm']`` for the stars used and returns the per-star values.
+    The half-maximum area does not assume a profile (Gaussian or Moffat alike): FWHM = 2 sqrt(A / pi),
+    counted within ``half_size`` pixels of the star over the cutout's own edge level, so neither a
+    neighbour nor a background mesh bent by the star's wings moves it. Writes ``sources['fwhm']`` for
+    the stars used and returns the per-star values.
     """
     ny, nx = pre.subtracted.shape
     x = np.rint(sources["x"]).astype(int)
@@ -124,21 +130,25 @@ def measure_fwhm(pre: Preprocessed, sources: np.ndarray, half_size: int) -> np.n
         distance, _ = cKDTree(np.column_stack([sources["x"], sources["y"]])).query(
             np.column_stack([sources["x"], sources["y"]]), k=2
         )
-        candidate &= distance[:, 1] > 2 * half_size
-    index = np.flatnonzero(candidate)
+        candidate &= distance[:, 1] > 1.5 * half_size
+    # Noise at the half-maximum contour adds more pixels outside than it takes inside: prefer bright stars.
+    bright = candidate & (sources["snr"] >= PRECISE_FWHM_SNR)
+    index = np.flatnonzero(bright if bright.sum() >= MIN_PRECISE_FWHM_STARS else candidate)
     index = index[np.argsort(-sources["flux"][index])][:MAX_FWHM_STARS]
     if index.size == 0:
         return np.empty(0)
-    offsets = np.arange(-half_size, half_size + 1)
-    rows = y[index, None, None] + offsets[None, :, None]
-    cols = x[index, None, None] + offsets[None, None, :]
+    dy, dx = np.mgrid[-half_size : half_size + 1, -half_size : half_size + 1]
+    radius = np.hypot(dx, dy)
+    rows, cols = y[index, None, None] + dy, x[index, None, None] + dx
     cutouts = pre.subtracted[rows, cols]
     clean = ~pre.mask[rows, cols].any(axis=(1, 2))
     cutouts, index = cutouts[clean], index[clean]
     if index.size == 0:
         return np.empty(0)
+    edge = np.median(cutouts[:, radius > half_size - 1.5], axis=1)
+    cutouts = cutouts - edge[:, None, None]
     peak = _log_parabola_peak(cutouts, half_size)
-    area = (cutouts > 0.5 * peak[:, None, None]).sum(axis=(1, 2))
+    area = ((cutouts > 0.5 * peak[:, None, None]) & (radius <= half_size - 1.5)).sum(axis=(1, 2))
     fwhm = np.where(area > 0, 2.0 * np.sqrt(area / np.pi), np.nan)
     sources["fwhm"][index] = fwhm
     return fwhm
@@ -204,7 +214,8 @@ def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config
     """Measure FWHM, ellipticity and star count, and judge the frame against the thresholds."""
     bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"] & ~sources["sharp"]
     typical_sigma = float(np.median(np.sqrt(sources["a"][bright] * sources["b"][bright]))) if bright.any() else 2.0
-    half_size = int(np.clip(np.ceil(3.0 * 2.355 * typical_sigma), 4, 40))
+    # sep's thresholded moments understate the size; 2.5x their FWHM spans a star's half-maximum core.
+    half_size = int(np.clip(np.ceil(2.5 * 2.355 * typical_sigma), 5, 40))
     per_star = measure_fwhm(pre, sources, half_size)
     fwhm_pix = _clipped_mean(per_star)
     refine_centroids(pre, sources, fwhm_pix)

@@ -43,7 +43,7 @@ def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: 
     shutil.move(str(path), destination)
     note = {
         "file": path.name,
-        "original_path": str(path),
+        "original_path": str(path.absolute()),
         "sha256": sha256,
         "reason": reason,
         "step": step,
@@ -55,3 +55,30 @@ def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: 
     tmp.write_text(json.dumps(note, indent=2) + "\n")
     os.replace(tmp, reason_path)
     return destination
+
+
+def find_quarantined(name_or_path: str, state_dir: Path) -> Path | None:
+    """The quarantined file meant by a path or a bare file name, if it is in the quarantine folder."""
+    folder = state_dir / QUARANTINE_DIR
+    candidate = Path(name_or_path)
+    for path in (candidate, folder / candidate.name):
+        if path.is_file() and path.parent.resolve() == folder.resolve() and not path.name.endswith(".reason.json"):
+            return path
+    matches = sorted(folder.glob(f"*-{candidate.name}")) if folder.is_dir() else []
+    return matches[-1] if matches else None
+
+
+def release(quarantined: Path, fallback_folder: Path) -> tuple[Path, str | None]:
+    """Move a quarantined file back where it came from (or into ``fallback_folder``); drop its reason.
+
+    Returns the new path and the content hash recorded when it was quarantined.
+    """
+    reason_path = quarantined.with_name(quarantined.name + ".reason.json")
+    note = json.loads(reason_path.read_text()) if reason_path.exists() else {}
+    original = Path(note.get("original_path") or fallback_folder / quarantined.name)
+    destination = original if original.parent.is_dir() else fallback_folder / original.name
+    if destination.exists():
+        raise FileExistsError(f"{destination} exists; move it aside first")
+    shutil.move(str(quarantined), destination)
+    reason_path.unlink(missing_ok=True)
+    return destination, note.get("sha256")

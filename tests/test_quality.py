@@ -1,0 +1,83 @@
+"""Quality measurements on simulated frames of known seeing, depth and shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcowatch.config import parse
+from lcowatch.frame import read_content, read_frame
+from lcowatch.preprocess import preprocess
+from lcowatch.quality import Quality, detect_sources, measure_quality
+from lcowatch.simulate import FrameSpec, make_field, write_frame
+
+FIELD = make_field("QTEST", 30.0, -10.0, nstars=1000, radius_arcmin=3.0, seed=4)
+CONFIG = parse(
+    {"watch": {"paths": ["in"]}, "state_dir": "s", "targets": {"QTEST": {"ra": 30.0, "dec": -10.0}}}, Path("/")
+)
+
+
+def _quality(tmp_path: Path, **spec: object) -> tuple[Quality, np.ndarray]:
+    path = tmp_path / "frame.fits.fz"
+    write_frame(path, FIELD, FrameSpec(shape=(512, 512), **spec), compress="fz")  # type: ignore[arg-type]
+    content, sha = read_content(path)
+    frame = read_frame(path, content, sha, CONFIG)
+    pre = preprocess(frame)
+    sources = detect_sources(pre, CONFIG.quality)
+    return measure_quality(frame, pre, sources, CONFIG.quality), sources
+
+
+class TestSeeing:
+    """The FWHM of good frames is within 10% of the simulated seeing, whatever the PSF's profile."""
+
+    @pytest.mark.parametrize(("fwhm", "beta", "seed"), [(1.4, 3.0, 1), (2.0, 2.5, 2), (3.0, 4.0, 3), (2.2, 10.0, 4)])
+    def test_fwhm_within_ten_percent(self, tmp_path: Path, fwhm: float, beta: float, seed: int) -> None:
+        quality, _ = _quality(tmp_path, fwhm_arcsec=fwhm, moffat_beta=beta, seed=seed, n_cosmics=30)
+        assert quality.verdict == "good", quality.reasons
+        assert quality.fwhm_arcsec == pytest.approx(fwhm, rel=0.10)
+        assert quality.fwhm_pix == pytest.approx(fwhm / 0.389, rel=0.10)
+
+    def test_cosmic_rays_are_marked_sharp_not_stars(self, tmp_path: Path) -> None:
+        path = tmp_path / "cr.fits"
+        truth = write_frame(path, FIELD, FrameSpec(shape=(512, 512), n_cosmics=300, seed=5))
+        content, sha = read_content(path)
+        frame = read_frame(path, content, sha, CONFIG)
+        pre = preprocess(frame)
+        sources = detect_sources(pre, CONFIG.quality)
+        quality = measure_quality(frame, pre, sources, CONFIG.quality)
+        xy = np.column_stack([sources["x"], sources["y"]])
+        to_cosmic = np.min(
+            np.hypot(*(xy[:, None, :] - np.column_stack([truth.cosmic_x, truth.cosmic_y])[None]).T), axis=0
+        )
+        to_star = np.min(np.hypot(*(xy[:, None, :] - np.column_stack([truth.x, truth.y])[None]).T), axis=0)
+        cosmic = (to_cosmic < 2.5) & (to_star > 10)
+        assert cosmic.sum() >= 10
+        assert sources["sharp"][cosmic].mean() >= 0.8
+        assert sources["sharp"][to_star < 1.5].mean() < 0.05
+        assert quality.fwhm_arcsec == pytest.approx(2.0, rel=0.10)
+
+
+class TestVerdict:
+    """Frames out of the thresholds are poor, with reasons naming the measurement and the limit."""
+
+    def test_defocused_frame_is_poor(self, tmp_path: Path) -> None:
+        quality, _ = _quality(tmp_path, fwhm_arcsec=6.0, seed=6)
+        assert quality.verdict == "poor"
+        assert any(r.startswith("fwhm ") and r.endswith('> 4"') for r in quality.reasons), quality.reasons
+
+    def test_cloudy_frame_is_poor(self, tmp_path: Path) -> None:
+        quality, _ = _quality(tmp_path, transparency=0.03, seed=7)
+        assert quality.verdict == "poor"
+        assert any(r.startswith("nstars ") and r.endswith("< 25") for r in quality.reasons), quality.reasons
+
+    def test_elongated_frame_is_poor(self, tmp_path: Path) -> None:
+        quality, _ = _quality(tmp_path, ellipticity=0.6, psf_angle_deg=30.0, seed=8)
+        assert quality.ellipticity == pytest.approx(0.6, abs=0.1)
+        assert any(r.startswith("ellipticity ") for r in quality.reasons)
+
+    def test_saturated_stars_are_marked(self, tmp_path: Path) -> None:
+        _, sources = _quality(tmp_path, exptime=300.0, seed=9)
+        assert sources["saturated"].any()
+        assert np.isnan(sources["fwhm"][sources["saturated"]]).all()
