@@ -33,7 +33,7 @@ from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
 from lcowatch.refcat import REFCAT_BAND, FieldCatalogs, standard_band
-from lcowatch.register import IDENTITY, Registration, match_positions, register, wcs_guess
+from lcowatch.register import IDENTITY, MAX_RMS, Registration, match_positions, register, wcs_guess
 from lcowatch.store import Store
 from lcowatch.template import Template, choose_field_stars, template_score
 
@@ -149,7 +149,9 @@ class Register:
         guess = None
         if work.frame.wcs is not None:
             guess = wcs_guess(template.wcs, work.frame.wcs, template.shape)
-        work.registration = register(template.sources, sources, guess=guess)
+        assert work.quality is not None
+        max_rms = max(MAX_RMS, 0.15 * work.quality.fwhm_pix)
+        work.registration = register(template.sources, sources, guess=guess, max_rms=max_rms)
         work.log.debug(
             "registered", method=work.registration.method, n_matched=work.registration.n_matched,
             rms=round(work.registration.rms, 4), rotation_deg=round(work.registration.rotation_deg, 3),

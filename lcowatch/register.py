@@ -136,11 +136,13 @@ def register(
     frame_sources: np.ndarray,
     *,
     guess: np.ndarray | None = None,
+    max_rms: float = MAX_RMS,
 ) -> Registration:
     """Find the template -> frame transform; raise :class:`Reject` when the frame cannot be registered.
 
     ``guess`` is an optional 2x3 first transform (from the WCS); it is tried first and dropped when too
-    few stars agree with it.
+    few stars agree with it. ``max_rms`` (pixels) bounds the accepted residual; broad or trailed stars
+    centroid less precisely, so callers scale it with the seeing.
     """
     template_xy = usable_stars(template_sources)
     frame_xy = usable_stars(frame_sources)
@@ -160,12 +162,12 @@ def register(
         radius = GUESS_RADIUS if method == "wcs" else 3 * MATCH_RADIUS
         start = first if first is not None else _asterism_guess(template_xy, frame_xy)
         matrix, n_matched, rms = _refine(start, refine_xy, frame_xy, radius)
-        if n_matched >= MIN_MATCHES and rms <= MAX_RMS:
+        if n_matched >= MIN_MATCHES and rms <= max_rms:
             return Registration(matrix, n_matched, rms, method)
         if n_matched > best[1]:
             best = (matrix, n_matched, rms, method)
     raise Reject(
-        f"registration failed: {best[1]} matched stars, rms {best[2]:.2f} px (need >= {MIN_MATCHES}, <= {MAX_RMS})",
+        f"registration failed: {best[1]} matched stars, rms {best[2]:.2f} px (need >= {MIN_MATCHES}, <= {max_rms:.2f})",
         step="register",
     )
 

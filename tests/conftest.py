@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,32 @@ REAL_TARGETS: dict[str, dict[str, Any]] = {
 }
 
 
+class NetworkAccessError(RuntimeError):
+    """Raised by the socket guard; not an OSError, so neither urllib3 nor requests can swallow it."""
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test: an internet socket connection or a name lookup fails loudly (local sockets still work)."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise NetworkAccessError(f"test tried to use the network: {args!r}")
+
+    def guarded(real: Any) -> Any:
+        def connect(self: socket.socket, address: Any) -> Any:
+            if self.family == socket.AF_UNIX:
+                return real(self, address)
+            return refuse(self, address)
+
+        return connect
+
+    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not REAL_DATA.is_dir():
@@ -27,9 +54,13 @@ def real_data() -> Path:
 
 
 def write_config(folder: Path, targets: dict[str, dict[str, Any]], **sections: Any) -> Path:
-    """Write a config YAML with watch folder ``folder/in`` and state ``folder/state``; return its path."""
+    """Write a config YAML with watch folder ``folder/in`` and state ``folder/state``; return its path.
+
+    The catalog source is local files unless a section says otherwise: tests never reach VizieR.
+    """
     (folder / "in").mkdir(parents=True, exist_ok=True)
-    document = {"watch": {"paths": ["in"]}, "state_dir": "state", "targets": targets, **sections}
+    document = {"watch": {"paths": ["in"]}, "state_dir": "state", "catalog": {"source": "file"}, "targets": targets}
+    document |= sections
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(document))
     return path

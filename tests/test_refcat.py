@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import structlog
 from astropy.io import votable
 from astropy.table import Table
 from astropy.utils import iers
+from conftest import NetworkAccessError
 
 from lcowatch import log as lcowatch_log
 from lcowatch import refcat
@@ -39,23 +39,6 @@ DATA = Path(__file__).resolve().parent / "data" / "vizier"
 # Request centre: rounds to the recordings' query centre (150.123, +2.235); a 10' request becomes a
 # 10.1' query, so the recordings' outermost star (10.05' from the query centre) is cut by the radius.
 RA, DEC, RADIUS = 150.1232, 2.2348, 10.0
-
-
-class NetworkAccessError(RuntimeError):
-    """Raised by the socket guard; not an OSError, so neither urllib3 nor requests can swallow it."""
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every test: opening a socket connection or resolving a name fails loudly."""
-
-    def refuse(*args, **kwargs):
-        raise NetworkAccessError(f"test tried to use the network: {args!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 @pytest.fixture(autouse=True)

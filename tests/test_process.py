@@ -1,0 +1,147 @@
+"""`lcowatch process`: the ledger, quarantine, ignored frames, retries and the JSON log, on real folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REAL_TARGETS, write_config
+
+from lcowatch.cli import main
+from lcowatch.simulate import FrameSpec, make_field, write_frame
+
+FIELD = make_field("PTEST", 80.0, 5.0, nstars=800, radius_arcmin=3.0, seed=9)
+TARGETS = {"PTEST": {"ra": 80.0, "dec": 5.0}}
+
+
+def _frame(folder: Path, name: str, **spec: object) -> Path:
+    path = folder / name
+    write_frame(path, FIELD, FrameSpec(shape=(256, 256), **spec), compress="fz")  # type: ignore[arg-type]
+    return path
+
+
+def _states(folder: Path) -> dict[str, str]:
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        return {Path(path).name: state for path, state in conn.execute("SELECT path, state FROM files")}
+
+
+def _process(config: Path, capsys: pytest.CaptureFixture[str], *paths: Path) -> tuple[int, list[dict]]:
+    capsys.readouterr()
+    code = main(["process", "--config", str(config), *map(str, paths)])
+    return code, [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+class TestBadInput:
+    """Unreadable files are quarantined with a reason beside them; the run goes on and exits 0."""
+
+    def test_corrupt_files_are_quarantined_and_good_ones_processed(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        good = _frame(incoming, "good.fits.fz", mjd_start=61000.1)
+        (incoming / "empty.fits").write_bytes(b"")
+        (incoming / "text.fits").write_text("SIMPLE? no, a note\n" * 300)
+        (incoming / "truncated.fits.fz").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+        bomb = "SIMPLE  =                    T" + " " * 50 + "".join(
+            f"{card:<80}" for card in ("BITPIX  =                  -32", "NAXIS   =                    2",
+                                      "NAXIS1  =               500000", "NAXIS2  =               500000", "END")
+        )  # fmt: skip
+        (incoming / "bomb.fits").write_bytes(bomb.encode().ljust(2880, b" "))
+        code, events = _process(config, capsys, incoming)
+        assert code == 0
+        states = _states(tmp_path)
+        assert states.pop("good.fits.fz") == "done"
+        assert set(states.values()) == {"quarantined"} and len(states) == 4
+        quarantine = tmp_path / "state" / "quarantine"
+        for name in states:
+            assert not (incoming / name).exists() and (quarantine / name).exists()
+            note = json.loads((quarantine / f"{name}.reason.json").read_text())
+            assert note["reason"] and note["step"] == "read" and note["versions"]["lcowatch"]
+        reasons = {e["file"]: e["reason"] for e in events if e["event"] == "frame_quarantined"}
+        assert reasons["empty.fits"] == "empty file"
+        assert "not a FITS file" in reasons["text.fits"]
+
+    def test_retry_puts_a_quarantined_file_back(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS, processing={"max_pixels": 1000})
+        frame = _frame(tmp_path / "in", "big.fits.fz")
+        _process(config, capsys, tmp_path / "in")
+        assert _states(tmp_path) == {"big.fits.fz": "quarantined"}
+        document = yaml.safe_load(config.read_text())
+        document["processing"]["max_pixels"] = 10_000_000
+        config.write_text(yaml.safe_dump(document))
+        assert main(["retry", "--config", str(config), "big.fits.fz"]) == 0
+        assert frame.exists()
+        code, _ = _process(config, capsys, tmp_path / "in")
+        assert code == 0 and _states(tmp_path) == {"big.fits.fz": "done"}
+
+
+class TestLedger:
+    """The ledger is keyed by content: the same content twice adds nothing, new content is a new frame."""
+
+    def test_same_content_new_name_and_new_content_old_name(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        first = _frame(incoming, "a.fits.fz", mjd_start=61000.10, seed=1)
+        _frame(incoming, "b.fits.fz", mjd_start=61000.11, seed=2)
+        _process(config, capsys, incoming)
+
+        def count(table: str) -> int:
+            with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+                return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+        before = (count("files"), count("frames"), count("points"))
+        shutil.copy(first, incoming / "copy-of-a.fits.fz")
+        code, _ = _process(config, capsys, incoming)
+        assert code == 0 and (count("files"), count("frames"), count("points")) == before
+        _frame(incoming, "a.fits.fz", mjd_start=61000.12, seed=3)  # new pixels under the old name
+        _process(config, capsys, incoming)
+        assert (count("files"), count("frames")) == (before[0] + 1, before[1] + 1)
+
+    def test_unknown_object_is_ignored_with_its_name(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "other.fits.fz", object_name="NGC 1234")
+        code, _ = _process(config, capsys, tmp_path / "in")
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            state, error = conn.execute("SELECT state, error FROM files").fetchone()
+        assert code == 0 and state == "ignored" and "'NGC 1234'" in error
+
+
+class TestLog:
+    """Every event about a frame names it; one summary per frame gives the outcome and seconds per step."""
+
+    def test_frame_events_are_bound_and_summarised(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "f1.fits.fz", mjd_start=61000.1, seed=4)
+        _frame(tmp_path / "in", "f2.fits.fz", mjd_start=61000.2, seed=5)
+        _, events = _process(config, capsys, tmp_path / "in")
+        summaries = [e for e in events if e["event"] == "frame_processed"]
+        assert [e["file"] for e in summaries] == ["f1.fits.fz", "f2.fits.fz"]  # observation-time order
+        for event in summaries:
+            assert {"sha256", "target", "filter", "outcome", "seconds", "level", "timestamp"} <= event.keys()
+            assert event["target"] == "PTEST" and event["filter"] == "rp" and len(event["sha256"]) == 64
+            assert {"preprocess", "quality", "register", "photometry", "store"} <= event["seconds"].keys()
+
+
+class TestRealFiles:
+    """All five real files are handled: images processed, catalogs quarantined, the 2MASS list left alone."""
+
+    def test_every_real_file(self, tmp_path: Path, real_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, REAL_TARGETS)
+        for path in real_data.iterdir():
+            shutil.copy(path, tmp_path / "in" / path.name)
+        code, events = _process(config, capsys, tmp_path / "in")
+        states = _states(tmp_path)
+        assert code == 0
+        assert states["lsc1m005-fl15-20170614-0130-e91_cropped.fits.gz"] == "done"
+        assert states["banzai_test_frame.fits.fz"] == "rejected"  # trailed stars: a normal, recorded outcome
+        assert states["cpt1m012-fa06-20200113-0102-matched-cat.fits"] == "quarantined"
+        assert states["ogg2m001-ep04-20201006-0097-matched-cat.fits"] == "quarantined"
+        assert (tmp_path / "in" / "lsc1m005-fl15-20170701-0144-e91_cropped_2mass.cat").exists()
+        assert any(e["event"] == "frame_warning" and "BPM shape" in e["message"] for e in events)
