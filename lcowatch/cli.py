@@ -151,6 +151,14 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
     store = Store(connect(config.state_dir))
+    if args.set:
+        try:
+            store.pin_template(args.set, args.target)
+        except (LookupError, ValueError) as exc:
+            print(f"lcowatch: {exc.args[0]}", file=sys.stderr)
+            return EXIT_FAILURE
+    elif args.unpin:
+        store.unpin_template(args.target, args.filter)
     rows = store.template_history(args.target, args.filter)
     for row in rows:
         row["state"] = "current" if row.pop("active") else ("pinned" if row["pinned"] else "replaced")
@@ -249,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     template = commands.add_parser("template", parents=[common], help="a target's templates and their history")
     template.add_argument("target", metavar="TARGET")
     template.add_argument("--filter", metavar="F")
+    choice = template.add_mutually_exclusive_group()
+    choice.add_argument("--set", metavar="FILE", help="pin this processed frame (name or sha256) as the template")
+    choice.add_argument("--unpin", action="store_true", help="let better frames replace the template again")
     template.set_defaults(handler=cmd_template, writes_table=True)
 
     recal = commands.add_parser("recalibrate", parents=[common], help="calibrate stored points again (no images)")

@@ -467,7 +467,9 @@ class Pipeline:
         def write(conn: sqlite3.Connection) -> None:
             if quality is None or sources is None:
                 return
-            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources)
+            wcs_header = frame.wcs.to_header(relax=True).tostring() if frame.wcs is not None else None
+            score = template_score(quality, self.config.template)
+            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_header, score)
             if state != "done":
                 return
             assert meta.target is not None and work.star_ids is not None and work.photometry is not None

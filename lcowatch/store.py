@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS frames (
     nx INTEGER NOT NULL,
     ny INTEGER NOT NULL,
     wcs_usable INTEGER NOT NULL,
+    wcs_header TEXT,
+    template_score REAL,
     background REAL,
     background_rms REAL,
     fwhm REAL,
@@ -164,18 +166,24 @@ class Store:
         meta: FrameMeta,
         quality: Quality,
         sources: np.ndarray,
+        wcs_header: str | None,
+        template_score: float,
     ) -> None:
-        """Insert one frame's record and source list (inside the caller's transaction)."""
+        """Insert one frame's record and source list (inside the caller's transaction).
+
+        ``wcs_header`` (solved frames only) and ``template_score`` let a frame be pinned as the template
+        later without reading its image again.
+        """
         assert meta.target is not None
         conn.execute("DELETE FROM sources WHERE sha256 = ?", (sha256,))
         conn.execute(
             "INSERT OR REPLACE INTO frames VALUES "
-            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 sha256, path.name, meta.object, meta.target, meta.filter, meta.date_obs, meta.mjd_mid,
                 meta.bjd_tdb, meta.exptime, meta.airmass, meta.site, meta.telescope, meta.instrument,
-                meta.pixscale, meta.shape[1], meta.shape[0], int(meta.wcs_usable),
-                quality.background, quality.background_rms, _nullable(quality.fwhm_arcsec),
+                meta.pixscale, meta.shape[1], meta.shape[0], int(meta.wcs_usable), wcs_header,
+                _nullable(template_score), quality.background, quality.background_rms, _nullable(quality.fwhm_arcsec),
                 _nullable(quality.fwhm_pix), _nullable(quality.ellipticity), quality.nstars,
                 quality.verdict, json.dumps(quality.reasons),
             ),
@@ -242,6 +250,42 @@ class Store:
                 template.wcs_header,
             ),
         )  # fmt: skip
+
+    def pin_template(self, name_or_sha: str, target: str) -> Template:
+        """Make a processed, solved frame the pinned template of its target and filter.
+
+        A pinned template is never replaced automatically; raises ``LookupError`` or ``ValueError`` with
+        the reason when the frame cannot be pinned.
+        """
+        row = self.conn.execute(
+            "SELECT sha256, file, target, filter, nx, ny, wcs_header, template_score FROM frames "
+            "WHERE sha256 = ? OR file = ? ORDER BY mjd DESC",
+            (name_or_sha, Path(name_or_sha).name),
+        ).fetchone()
+        if row is None:
+            raise LookupError(f"{name_or_sha}: no such processed frame")
+        if row["target"] != target:
+            raise ValueError(f"{row['file']} belongs to {row['target']}, not {target}")
+        if row["wcs_header"] is None:
+            raise ValueError(f"{row['file']}: its WCS was not solved (WCSERR != 0), so it cannot place the target")
+        template = Template(
+            id=None, target=row["target"], filter=row["filter"], sha256=row["sha256"], file=row["file"],
+            score=row["template_score"] if row["template_score"] is not None else float("-inf"), pinned=True,
+            shape=(row["ny"], row["nx"]), wcs_header=row["wcs_header"], sources=self.sources(row["sha256"]),
+        )  # fmt: skip
+        with self.conn:
+            self.write_template(self.conn, template, "pinned by hand")
+        return template
+
+    def unpin_template(self, target: str, filter: str | None) -> int:
+        """Let better frames replace the current templates again; returns how many were pinned."""
+        query = "UPDATE templates SET pinned = 0 WHERE target = ? AND active = 1 AND pinned = 1"
+        args: tuple[str, ...] = (target,)
+        if filter is not None:
+            query += " AND filter = ?"
+            args += (filter,)
+        with self.conn:
+            return self.conn.execute(query, args).rowcount
 
     def template_history(self, target: str, filter: str | None = None) -> list[dict[str, object]]:
         query = (

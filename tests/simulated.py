@@ -7,8 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from conftest import write_config
 
+from conftest import write_config
 from lcowatch.cli import main
 from lcowatch.simulate import (
     Field,

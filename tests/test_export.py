@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.table import Table
-from simulated import Campaign
 
 from lcowatch.cli import main
 from lcowatch.export import AAVSO_FIELDS
+from simulated import Campaign
 
 
 def _export(campaign: Campaign, capsys: pytest.CaptureFixture[str], *args: str) -> str:

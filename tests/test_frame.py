@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.time import Time
-from conftest import REAL_TARGETS, ROME_FRAME, SBIG_FRAME
 
+from conftest import REAL_TARGETS, ROME_FRAME, SBIG_FRAME
 from lcowatch.config import parse
 from lcowatch.errors import Quarantine
 from lcowatch.frame import bjd_tdb, read_content, read_frame, site_location

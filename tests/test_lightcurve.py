@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from simulated import Campaign
 
 from lcowatch import flags
+from simulated import Campaign
 
 
 class TestRegistration:

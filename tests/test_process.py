@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REAL_TARGETS, write_config
 
+from conftest import REAL_TARGETS, write_config
 from lcowatch.cli import main
 from lcowatch.simulate import FrameSpec, make_field, write_frame
 

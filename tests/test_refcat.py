@@ -19,8 +19,8 @@ import structlog
 from astropy.io import votable
 from astropy.table import Table
 from astropy.utils import iers
-from conftest import NetworkAccessError
 
+from conftest import NetworkAccessError
 from lcowatch import log as lcowatch_log
 from lcowatch import refcat
 from lcowatch.errors import RetryLater

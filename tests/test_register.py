@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_TARGETS, SBIG_FRAME
 from scipy import ndimage
 
+from conftest import REAL_TARGETS, SBIG_FRAME
 from lcowatch.config import parse
 from lcowatch.errors import Reject
 from lcowatch.frame import Frame, read_content, read_frame

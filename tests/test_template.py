@@ -1,0 +1,81 @@
+"""Templates: chosen by score, replaced only when clearly better, pinned by hand; a change of template
+moves nothing in the light curve."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_config
+from lcowatch.cli import main
+from lcowatch.simulate import FrameSpec, FrameTruth, lco_filename, make_field, write_frame
+
+FIELD = make_field("TPL", 120.0, 10.0, nstars=900, radius_arcmin=3.5, seed=21, min_sep_arcsec=15.0)
+
+
+def _series(folder: Path, seeing: list[float], first_number: int = 100) -> dict[str, FrameTruth]:
+    truth = {}
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i, fwhm in enumerate(seeing):
+        number = first_number + i
+        spec = FrameSpec(
+            shape=(400, 400), fwhm_arcsec=fwhm, mjd_start=61000.05 + 0.012 * (number - 100), frame_number=number, seed=number,
+            offset_pix=(float(rng.normal(0, 12)), float(rng.normal(0, 12))), rotation_deg=float(rng.uniform(-0.4, 0.4)),
+        )  # fmt: skip
+        name = lco_filename(spec, "fz")
+        truth[name] = write_frame(folder / name, FIELD, spec, compress="fz")
+    return truth
+
+
+def _points(folder: Path) -> list[sqlite3.Row]:
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(
+            "SELECT f.file, p.diff_mag, p.diff_mag_err, p.template FROM points p JOIN frames f USING (sha256) "
+            "WHERE p.aperture = 0 ORDER BY f.mjd"
+        ).fetchall()
+
+
+class TestTemplateChange:
+    """A much sharper frame mid-series becomes the template, and the light curve does not shift."""
+
+    def test_no_shift_across_the_change(self, tmp_path: Path) -> None:
+        seeing = [2.8] * 6 + [1.5] + [2.8] * 6
+        truth = _series(tmp_path / "in", seeing)
+        config = write_config(tmp_path, {"TPL": {"ra": 120.0, "dec": 10.0}})
+        assert main(["process", "--config", str(config), str(tmp_path / "in")]) == 0
+        rows = _points(tmp_path)
+        assert len(rows) == len(seeing)
+        templates = [r["template"] for r in rows]
+        assert templates[0] != templates[-1] and templates[6] == rows[6]["file"]
+        delta = np.array([r["diff_mag"] - truth[r["file"]].mag[0] for r in rows])
+        error = np.array([r["diff_mag_err"] for r in rows])
+        before, after = delta[:6], delta[7:]
+        step = after.mean() - before.mean()
+        combined = np.hypot(before.std(ddof=1) / np.sqrt(6), after.std(ddof=1) / np.sqrt(6))
+        assert abs(step) < max(3 * combined, 0.003), f"shift {step:.4f} mag"
+        assert np.median(error) < 0.01
+
+
+class TestPinning:
+    """A pinned template stays, whatever better frames arrive; unpinning lets them in again."""
+
+    def test_pin_then_unpin(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        truth = _series(tmp_path / "in", [2.6, 2.4])
+        config = write_config(tmp_path, {"TPL": {"ra": 120.0, "dec": 10.0}})
+        assert main(["process", "--config", str(config), str(tmp_path / "in")]) == 0
+        first = sorted(truth)[0]
+        assert main(["template", "--config", str(config), "TPL", "--set", first]) == 0
+        assert "pinned by hand" in capsys.readouterr().out
+        _series(tmp_path / "later", [1.3], first_number=200)
+        assert main(["process", "--config", str(config), str(tmp_path / "later")]) == 0
+        assert _points(tmp_path)[-1]["template"] == first
+        assert main(["template", "--config", str(config), "TPL", "--set", "nonexistent.fits"]) == 1
+        assert main(["template", "--config", str(config), "TPL", "--unpin"]) == 0
+        sharpest = _series(tmp_path / "latest", [1.2], first_number=300)
+        assert main(["process", "--config", str(config), str(tmp_path / "latest")]) == 0
+        assert _points(tmp_path)[-1]["template"] == next(iter(sharpest))
