@@ -23,7 +23,8 @@ def _series(folder: Path, seeing: list[float], first_number: int = 100) -> dict[
     for i, fwhm in enumerate(seeing):
         number = first_number + i
         spec = FrameSpec(
-            shape=(400, 400), fwhm_arcsec=fwhm, mjd_start=61000.05 + 0.012 * (number - 100), frame_number=number, seed=number,
+            shape=(400, 400), fwhm_arcsec=fwhm, mjd_start=61000.05 + 0.012 * (number - 100),
+            frame_number=number, seed=number,
             offset_pix=(float(rng.normal(0, 12)), float(rng.normal(0, 12))), rotation_deg=float(rng.uniform(-0.4, 0.4)),
         )  # fmt: skip
         name = lco_filename(spec, "fz")
