@@ -110,3 +110,22 @@ class TestDemo:
         assert "24 done" in result.stdout
         median = float(result.stdout.split("median ")[1].split(",")[0])
         assert median < 0.02
+
+
+class TestStatus:
+    """`lcowatch status --json` gives ledger counts and, per target and filter, the last point and template."""
+
+    def test_status_json(self, campaign: Campaign, capsys: pytest.CaptureFixture[str]) -> None:
+        import json
+
+        capsys.readouterr()
+        assert main(["status", "--config", str(campaign.config), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert sum(status["files"].values()) == len(campaign.truth)
+        rows = {(r["target"], r["filter"]): r for r in status["targets"]}
+        assert set(rows) == {("SN2026A", "rp"), ("SN2026A", "gp"), ("V1", "rp")}
+        last = campaign.points("SN2026A", "rp")[-1]
+        assert rows[("SN2026A", "rp")]["last_mjd"] == pytest.approx(last["mjd"])
+        assert rows[("SN2026A", "rp")]["last_mag"] == pytest.approx(last["mag"])
+        assert rows[("SN2026A", "rp")]["template"].endswith(".fits.fz")
+        assert 20 < rows[("SN2026A", "rp")]["zp_median"] < 26
