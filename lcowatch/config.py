@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from astropy.coordinates import Angle
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lcowatch.errors import ConfigError
 
@@ -192,7 +192,12 @@ class Config(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     aavso_obscode: str = Field("na", description="your AAVSO observer code, for `lcowatch export --format aavso`")
     plot_after_each_frame: bool = Field(False, description="keep state_dir/plots/<target>.png up to date")
-    source: Path | None = Field(None, exclude=True, description="the file this was read from")
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this config was read from (None when built in memory)."""
+        return self._source
 
     def target_for_object(self, object_name: str) -> str | None:
         """The target whose name or ``object_names`` matches an OBJECT value (case and space blind)."""
@@ -264,4 +269,5 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError([f"{config_path}: not valid YAML: {exc}"]) from None
     config = parse(raw, config_path.resolve().parent)
-    return config.model_copy(update={"source": config_path.resolve()})
+    config._source = config_path.resolve()
+    return config

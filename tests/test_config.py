@@ -23,6 +23,7 @@ class TestParse:
             "targets": {"SN1": {"ra": "abc", "dec": 2}, "SN2": {"ra": 10.0, "dec": 95.0}},
             "catalog": {"source": "simbad"},
             "colour": 1,
+            "source": "x",
         }
         with pytest.raises(ConfigError) as caught:
             parse(raw, Path("/tmp"))
@@ -32,7 +33,8 @@ class TestParse:
         assert any(p.startswith("targets.SN2.dec: not a coordinate") for p in problems)
         assert any(p.startswith("catalog.source:") for p in problems)
         assert "colour: unknown key" in problems
-        assert len(problems) == 5
+        assert "source: unknown key" in problems
+        assert len(problems) == 6
 
     def test_missing_required_sections(self) -> None:
         with pytest.raises(ConfigError) as caught:
