@@ -20,6 +20,7 @@ import numpy as np
 from astropy.table import Table
 
 from lcowatch import flags
+from lcowatch.bands import STANDARD_FILTERS
 from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
@@ -32,13 +33,12 @@ from lcowatch.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
-from lcowatch.refcat import REFCAT_BAND, FieldCatalogs, standard_band
+from lcowatch.refcat import FieldCatalogs, standard_band
 from lcowatch.register import IDENTITY, MAX_RMS, Registration, match_positions, register, wcs_guess
 from lcowatch.store import Store
 from lcowatch.template import Template, choose_field_stars, template_score
 
 MIN_COMPARISONS = 3
-STANDARD_FILTERS = frozenset(REFCAT_BAND) - {"w"}  # 'w' is calibrated to r and flagged
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 

@@ -51,6 +51,7 @@ from astropy import units as u
 from astropy.table import Table
 from astropy.utils import iers
 
+from lcowatch.bands import BAND_OF_FILTER
 from lcowatch.config import Config
 from lcowatch.errors import LcowatchError, RetryLater
 from lcowatch.log import get_logger
@@ -74,20 +75,8 @@ __all__ = [
 
 log = get_logger()
 
-#: LCO filter (FILTER header) -> standard band. ``w`` has no standard band: it is calibrated to r and
-#: the caller flags it.
-REFCAT_BAND: dict[str, str] = {
-    "up": "u",
-    "gp": "g",
-    "rp": "r",
-    "ip": "i",
-    "zs": "z",
-    "B": "B",
-    "V": "V",
-    "R": "R",
-    "I": "I",
-    "w": "r",
-}
+#: LCO filter -> standard band (the table lives in :mod:`lcowatch.bands`).
+REFCAT_BAND = BAND_OF_FILTER
 
 #: Standard bands a local file may carry, in output order.
 BANDS: tuple[str, ...] = ("u", "g", "r", "i", "z", "B", "V", "R", "I")

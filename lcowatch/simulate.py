@@ -34,6 +34,8 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
 
+from lcowatch.bands import BAND_OF_FILTER
+
 __all__ = [
     "ALL_BANDS",
     "BAND_OF_FILTER",
@@ -50,19 +52,6 @@ __all__ = [
     "write_refcat",
 ]
 
-#: LCO filter name -> standard band used for its magnitudes (``w`` has no standard band: r is used).
-BAND_OF_FILTER: dict[str, str] = {
-    "up": "u",
-    "gp": "g",
-    "rp": "r",
-    "ip": "i",
-    "zs": "z",
-    "B": "B",
-    "V": "V",
-    "R": "R",
-    "I": "I",
-    "w": "r",
-}
 
 #: band -> (first, second) band of the colour that multiplies ``FrameSpec.color_term``.
 COLOUR_OF_BAND: dict[str, tuple[str, str]] = {
