@@ -1,0 +1,579 @@
+"""The daemon as a real subprocess: real folders, real SQLite, real signals, simulated LCO frames.
+
+Every wait polls a condition with a generous timeout; quiet periods are short (0.3 s).
+The kill -9 loop runs ``LCOWATCH_KILL_LOOPS`` (default 8) restarts over ``LCOWATCH_KILL_FRAMES`` (default 40)
+frames; the full figure of the issue is ``LCOWATCH_KILL_LOOPS=20 LCOWATCH_KILL_FRAMES=100``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from astropy.io import fits
+from daemon_support import (
+    TARGET,
+    Daemon,
+    FrameFactory,
+    LedgerView,
+    SimFrame,
+    assert_exactly_once,
+    drop,
+    sha256_of,
+    wait_for,
+)
+
+from lcowatch.readiness import FITS_BLOCK
+from lcowatch.watcher import PathSink, Watcher
+
+
+@pytest.fixture(scope="session")
+def factory(tmp_path_factory: pytest.TempPathFactory) -> FrameFactory:
+    return FrameFactory(tmp_path_factory.mktemp("frames"))
+
+
+@pytest.fixture
+def daemons() -> Iterator[Callable[..., Daemon]]:
+    """Make daemons that are killed at the end of the test whatever happens."""
+    made: list[Daemon] = []
+
+    def make(config: Path, **kwargs: object) -> Daemon:
+        daemon = Daemon(config, **kwargs)  # type: ignore[arg-type]
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.cleanup()
+
+
+def _done(ledger: LedgerView, n: int) -> Callable[[], bool]:
+    return lambda: ledger.count("done") >= n
+
+
+def _quarantined_names(state: Path) -> set[str]:
+    folder = state / "quarantine"
+    return {p.name for p in folder.iterdir() if not p.name.endswith(".reason.json")} if folder.is_dir() else set()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arrival
+
+
+def test_backlog_at_start_in_time_order_then_live_frames(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """Files dropped while the daemon was stopped are processed at start, earliest observation first
+    (their names sort the other way); frames arriving later are processed too; the state is private."""
+    config = factory.config(tmp_path)
+    watch, state = tmp_path / "in", tmp_path / "state"
+    backlog = [factory.frame(i, number=100 - i) for i in range(8)]
+    for frame in reversed(backlog):
+        drop(frame, watch, how="copy")
+    old = time.time() - 3600
+    for path in watch.iterdir():
+        os.utime(path, (old, old))
+    ledger = LedgerView(state)
+    daemon = daemons(config).start()
+    wait_for(_done(ledger, 8), what="the backlog")
+    wait_for(lambda: len(daemon.find("frame_processed")) == 8, what="the log of the backlog")
+    processed = [e["file"] for e in daemon.find("frame_processed")]
+    assert processed == [f.name for f in sorted(backlog, key=lambda f: f.mjd)]
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+    live = [factory.frame(i) for i in range(8, 11)]
+    drop(live[0], watch, how="rename")
+    drop(live[1], watch, how="copy")
+    (watch / "night2").mkdir()
+    drop(live[2], watch / "night2", how="rename")
+    wait_for(_done(ledger, 11), what="the live frames")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, backlog + live)
+    assert daemon.find("daemon_stopped")
+    assert "Traceback" not in daemon.stderr()
+
+
+def test_same_content_new_name_adds_nothing_new_content_old_name_is_a_new_frame(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    config = factory.config(tmp_path)
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    first, second = factory.frame(20, "fz"), factory.frame(21, "fz")
+    daemon = daemons(config).start()
+    drop(first, watch)
+    wait_for(_done(ledger, 1))
+    drop(first, watch, name="copy-of-first.fits.fz")
+    daemon.wait_event("already_seen", file="copy-of-first.fits.fz")
+    assert ledger.states() == {sha256_of(first.path): "done"}
+    drop(second, watch, name=first.name)  # new content under the old name
+    wait_for(_done(ledger, 2))
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, [first, second])
+
+
+def _slow_write(content: bytes, path: Path, boundaries: list[int], pause: float) -> None:
+    with open(path, "wb") as handle:
+        start = 0
+        for end in [*boundaries, len(content)]:
+            handle.write(content[start:end])
+            handle.flush()
+            start = end
+            time.sleep(pause)
+
+
+def _hdu_ends(path: Path) -> set[int]:
+    with fits.open(path) as hdul:
+        infos = [hdu.fileinfo() for hdu in hdul]
+    return {info["datLoc"] + -(-info["datSpan"] // FITS_BLOCK) * FITS_BLOCK for info in infos}
+
+
+@pytest.mark.parametrize("poll", [False, True], ids=["inotify", "polling"])
+def test_slow_writer_part_rename_and_moves_each_processed_once(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], poll: bool
+) -> None:
+    """Never read half-written: a reader of a partial file would add a ledger row for its content."""
+    config = factory.config(tmp_path, watch={"poll": poll, "poll_interval": 0.2})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    slow, part, moved, folder_a, folder_b = (factory.frame(i) for i in (30, 31, 32, 33, 34))
+    daemon = daemons(config).start()
+
+    # A slow writer of a plain FITS file, pausing longer than the quiet period: at block boundaries
+    # inside the data and at odd sizes, never where an HDU ends (a whole FITS file by itself).
+    plain = factory.frame(30, None)
+    slow = plain
+    ends = _hdu_ends(plain.path)
+    size = len(plain.content)
+    boundaries = sorted(
+        {b for b in (FITS_BLOCK * 3, FITS_BLOCK * 30, size // 3, FITS_BLOCK * 150, size - 1000) if b not in ends}
+    )
+    writer = threading.Thread(target=_slow_write, args=(plain.content, watch / plain.name, boundaries, 0.6))
+    writer.start()
+    # A .part file written slowly, then renamed into place.
+    _slow_write(part.content, watch / (part.name + ".part"), [len(part.content) // 2], 0.6)
+    os.replace(watch / (part.name + ".part"), watch / part.name)
+    # Moved in from another folder; and a whole folder of frames moved in.
+    drop(moved, outside)
+    os.replace(outside / moved.name, watch / moved.name)
+    batch = outside / "batch"
+    batch.mkdir()
+    drop(folder_a, batch)
+    drop(folder_b, batch)
+    os.replace(batch, watch / "batch")
+    writer.join()
+
+    frames = [slow, part, moved, folder_a, folder_b]
+    wait_for(_done(ledger, len(frames)), what="every frame")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, frames)
+    assert not _quarantined_names(tmp_path / "state")
+
+
+def test_bad_files_are_quarantined_while_good_files_process(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    config = factory.config(tmp_path, watch={"incomplete_after": 2.0})
+    watch, state, ledger = tmp_path / "in", tmp_path / "state", LedgerView(tmp_path / "state")
+    good = [factory.frame(i) for i in (40, 41, 42)]
+    plain = factory.frame(43, None).content
+    fz = factory.frame(44, "fz").content
+    bomb = fits.Header()
+    bomb["SIMPLE"], bomb["BITPIX"], bomb["NAXIS"], bomb["NAXIS1"], bomb["NAXIS2"] = True, -32, 2, 10**6, 10**6
+    no_exptime = tmp_path / "no-exptime.fits"
+    with fits.open(factory.frame(45, None).path) as hdul:
+        del hdul["SCI"].header["EXPTIME"]
+        hdul.writeto(no_exptime)
+    hostile = factory.frame(46, "fz", object_name="../../../escaped")
+    secret = tmp_path / "secret.fits"
+    secret.write_bytes(factory.frame(47, None).content)
+
+    daemon = daemons(config).start()
+    bad = {
+        "empty.fits": b"",
+        "truncated.fits": plain[: len(plain) // 2],
+        "truncated-at-block.fits.fz": fz[: FITS_BLOCK * 20],
+        "not-fits.fits": b"SIMPLE? no: a text file that only has the right name\n" * 100,
+        "header-bomb.fits": bomb.tostring().encode(),
+    }
+    drop(good[0], watch)
+    for name, content in bad.items():
+        (watch / name).write_bytes(content)
+    drop(good[1], watch)
+    shutil.copyfile(no_exptime, watch / no_exptime.name)
+    drop(hostile, watch)
+    (watch / "outside-link.fits").symlink_to(secret)
+    drop(good[2], watch)
+
+    expected_quarantine = {*bad, no_exptime.name}
+    wait_for(lambda: _quarantined_names(state) >= expected_quarantine, what="the quarantine")
+    wait_for(_done(ledger, 3), what="the good frames")
+    wait_for(lambda: ledger.count("ignored") == 1, what="the hostile OBJECT")
+    assert daemon.running()
+    assert daemon.stop() == 0
+
+    for name in expected_quarantine:
+        note = json.loads((state / "quarantine" / f"{name}.reason.json").read_text())
+        assert note["reason"] and note["file"] == name and note["versions"]["lcowatch"]
+        assert not (watch / name).exists()
+    reasons = {name: json.loads((state / "quarantine" / f"{name}.reason.json").read_text())["reason"] for name in bad}
+    assert reasons["empty.fits"].startswith("incomplete: empty file")
+    assert reasons["truncated.fits"].startswith("incomplete")
+    assert reasons["truncated-at-block.fits.fz"].startswith("incomplete")
+    assert "not a FITS file" in reasons["not-fits.fits"]
+    assert "max_pixels" in reasons["header-bomb.fits"]
+    assert ledger.count("quarantined") == len(expected_quarantine)
+    assert ledger.count("done") == 3 and ledger.count("pending") == 0
+    # the OBJECT was never used as a path; the symlink to a file outside the watch was not followed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["config.yaml", "daemon.err", "daemon.log", "in", "no-exptime.fits", "secret.fits", "state"]
+    )
+    assert sha256_of(secret) not in ledger.states()
+    assert daemon.find("symlink_outside_watch_ignored", file="outside-link.fits")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# signals, systemd, configuration
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_burst_exits_0_within_the_budget_and_the_rest_follows(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    budget = 10.0
+    config = factory.config(tmp_path, daemon={"stop_timeout": budget})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    burst = [factory.frame(i) for i in range(50, 90)]
+    daemon = daemons(config).start()
+    for frame in burst:
+        drop(frame, watch)
+    wait_for(_done(ledger, 3), what="the first frames")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(budget + 10) == 0
+    assert time.monotonic() - started < budget
+    done = ledger.count("done")
+    assert done < len(burst), "the burst was over before the signal: nothing tested"
+    assert ledger.count("pending") == 0  # the frame in hand was finished, not dropped
+
+    daemon.start()
+    wait_for(_done(ledger, len(burst)), what="the rest of the burst")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, burst)
+
+
+class Datagrams:
+    """A fake systemd: a datagram socket that records every message with its arrival time."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="lcwd"))  # AF_UNIX paths must be short
+        self.path = self.folder / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def first(self, field: str) -> int:
+        return next(i for i, (_, m) in enumerate(self.messages) if field in m.split("\n"))
+
+    def times(self, field: str) -> list[float]:
+        return [t for t, m in self.messages if field in m.split("\n")]
+
+
+@pytest.fixture
+def datagrams() -> Iterator[Datagrams]:
+    listener = Datagrams()
+    yield listener
+    listener.close()
+
+
+def test_notify_socket_receives_ready_watchdog_and_stopping_in_order(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], datagrams: Datagrams
+) -> None:
+    config = factory.config(tmp_path)
+    ledger = LedgerView(tmp_path / "state")
+    env = {"NOTIFY_SOCKET": str(datagrams.path), "WATCHDOG_USEC": "400000"}
+    daemon = daemons(config, env=env).start()
+    for frame in factory.frames(2, start=100):
+        drop(frame, tmp_path / "in")
+    wait_for(_done(ledger, 2))
+    wait_for(lambda: len(datagrams.times("WATCHDOG=1")) >= 2, what="watchdog pings")
+    assert daemon.stop() == 0
+    wait_for(lambda: datagrams.times("STOPPING=1"), what="STOPPING=1")
+    ready, ping, stopping = (datagrams.first(f) for f in ("READY=1", "WATCHDOG=1", "STOPPING=1"))
+    assert ready < ping < stopping
+    assert not any("WATCHDOG=1" in m for _, m in datagrams.messages[stopping:])
+    assert f"MAINPID={daemon.pid}" in datagrams.messages[ready][1].split("\n")
+    statuses = [m for _, m in datagrams.messages if m.startswith("STATUS=")]
+    assert any("queued" in m for m in statuses)
+
+
+@pytest.mark.slow
+def test_watchdog_pings_stop_while_a_frame_is_stuck(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], datagrams: Datagrams
+) -> None:
+    config = factory.config(tmp_path, daemon={"stall_seconds": 0.5})
+    ledger = LedgerView(tmp_path / "state")
+    env = {"NOTIFY_SOCKET": str(datagrams.path), "WATCHDOG_USEC": "200000"}
+    daemon = daemons(config, env=env, driver_stage="sleep:3").start()
+    drop(factory.frame(110), tmp_path / "in")
+    wait_for(_done(ledger, 1), what="the slow frame")
+    done_at = time.monotonic()
+    wait_for(lambda: len([t for t in datagrams.times("WATCHDOG=1") if t > done_at]) >= 2, what="pings again")
+    assert daemon.stop() == 0
+    pings = datagrams.times("WATCHDOG=1")
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert max(gaps) > 1.5, "the pings should pause while the frame is stuck"
+    assert len(pings[gaps.index(max(gaps)) + 1 :]) >= 2, "and come back once it is done"
+    assert daemon.find("worker_stalled")
+
+
+def test_sighup_reloads_the_config_and_keeps_the_old_one_when_it_is_bad(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    config = factory.config(tmp_path)
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    good_document = yaml.safe_load(config.read_text())
+    daemon = daemons(config).start()
+    drop(factory.frame(120, object_name="OTHER"), watch)
+    wait_for(lambda: ledger.count("ignored") == 1, what="a frame of an unknown target")
+
+    config.write_text(yaml.safe_dump({**good_document, "colour": "blue"}))
+    daemon.signal(signal.SIGHUP)
+    failed = daemon.wait_event("config_reload_failed")
+    assert any("colour" in problem for problem in failed["problems"])
+    drop(factory.frame(121), watch)  # the old config still works
+    wait_for(_done(ledger, 1))
+
+    targets = {**good_document["targets"], "OTHER": {"ra": 150.0, "dec": 2.0, "object_names": ["OTHER"]}}
+    config.write_text(yaml.safe_dump({**good_document, "targets": targets}))
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("config_reloaded")
+    drop(factory.frame(122, object_name="OTHER"), watch)
+    wait_for(_done(ledger, 2), what="a frame of the new target")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_second_signal_exits_at_once(tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]) -> None:
+    config = factory.config(tmp_path, daemon={"stop_timeout": 60.0})
+    ledger = LedgerView(tmp_path / "state")
+    frame = factory.frame(130)
+    daemon = daemons(config, driver_stage="sleep:60").start()
+    drop(frame, tmp_path / "in")
+    daemon.wait_event("file_processing")
+    daemon.signal(signal.SIGTERM)
+    daemon.wait_event("daemon_stopping")
+    started = time.monotonic()
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait_exit(10) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 5
+    assert ledger.file(sha256_of(frame.path))["state"] == "pending"  # type: ignore[index]
+
+    restarted = daemons(config).start()  # the plain daemon finishes it
+    wait_for(_done(ledger, 1))
+    assert restarted.stop() == 0
+
+
+@pytest.mark.slow
+def test_stop_budget_exceeded_exits_0_and_the_frame_is_redone_without_blame(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    budget = 1.0
+    config = factory.config(tmp_path, daemon={"stop_timeout": budget})
+    ledger = LedgerView(tmp_path / "state")
+    frame = factory.frame(131)
+    daemon = daemons(config, driver_stage="sleep:60").start()
+    drop(frame, tmp_path / "in")
+    daemon.wait_event("file_processing")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit(budget + 10) == 0
+    assert time.monotonic() - started < budget + 3
+    assert daemon.find("stop_budget_exceeded")
+    assert ledger.file(sha256_of(frame.path))["attempts"] == 0  # type: ignore[index]
+
+    restarted = daemons(config).start()
+    wait_for(_done(ledger, 1))
+    assert restarted.stop() == 0
+    assert ledger.file(sha256_of(frame.path))["attempts"] == 1  # type: ignore[index]
+
+
+def test_transient_errors_back_off_without_counting_attempts(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    config = factory.config(tmp_path, daemon={"retry_seconds": 0.3, "max_retry_seconds": 0.6})
+    ledger = LedgerView(tmp_path / "state")
+    frame = factory.frame(140)
+    daemon = daemons(config, driver_stage="transient:3").start()
+    drop(frame, tmp_path / "in")
+    wait_for(_done(ledger, 1))
+    assert daemon.stop() == 0
+    assert [e["seconds"] for e in daemon.find("backing_off")] == [0.3, 0.6, 0.6]
+    assert ledger.file(sha256_of(frame.path))["attempts"] == 1  # type: ignore[index]
+
+
+def test_a_frame_that_keeps_failing_is_quarantined_after_max_attempts(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    config = factory.config(tmp_path, daemon={"retry_seconds": 0.2}, processing={"max_attempts": 2})
+    state, ledger = tmp_path / "state", LedgerView(tmp_path / "state")
+    frame = factory.frame(141)
+    daemon = daemons(config, driver_stage="bug").start()
+    drop(frame, tmp_path / "in")
+    wait_for(lambda: ledger.count("quarantined") == 1, what="the quarantine")
+    assert daemon.running()
+    assert daemon.stop() == 0
+    note = json.loads((state / "quarantine" / f"{frame.name}.reason.json").read_text())
+    assert "gave up after 2 attempts" in note["reason"] and "ZeroDivisionError" in note["reason"]
+
+
+def test_fatal_errors_exit_non_zero(tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]) -> None:
+    # A state folder that cannot be created.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    daemon = daemons(factory.config(broken, state_dir=str(blocker / "state")))
+    daemon.start(wait_ready=False)
+    assert daemon.wait_exit() == 1
+    assert daemon.find("daemon_fatal")
+
+    # Stop raised by a stage: exit 1, and the frame is not blamed (its attempt is given back).
+    config = factory.config(tmp_path)
+    frame = factory.frame(142)
+    daemon = daemons(config, driver_stage="fatal").start()
+    drop(frame, tmp_path / "in")
+    assert daemon.wait_exit() == 1
+    assert daemon.find("daemon_fatal")
+    record = LedgerView(tmp_path / "state").file(sha256_of(frame.path))
+    assert record is not None and record["state"] == "pending" and record["attempts"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# crashes
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_while_frames_arrive(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    loops = int(os.environ.get("LCOWATCH_KILL_LOOPS", "8"))
+    count = int(os.environ.get("LCOWATCH_KILL_FRAMES", "40"))
+    seed = int(os.environ.get("LCOWATCH_KILL_SEED", "20260113"))
+    rng = random.Random(seed)
+    # Many kills may land on the same frame; attempts are not what this test is about.
+    config = factory.config(tmp_path, processing={"max_attempts": loops + 5})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    frames = [factory.frame(i) for i in range(200, 200 + count)]
+
+    pace = loops * 1.5 / count  # the frames arrive over most of the loop
+    delays = [rng.uniform(0.3 * pace, 1.7 * pace) for _ in frames]
+    ways = [rng.choice(["rename", "copy", "chunks"]) for _ in frames]
+
+    def arrive() -> None:
+        for frame, delay, how in zip(frames, delays, ways, strict=True):
+            time.sleep(delay)
+            if how == "chunks":
+                content = frame.content
+                _slow_write(content, watch / frame.name, [len(content) // 3, 2 * len(content) // 3], 0.05)
+            else:
+                drop(frame, watch, how=how)
+
+    arrival = threading.Thread(target=arrive)
+    arrival.start()
+    daemon = daemons(config)
+    kills = []
+    for _ in range(loops):
+        # Some kills land anywhere from the launch on (start-up and scanning are fair game); most land
+        # once the daemon is ready, while it processes.
+        if rng.random() < 0.3:
+            daemon.start(wait_ready=False)
+            time.sleep(rng.uniform(0.1, 2.5))
+        else:
+            daemon.start()
+            time.sleep(rng.uniform(0.0, 1.5))
+        kills.append(ledger.count("done"))
+        daemon.kill9()
+    arrival.join()
+    daemon.start()
+    wait_for(_done(ledger, count), timeout=120, what=f"all {count} frames (seed {seed}, kills at {kills})")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, frames)
+    assert ledger.count("pending") == 0
+    assert not _quarantined_names(tmp_path / "state")
+    assert all(e.get("event") != "frame_failed" for e in daemon.events(all_runs=True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the observer
+
+
+def test_a_dead_observer_is_noticed_and_replaced(tmp_path: Path) -> None:
+    sink = PathSink()
+    watcher = Watcher([tmp_path], sink, poll=False, poll_interval=0.2)
+    watcher.start()
+    try:
+        (tmp_path / "one.fits").write_bytes(b"x")
+        wait_for(lambda: tmp_path / "one.fits" in sink.drain()[0], what="the first event")
+        assert watcher.alive() and not watcher.check()
+        watcher._observer.stop()  # the observer thread dies
+        watcher._observer.join(5)
+        assert not watcher.alive()
+        assert watcher.check()  # noticed and restarted
+        assert watcher.alive() and watcher.restarts == 1
+        (tmp_path / "two.fits").write_bytes(b"x")
+        wait_for(lambda: tmp_path / "two.fits" in sink.drain()[0], what="an event after the restart")
+        (tmp_path / "sub").mkdir()
+        folders: set[Path] = set()
+        wait_for(lambda: folders.update(sink.drain()[1]) or tmp_path / "sub" in folders, what="a new folder")
+    finally:
+        watcher.stop()
+
+
+def test_sim_frames_pass_quality(factory: FrameFactory, tmp_path: Path) -> None:
+    """Guard for the other tests: the simulated frames are good frames of the configured target."""
+    from lcowatch.config import load
+    from lcowatch.ledger import connect
+    from lcowatch.pipeline import Pipeline
+
+    config = load(factory.config(tmp_path))
+    frame: SimFrame = factory.frame(0)
+    shutil.copyfile(frame.path, tmp_path / "in" / frame.name)
+    conn = connect(config.state_dir)
+    try:
+        outcome = Pipeline(config, conn).process_path(tmp_path / "in" / frame.name)
+    finally:
+        conn.close()
+    assert outcome.state == "done", outcome.reason
+    assert TARGET in config.targets
