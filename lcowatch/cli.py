@@ -78,6 +78,7 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
     for path in missing:
         pipeline.log.error("path_not_found", path=str(path))
     outcomes = [pipeline.process_path(path) for path in files]
+    pipeline.flush_results(force=True)
     counts: dict[str, int] = {}
     for outcome in outcomes:
         counts[outcome.state] = counts.get(outcome.state, 0) + 1

@@ -161,6 +161,9 @@ class PhotometryConfig(Section):
 class ProcessingConfig(Section):
     max_attempts: int = Field(3, ge=1)
     max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
+    results_interval: float = Field(
+        10.0, ge=0, description="seconds between rewrites of a target's result file during a burst"
+    )
 
 
 class DaemonConfig(Section):

@@ -153,9 +153,7 @@ class Daemon:
         self.notifier = Notifier()
         self.sink = PathSink()
         self.queue = WorkQueue()
-        self.tracker = Tracker(
-            config.watch.quiet_seconds, config.watch.incomplete_after, config.processing.max_pixels
-        )
+        self.tracker = Tracker(config.watch.quiet_seconds, config.watch.incomplete_after, config.processing.max_pixels)
         self.watcher = Watcher(
             config.watch.paths, self.sink, poll=config.watch.poll, poll_interval=config.watch.poll_interval
         )
@@ -589,6 +587,8 @@ class Daemon:
                     self._stopping.wait(min(pause, 1.0))
                     continue
                 item = self.queue.pop(timeout=0.5)
+                if item is None and pipeline is not None:
+                    pipeline.flush_results(force=True)  # the queue is empty: bring result files up to date
                 if item is None or self._stopping.is_set():
                     continue
                 if pipeline is None or generation != self.generation:
@@ -600,6 +600,9 @@ class Daemon:
             self.fatal = exc
             self._wake.set()
         finally:
+            if pipeline is not None and self.fatal is None:
+                with contextlib.suppress(sqlite3.Error):
+                    pipeline.flush_results(force=True)
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
 

@@ -151,10 +151,15 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def update_result_file(store: Store, target: str, state_dir: Path) -> Path:
-    """Rewrite ``state_dir/results/<target>.ecsv`` from the store."""
+def write_result_file(table: Table, target: str, state_dir: Path) -> Path:
+    """Rewrite ``state_dir/results/<target>.ecsv`` with ``table`` (see :func:`lightcurve_table`)."""
     buffer = io.StringIO()
-    write_table(lightcurve_table(store, target), buffer, "ecsv")
+    write_table(table, buffer, "ecsv")
     path = state_dir / RESULTS_DIR / f"{target}.ecsv"
     write_atomically(path, buffer.getvalue())
     return path
+
+
+def update_result_file(store: Store, target: str, state_dir: Path) -> Path:
+    """Rewrite ``state_dir/results/<target>.ecsv`` from the store."""
+    return write_result_file(lightcurve_table(store, target), target, state_dir)

@@ -24,7 +24,7 @@ from lcowatch.bands import STANDARD_FILTERS
 from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
-from lcowatch.export import lightcurve_table, update_result_file
+from lcowatch.export import lightcurve_table, write_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
@@ -371,7 +371,32 @@ class Pipeline:
         self.ledger = Ledger(conn)
         self.store = Store(conn)
         self.stages = list(stages) if stages is not None else default_stages(config)
+        self._stale_results: set[str] = set()
+        self._results_written: dict[str, float] = {}
         self.log = get_logger()
+
+    def flush_results(self, *, force: bool = False) -> None:
+        """Rewrite the stale result files (and plots), each at most every ``processing.results_interval``.
+
+        The store holds every point already; the files are views of it. Rewriting a target's file after
+        every frame would make a backlog cost grow with the light curve's length, so a burst is
+        written at its first frame and then at most once per interval; ``force`` (the daemon when its
+        queue is empty, ``process`` at its end) brings every file up to date.
+        """
+        now = time.monotonic()
+        for target in sorted(self._stale_results):
+            if not force and now - self._results_written.get(target, -np.inf) < self.config.processing.results_interval:
+                continue
+            try:
+                table = lightcurve_table(self.store, target)
+                write_result_file(table, target, self.config.state_dir)
+                if self.config.plot_after_each_frame:
+                    plot_lightcurve(table, self.config.state_dir / PLOTS_DIR / f"{target}.png", title=target)
+            except OSError as exc:
+                self.log.warning("result_file_not_written", target=target, reason=str(exc))
+                continue
+            self._results_written[target] = now
+            self._stale_results.discard(target)
 
     def unseen(self, paths: Iterable[Path]) -> list[Path]:
         """Files not already finished (by path, size and mtime), in observation-time order."""
@@ -485,14 +510,8 @@ class Pipeline:
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
         if state == "done" and meta.target is not None:
-            # The store holds the point already; the file is a derived view, rebuilt on the next frame.
-            try:
-                update_result_file(self.store, meta.target, self.config.state_dir)
-                if self.config.plot_after_each_frame:
-                    plot_path = self.config.state_dir / PLOTS_DIR / f"{meta.target}.png"
-                    plot_lightcurve(lightcurve_table(self.store, meta.target), plot_path, title=meta.target)
-            except OSError as exc:
-                log.warning("result_file_not_written", reason=str(exc))
+            self._stale_results.add(meta.target)
+            self.flush_results()
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 from astropy.io import fits
+from astropy.table import Table
 from daemon_support import (
     TARGET,
     Daemon,
@@ -102,6 +103,9 @@ def test_backlog_at_start_in_time_order_then_live_frames(
     wait_for(_done(ledger, 11), what="the live frames")
     assert daemon.stop() == 0
     assert_exactly_once(ledger, backlog + live)
+    # The result file is a view brought up to date whenever the queue empties.
+    results = Table.read(state / "results" / f"{TARGET}.ecsv", format="ascii.ecsv")
+    assert set(results["file"]) == {f.name for f in backlog + live}
     assert daemon.find("daemon_stopped")
     assert "Traceback" not in daemon.stderr()
 
