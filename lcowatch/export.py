@@ -137,7 +137,7 @@ def write_table(table: Table, out: IO[str], fmt: str) -> None:
     if fmt == "ecsv":
         table.write(out, format="ascii.ecsv")
     else:
-        table.write(out, format="ascii.csv", fill_values=[("--", "")])  # type: ignore[arg-type]
+        table.write(out, format="ascii.csv", fill_values=[("--", "")])
 
 
 def write_atomically(path: Path, text: str) -> None:

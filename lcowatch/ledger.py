@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +141,7 @@ class Ledger:
         *,
         step: str | None = None,
         error: str | None = None,
-        identity: dict[str, object] | None = None,
+        identity: Mapping[str, object] | None = None,
         write: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         """Write the frame's results (``write``) and its final state in one transaction.

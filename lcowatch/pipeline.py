@@ -268,7 +268,9 @@ class Calibrate:
             phot.inst_mag, phot.inst_err, phot.flags, radius_arcmin,
         )  # fmt: skip
         for point, calibration in zip(work.points, calibrations, strict=True):
-            point.update(calibration_columns(calibration, catalog, meta.filter, int(point["flags"])))  # type: ignore[arg-type]
+            point_flags = point["flags"]
+            assert isinstance(point_flags, int)
+            point.update(calibration_columns(calibration, catalog, meta.filter, point_flags))
 
     def calibrate(
         self,
@@ -453,10 +455,10 @@ class Pipeline:
         for note in frame.warnings:
             log.warning("frame_warning", message=note)
         if meta.target is None:
-            reason = f"OBJECT {meta.object!r} matches no configured target"
-            self.ledger.finish(frame.sha256, "ignored", step="read", error=reason, identity=identity)
-            log.info("frame_ignored", reason=reason)
-            return Outcome(frame.path, "ignored", frame.sha256, reason)
+            unmatched = f"OBJECT {meta.object!r} matches no configured target"
+            self.ledger.finish(frame.sha256, "ignored", step="read", error=unmatched, identity=identity)
+            log.info("frame_ignored", reason=unmatched)
+            return Outcome(frame.path, "ignored", frame.sha256, unmatched)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
         seconds: dict[str, float] = {}
@@ -486,7 +488,7 @@ class Pipeline:
             return Outcome(frame.path, "failed", frame.sha256, str(exc), seconds)
 
         state = "rejected" if work.rejection else "done"
-        reason = "; ".join(work.rejection) or None
+        reason: str | None = "; ".join(work.rejection) or None
         quality, sources = work.quality, work.sources
 
         def write(conn: sqlite3.Connection) -> None:
