@@ -106,7 +106,9 @@ class SelectTemplate:
         target, filter = frame.meta.target, frame.meta.filter
         current = work.store.current_template(target, filter)
         score = template_score(quality, config.template)
-        better = current is None or (not current.pinned and score > current.score + config.template.min_improvement)
+        # A target given as a pixel position belongs to its template: never swap that template by itself.
+        replaceable = current is not None and not current.pinned and config.targets[target].ra is not None
+        better = current is None or (replaceable and score > current.score + config.template.min_improvement)
         if frame.wcs is not None and np.isfinite(score) and better:
             work.template = Template(
                 id=None, target=target, filter=filter, sha256=frame.sha256, file=frame.path.name,
