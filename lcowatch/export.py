@@ -133,9 +133,33 @@ def check_star_magnitudes(store: Store, target: str) -> dict[str, float]:
     return {file: mag + zp for file, mag, zp in candidates[star]}
 
 
+def _ecsv_cell(value: object, masked: bool) -> str:
+    if masked or value is None:
+        return '""'
+    if isinstance(value, str):
+        return '"' + value.replace('"', '""') + '"' if (not value or set(value) & {" ", '"', "#"}) else value
+    return repr(value)
+
+
+def write_ecsv(table: Table, out: IO[str]) -> None:
+    """ECSV as astropy writes it, but with the rows written directly: astropy's writer needs seconds for a
+    light curve of tens of thousands of rows, and the result files are rewritten while frames arrive."""
+    header = io.StringIO()
+    table[:0].write(header, format="ascii.ecsv")
+    out.write(header.getvalue())
+    columns = []
+    for name in table.colnames:
+        column = table[name]
+        mask = np.ma.getmaskarray(column).tolist()
+        columns.append(zip(np.ma.getdata(column).tolist(), mask, strict=True))
+    for cells in zip(*columns, strict=True):
+        out.write(" ".join(_ecsv_cell(value, masked) for value, masked in cells))
+        out.write("\n")
+
+
 def write_table(table: Table, out: IO[str], fmt: str) -> None:
     if fmt == "ecsv":
-        table.write(out, format="ascii.ecsv")
+        write_ecsv(table, out)
     else:
         table.write(out, format="ascii.csv", fill_values=[("--", "")])
 
