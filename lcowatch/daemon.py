@@ -44,6 +44,7 @@ from typing import Any
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError, Stop
+from lcowatch.frame import bjd_tdb
 from lcowatch.ledger import TERMINAL_STATES, Ledger, connect
 from lcowatch.notify import Notifier
 from lcowatch.pipeline import Outcome, Pipeline, Stage
@@ -580,6 +581,9 @@ class Daemon:
             return
         pipeline: Pipeline | None = None
         generation = -1
+        # astropy parses its Earth-orientation tables at the first barycentric time (~0.8 s): pay that now,
+        # not in the first frame's latency.
+        bjd_tdb(60000.0, 0.0, 0.0, None)
         try:
             while not self._stopping.is_set():
                 pause = self._pause_until - time.monotonic()

@@ -174,8 +174,11 @@ def site_location(header: fits.Header) -> EarthLocation | None:
 def bjd_tdb(mjd_utc: float, ra: float, dec: float, location: EarthLocation | None) -> float:
     """Barycentric Julian Date (TDB) of an MJD (UTC) instant, for a target at (ra, dec) degrees.
 
-    Offline: uses astropy's built-in ephemeris and bundled IERS tables only.
+    Offline: uses astropy's built-in ephemeris and bundled IERS tables only. Without a site the
+    geocentre is used, which is off by at most 21 ms.
     """
+    if location is None:
+        location = EarthLocation.from_geocentric(0.0, 0.0, 0.0, unit=u.m)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*IERS data is valid.*", category=AstropyWarning)
         time = Time(mjd_utc, format="mjd", scale="utc", location=location)

@@ -91,6 +91,12 @@ class TestBarycentricTime:
         assert one_way[0] == pytest.approx(-one_way[1], abs=2 / 86400)
         assert abs(one_way[0]) * 86400 > 100
 
+    def test_without_a_site_the_geocentre_is_within_21_ms(self, real_data: Path) -> None:
+        location = site_location(fits.getheader(real_data / ROME_FRAME))
+        topocentric = bjd_tdb(57919.147, 269.6, -28.0, location)
+        geocentric = bjd_tdb(57919.147, 269.6, -28.0, None)
+        assert 0 < abs(topocentric - geocentric) * 86400 < 0.021
+
 
 class TestUnreadableInput:
     """Anything that is not a usable image raises Quarantine with a reason naming the problem."""
