@@ -26,14 +26,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag(3, "off_frame", "the position falls outside the frame"),
     Flag(4, "low_snr", "signal-to-noise ratio below the configured minimum"),
     Flag(5, "blended", "another detected source lies within the aperture"),
-    Flag(6, "poor_quality", "the frame failed quality control (see its reasons)"),
-    Flag(7, "not_registered", "the frame could not be registered to the template"),
-    Flag(8, "forced_position", "the position was placed by registration, not recentroided"),
-    Flag(9, "uncalibrated", "no zero point could be fitted: mag is empty"),
-    Flag(10, "nonstandard_band", "the filter has no standard band; calibrated to a substitute band"),
-    Flag(11, "few_comparisons", "fewer comparison stars than wanted in the differential ensemble"),
-    Flag(12, "bad_background", "the background annulus had too few good pixels"),
-    Flag(13, "cloudy", "comparison stars fainter than in the reference frame by more than quality.max_cloud_loss"),
+    Flag(6, "forced_position", "the position was placed by registration, not recentroided"),
+    Flag(7, "uncalibrated", "no zero point could be fitted: mag is empty"),
+    Flag(8, "nonstandard_band", "the filter has no standard band; calibrated to a substitute band"),
+    Flag(9, "few_comparisons", "fewer comparison stars than wanted in the differential ensemble"),
+    Flag(10, "bad_background", "the background annulus had too few good pixels"),
+    Flag(11, "cloudy", "comparison stars fainter than in the reference frame by more than quality.max_cloud_loss"),
 )
 
 BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
