@@ -8,6 +8,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -71,13 +72,42 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return run(config)
 
 
+class Progress:
+    """A one-line progress report for a person at a terminal (files, outcomes, rate, time left)."""
+
+    def __init__(self, total: int, stream: IO[str], *, enabled: bool) -> None:
+        self.total, self.stream, self.enabled = total, stream, enabled
+        self.counts: dict[str, int] = {}
+        self.started = time.monotonic()
+
+    def update(self, state: str) -> None:
+        self.counts[state] = self.counts.get(state, 0) + 1
+        if not self.enabled:
+            return
+        finished = sum(self.counts.values())
+        rate = finished / max(time.monotonic() - self.started, 1e-9)
+        left = (self.total - finished) / rate if rate > 0 else float("inf")
+        tally = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items()))
+        self.stream.write(f"\r{finished}/{self.total} files ({tally}), {rate:.2f}/s, ~{left:.0f} s left\x1b[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.counts:
+            self.stream.write("\n")
+
+
 def cmd_process(args: argparse.Namespace, config: Config) -> int:
     pipeline = Pipeline(config, connect(config.state_dir))
     files = pipeline.unseen(find_files(Path(p) for p in args.paths))
     missing = [p for p in args.paths if not Path(p).exists()]
     for path in missing:
         pipeline.log.error("path_not_found", path=str(path))
-    outcomes = [pipeline.process_path(path) for path in files]
+    progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
+    outcomes = []
+    for path in files:
+        outcomes.append(pipeline.process_path(path))
+        progress.update(outcomes[-1].state)
+    progress.close()
     pipeline.flush_results(force=True)
     counts: dict[str, int] = {}
     for outcome in outcomes:

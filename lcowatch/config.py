@@ -195,6 +195,9 @@ class Config(Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     aavso_obscode: str = Field("na", description="your AAVSO observer code, for `lcowatch export --format aavso`")
     plot_after_each_frame: bool = Field(False, description="keep state_dir/plots/<target>.png up to date")
+    diagnostics: bool = Field(
+        False, description="PNG previews of poor frames and new templates under state_dir/diagnostics/"
+    )
     _source: Path | None = PrivateAttr(None)
 
     @property

@@ -29,7 +29,7 @@ from lcowatch.frame import Frame, read_content, read_frame, read_observation_tim
 from lcowatch.ledger import TERMINAL_STATES, Ledger
 from lcowatch.log import frame_logger, get_logger
 from lcowatch.photometry import Photometry, comparison_mask, comparison_stars, measure
-from lcowatch.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
@@ -402,6 +402,25 @@ class Pipeline:
             self._results_written[target] = now
             self._stale_results.discard(target)
 
+    def _preview(self, work: FrameWork, kind: str) -> None:
+        """A diagnostic PNG (the old ``verbose 2``): a poor frame, or a new template, with its apertures."""
+        frame, quality = work.frame, work.quality
+        phot = work.photometry
+        radius = float(phot.radii[0]) if phot is not None else 2.0 * (quality.fwhm_pix if quality else 3.0)
+        target_xy = (float(phot.x[0]), float(phot.y[0])) if phot is not None else None
+        stars = np.column_stack([phot.x[1:], phot.y[1:]]) if phot is not None else np.empty((0, 2))
+        reasons = "; ".join(quality.reasons) if quality and quality.reasons else "new template"
+        path = self.config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
+        try:
+            plot_frame_preview(
+                frame.data, path, title=f"{frame.path.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
+                target_xy=target_xy, star_xy=stars, radius=radius,
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            work.log.warning("diagnostic_not_written", reason=str(exc))
+            return
+        work.log.info("diagnostic_written", path=str(path), kind=kind)
+
     def unseen(self, paths: Iterable[Path]) -> list[Path]:
         """Files not already finished (by path, size and mtime), in observation-time order."""
         pending = []
@@ -516,6 +535,8 @@ class Pipeline:
         if state == "done" and meta.target is not None:
             self._stale_results.add(meta.target)
             self.flush_results()
+        if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
+            self._preview(work, "template" if work.template_reason is not None and state == "done" else "poor")
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,

@@ -9,6 +9,7 @@ from astropy.table import Table
 
 # The object interface draws with Agg and keeps no global state: no display, safe in the daemon's threads.
 from matplotlib.figure import Figure
+from matplotlib.patches import Circle
 
 PLOTS_DIR = "plots"  # under state_dir
 
@@ -59,3 +60,38 @@ def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | Non
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return plotted
+
+
+DIAGNOSTICS_DIR = "diagnostics"  # under state_dir
+PREVIEW_PIXELS = 1200  # longest side of a preview; larger frames are shown binned
+
+
+def plot_frame_preview(
+    data: np.ndarray,
+    path: Path,
+    *,
+    title: str,
+    target_xy: tuple[float, float] | None,
+    star_xy: np.ndarray,
+    radius: float,
+) -> None:
+    """A PNG of a frame (zscale), with the target's aperture (red) and the comparison stars' (green).
+
+    Positions are 0-based pixels of ``data``; frames larger than :data:`PREVIEW_PIXELS` are binned by an
+    integer factor for the picture.
+    """
+    from astropy.visualization import ZScaleInterval
+
+    step = max(1, int(np.ceil(max(data.shape) / PREVIEW_PIXELS)))
+    view = data[::step, ::step]
+    low, high = ZScaleInterval().get_limits(view[np.isfinite(view)])
+    figure = Figure(figsize=(8, 8 * view.shape[0] / view.shape[1] + 0.4))
+    axis = figure.subplots()
+    axis.imshow(view, origin="lower", cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+    for (x, y), colour in [*((xy, "lime") for xy in star_xy), *([(target_xy, "red")] if target_xy else [])]:
+        axis.add_patch(Circle((x / step, y / step), radius / step, fill=False, color=colour, lw=0.8))
+    axis.set_title(title, fontsize=9)
+    axis.set_axis_off()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)

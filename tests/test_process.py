@@ -145,3 +145,38 @@ class TestRealFiles:
         assert states["ogg2m001-ep04-20201006-0097-matched-cat.fits"] == "quarantined"
         assert (tmp_path / "in" / "lsc1m005-fl15-20170701-0144-e91_cropped_2mass.cat").exists()
         assert any(e["event"] == "frame_warning" and "BPM shape" in e["message"] for e in events)
+
+
+class TestDiagnostics:
+    """With `diagnostics: true`, poor frames and new templates get PNG previews with their apertures."""
+
+    def test_previews(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS, diagnostics=True)
+        _frame(tmp_path / "in", "sharp.fits.fz", mjd_start=61000.1, seed=11)
+        _frame(tmp_path / "in", "blurred.fits.fz", mjd_start=61000.2, seed=12, fwhm_arcsec=6.0)
+        code, events = _process(config, capsys, tmp_path / "in")
+        assert code == 0
+        folder = tmp_path / "state" / "diagnostics"
+        written = sorted(p.name for p in folder.iterdir())
+        assert written == ["poor-blurred.fits.fz.png", "template-sharp.fits.fz.png"]
+        assert all((folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in written)
+        assert sum(e["event"] == "diagnostic_written" for e in events) == 2
+
+
+class TestProgress:
+    """The progress line is written for a terminal only, and counts outcomes and time left."""
+
+    def test_terminal_and_pipe(self) -> None:
+        import io
+
+        from lcowatch.cli import Progress
+
+        shown, piped = io.StringIO(), io.StringIO()
+        for stream, enabled in ((shown, True), (piped, False)):
+            progress = Progress(3, stream, enabled=enabled)
+            for state in ("done", "rejected", "done"):
+                progress.update(state)
+            progress.close()
+        assert piped.getvalue() == ""
+        last = shown.getvalue().split("\r")[-1]
+        assert last.startswith("3/3 files (2 done, 1 rejected)") and "s left" in last and last.endswith("\n")
