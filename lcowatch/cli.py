@@ -107,6 +107,10 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
     for path in files:
         outcomes.append(pipeline.process_path(path))
         progress.update(outcomes[-1].state)
+    # Frames that arrived before any frame could be a template get their turn once one exists.
+    while pipeline.requeued:
+        waiting, pipeline.requeued = pipeline.requeued, []
+        outcomes.extend(pipeline.process_path(path) for path in waiting if path.exists())
     progress.close()
     pipeline.flush_results(force=True)
     counts: dict[str, int] = {}
@@ -238,7 +242,11 @@ def cmd_recalibrate(args: argparse.Namespace, config: Config) -> int:
 def cmd_refstars(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
-    band = standard_band(args.filter)
+    try:
+        band = standard_band(args.filter)
+    except ValueError as exc:
+        print(f"lcowatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     table = FieldCatalogs(config).get(args.target, band, args.radius, refresh=args.refresh)
     if table is None:
         print(f"lcowatch: no reference catalog could be had for {args.target} in {band}", file=sys.stderr)
@@ -327,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     refstars = commands.add_parser("refstars", parents=[common], help="a target's reference stars")
     refstars.add_argument("target", metavar="TARGET")
     refstars.add_argument("--filter", default="rp", help="LCO filter or band (default rp)")
-    refstars.add_argument("--radius", type=float, default=10.0, metavar="ARCMIN", help="search radius (default 10)")
+    refstars.add_argument(
+        "--radius", type=float, metavar="ARCMIN", help="search radius (default: catalog.radius_arcmin, else 10)"
+    )
     refstars.add_argument("--refresh", action="store_true", help="ask the catalog again, ignoring the cache")
     refstars.add_argument("--format", choices=["csv", "ecsv"], default="csv")
     refstars.add_argument("-o", "--output", metavar="FILE")

@@ -248,7 +248,19 @@ def parse(raw: Any, base_dir: Path) -> Config:
     except ValidationError as exc:
         problems = [f"{_location(e['loc'])}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(problems) from None
-    return _resolve_paths(config, base_dir)
+    resolved = _resolve_paths(config, base_dir)
+    _check_files(resolved)
+    return resolved
+
+
+def _check_files(config: Config) -> None:
+    problems = [
+        f"targets.{name}.refcat: no such file: {target.refcat}"
+        for name, target in config.targets.items()
+        if target.refcat is not None and not target.refcat.is_file()
+    ]
+    if problems:
+        raise ConfigError(problems)
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:

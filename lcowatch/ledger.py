@@ -186,6 +186,20 @@ class Ledger:
                 (sha256, str(path), size, state, step, error, now, now),
             )
 
+    @staticmethod
+    def requeue_waiting_for_template(conn: sqlite3.Connection, target: str, filter: str) -> list[Path]:
+        """Make frames rejected for want of a template pending again (inside the caller's transaction).
+
+        Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
+        """
+        where = "state = 'rejected' AND step = 'template' AND target = ? AND filter = ?"
+        paths = [Path(row[0]) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target, filter))]
+        conn.execute(
+            f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}",
+            (target, filter),
+        )
+        return paths
+
     def uncount_attempt(self, sha256: str) -> None:
         """Take back the attempt of a run that stopped on a transient condition."""
         self.conn.execute(

@@ -20,7 +20,7 @@ import numpy as np
 from astropy.table import Table
 
 from lcowatch import flags
-from lcowatch.bands import STANDARD_FILTERS
+from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
 from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
@@ -33,7 +33,7 @@ from lcowatch.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_l
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
-from lcowatch.refcat import FieldCatalogs, standard_band
+from lcowatch.refcat import FieldCatalogs
 from lcowatch.register import IDENTITY, MAX_RMS, Registration, match_positions, register, wcs_guess
 from lcowatch.store import Store
 from lcowatch.template import Template, choose_field_stars, template_score
@@ -264,7 +264,7 @@ class Calibrate:
         phot, template, meta = work.photometry, work.template, work.frame.meta
         assert phot is not None and template is not None and work.field_xy is not None and meta.target is not None
         ny, nx = meta.shape
-        radius_arcmin = 0.6 * np.hypot(nx, ny) * meta.pixscale / 60.0
+        radius_arcmin = work.config.catalog.radius_arcmin or 0.6 * np.hypot(nx, ny) * meta.pixscale / 60.0
         calibrations, catalog = self.calibrate(
             work.config, meta.target, meta.filter, meta.instrument, template, work.field_xy,
             phot.inst_mag, phot.inst_err, phot.flags, radius_arcmin,
@@ -289,7 +289,8 @@ class Calibrate:
     ) -> tuple[list[Calibration | None], Table | None]:
         """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
         apertures = inst_mag.shape[1]
-        catalog = self.catalogs.get(target, standard_band(filter), radius_arcmin)
+        band = BAND_OF_FILTER.get(filter)
+        catalog = self.catalogs.get(target, band, radius_arcmin) if band is not None else None
         if catalog is None or len(catalog) == 0:
             return [None] * apertures, catalog
         key = (target, filter, template.sha256, len(field_xy))
@@ -313,7 +314,7 @@ def calibration_columns(
     calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int
 ) -> dict[str, object]:
     """The points-table columns a calibration sets (all empty, and flagged, without one)."""
-    band = standard_band(filter)
+    band = BAND_OF_FILTER.get(filter)  # None: a filter no catalog covers (e.g. Y); points stay uncalibrated
     if filter not in STANDARD_FILTERS:
         point_flags |= flags.value("nonstandard_band")
     if calibration is None:
@@ -376,6 +377,7 @@ class Pipeline:
         self.store = Store(conn)
         self.stages = list(stages) if stages is not None else default_stages(config)
         self._stale_results: set[str] = set()
+        self.requeued: list[Path] = []  # frames that waited for a template and can go now
         self._results_written: dict[str, float] = {}
         self.log = get_logger()
 
@@ -512,6 +514,8 @@ class Pipeline:
         reason: str | None = "; ".join(work.rejection) or None
         quality, sources = work.quality, work.sources
 
+        requeued: list[Path] = []
+
         def write(conn: sqlite3.Connection) -> None:
             if quality is None or sources is None:
                 return
@@ -519,10 +523,12 @@ class Pipeline:
             score = template_score(quality, self.config.template)
             self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_header, score)
             if state != "done":
+                self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
                 return
             assert meta.target is not None and work.star_ids is not None and work.photometry is not None
             if work.template_reason is not None and work.template is not None:
                 self.store.write_template(conn, work.template, work.template_reason)
+                requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target, meta.filter))
             if work.new_field is not None:
                 self.store.write_field_stars(conn, meta.target, *work.new_field, origin=f"template {frame.path.name}")
             if work.new_refs:
@@ -532,6 +538,7 @@ class Pipeline:
 
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
+        self.requeued.extend(requeued)
         if state == "done" and meta.target is not None:
             self._stale_results.add(meta.target)
             self.flush_results()
@@ -572,6 +579,8 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
             config, target, filter, instrument, template, template.field_pixels(ra, dec),
             inst_mag, inst_err, star_flags, 0.6 * np.hypot(nx, ny) * pixscale / 60.0,
         )  # fmt: skip
+        if catalog is None:
+            continue  # nothing to calibrate against: keep what is stored
         point_flags = [row[0] for row in conn.execute(
             "SELECT flags FROM points WHERE sha256 = ? ORDER BY aperture", (sha256,)
         )]  # fmt: skip

@@ -859,8 +859,11 @@ class FieldCatalogs:
         self._tables: dict[tuple[str, str], Table] = {}
         self._unavailable_until: dict[tuple[str, str], float] = {}
 
-    def get(self, target: str, band: str, radius_arcmin: float, *, refresh: bool = False) -> Table | None:
-        """The target's reference stars in ``band`` (columns mag, mag_err, color, color_err), or None."""
+    def get(self, target: str, band: str, radius_arcmin: float | None, *, refresh: bool = False) -> Table | None:
+        """The target's reference stars in ``band`` (columns mag, mag_err, color, color_err), or None.
+
+        ``radius_arcmin`` None means ``catalog.radius_arcmin`` (10' when that is unset too).
+        """
         key = (target, band)
         if key in self._tables and not refresh:
             return self._tables[key]
@@ -876,15 +879,20 @@ class FieldCatalogs:
                 )
             self._unavailable_until[key] = math.inf
             return None
-        assert target_config.ra is not None and target_config.dec is not None
+        if target_config.ra is None or target_config.dec is None:
+            # A target placed by pixel has no sky position to query around.
+            self._unavailable_until[key] = math.inf
+            return None
         try:
             table = get_reference_stars(
-                target_config.ra, target_config.dec, settings.radius_arcmin or radius_arcmin, band,
+                target_config.ra, target_config.dec, radius_arcmin or settings.radius_arcmin or 10.0, band,
                 source="file" if local is not None else "vizier", path=local, preference=settings.preference,
                 cache_dir=self.config.state_dir / CACHE_DIR, timeout=settings.timeout, retries=settings.retries,
                 refresh=refresh,
             )  # fmt: skip
-        except RetryLater as exc:
+        except (RetryLater, CatalogFileError) as exc:
+            # Unreachable, or a local file that cannot be read: the frames are not at fault; keep their
+            # points uncalibrated and ask again later.
             self._unavailable_until[key] = time.monotonic() + settings.retry_after
             get_logger().warning(
                 "catalog_unavailable", target=target, band=band, reason=str(exc), retry_in=settings.retry_after

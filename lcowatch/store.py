@@ -156,7 +156,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         conn.executescript(SCHEMA)
-        self._templates: dict[int, Template] = {}
+        self._templates: dict[tuple[int, bool], Template] = {}
 
     @staticmethod
     def write_frame(
@@ -196,6 +196,13 @@ class Store:
         )
         conn.executemany(f"INSERT INTO sources VALUES ({', '.join('?' * (len(names) + 2))})", rows)
 
+    @staticmethod
+    def forget_results(conn: sqlite3.Connection, sha256: str) -> None:
+        """Drop a frame's points, star photometry and template role (inside the caller's transaction)."""
+        conn.execute("DELETE FROM points WHERE sha256 = ?", (sha256,))
+        conn.execute("DELETE FROM photometry WHERE sha256 = ?", (sha256,))
+        conn.execute("UPDATE templates SET active = 0 WHERE sha256 = ?", (sha256,))
+
     def frames(self, target: str | None = None) -> list[dict[str, object]]:
         """Every frame in observation-time order, with quality; ``reasons`` joined by '; '."""
         query = f"SELECT {', '.join(FRAME_COLUMNS)}, sha256 FROM frames"
@@ -224,14 +231,15 @@ class Store:
         ).fetchone()
         if row is None:
             return None
-        cached = self._templates.get(row["id"])
+        key = (row["id"], bool(row["pinned"]))  # unpinning changes the row in place
+        cached = self._templates.get(key)
         if cached is None:
             cached = Template(
                 id=row["id"], target=target, filter=filter, sha256=row["sha256"], file=row["file"],
                 score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
                 wcs_header=row["wcs_header"], sources=self.sources(row["sha256"]),
             )  # fmt: skip
-            self._templates = {row["id"]: cached}
+            self._templates = {key: cached}
         return cached
 
     @staticmethod

@@ -50,6 +50,12 @@ class TestParse:
         assert target.ra == pytest.approx(150.12333, abs=1e-5)
         assert target.dec == pytest.approx(-2.23444, abs=1e-5)
 
+    def test_missing_reference_catalog_file_is_named(self, tmp_path: Path) -> None:
+        raw = MINIMAL | {"targets": {"SN1": {"ra": 1.0, "dec": 2.0, "refcat": "nowhere.csv"}}}
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, tmp_path)
+        assert caught.value.problems == [f"targets.SN1.refcat: no such file: {tmp_path / 'nowhere.csv'}"]
+
     def test_target_needs_a_position(self) -> None:
         with pytest.raises(ConfigError) as caught:
             parse(MINIMAL | {"targets": {"SN1": {"ra": 150.0}}}, Path("/tmp"))
@@ -58,6 +64,8 @@ class TestParse:
     def test_relative_paths_resolve_against_the_config_folder(self, tmp_path: Path) -> None:
         raw = MINIMAL | {"targets": {"SN1": {"ra": 1.0, "dec": 2.0, "refcat": "cats/sn1.csv"}}}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        (tmp_path / "cats").mkdir()
+        (tmp_path / "cats" / "sn1.csv").write_text("ra,dec,g\n1,2,15\n")
         config = load(tmp_path / "c.yaml")
         assert config.state_dir == tmp_path / "state"
         assert config.watch.paths == [tmp_path / "in"]

@@ -180,3 +180,43 @@ class TestProgress:
         assert piped.getvalue() == ""
         last = shown.getvalue().split("\r")[-1]
         assert last.startswith("3/3 files (2 done, 1 rejected)") and "s left" in last and last.endswith("\n")
+
+
+class TestAwkwardFrames:
+    """Frames the pipeline cannot fully use still end well: waiting for a template, or no catalog band."""
+
+    def test_frame_before_any_template_is_processed_once_one_exists(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "unsolved.fits.fz", mjd_start=61000.10, seed=31, wcs_error=True)
+        _frame(tmp_path / "in", "solved.fits.fz", mjd_start=61000.11, seed=32)
+        code, events = _process(config, capsys, tmp_path / "in")
+        assert code == 0
+        assert _states(tmp_path) == {"unsolved.fits.fz": "done", "solved.fits.fz": "done"}
+        outcomes = [(e["file"], e["outcome"]) for e in events if e["event"] == "frame_processed"]
+        assert outcomes == [
+            ("unsolved.fits.fz", "rejected"), ("solved.fits.fz", "done"), ("unsolved.fits.fz", "done")
+        ]  # fmt: skip
+
+    def test_filter_without_a_standard_band_stays_uncalibrated(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from astropy.io import fits
+
+        from lcowatch import flags
+
+        write_frame(tmp_path / "y.fits", FIELD, FrameSpec(shape=(256, 256), seed=33))
+        with fits.open(tmp_path / "y.fits", mode="update") as hdul:
+            hdul["SCI"].header["FILTER"] = "Y"
+        (tmp_path / "in").mkdir()
+        shutil.move(tmp_path / "y.fits", tmp_path / "in" / "y.fits")
+        stars = tmp_path / "stars.csv"
+        stars.write_text("ra,dec,r,r_err\n80.0,5.0,15.0,0.01\n")
+        config = write_config(tmp_path, {"PTEST": {**TARGETS["PTEST"], "refcat": str(stars)}})
+        code, _ = _process(config, capsys, tmp_path / "in")
+        assert code == 0 and _states(tmp_path) == {"y.fits": "done"}
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            band, mag, mask = conn.execute("SELECT band, mag, flags FROM points WHERE aperture = 0").fetchone()
+        assert band is None and mag is None
+        assert mask & flags.value("uncalibrated", "nonstandard_band") == flags.value("uncalibrated", "nonstandard_band")
