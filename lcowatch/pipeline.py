@@ -212,6 +212,11 @@ class DifferentialPhotometry:
             }
             work.new_refs = refs
         ref_mag = np.array([refs.get(int(star), np.nan) for star in star_ids[1:]])
+        # Light lost to clouds shows against the reference frame only on the same instrument; another
+        # telescope's throughput differs by magnitudes.
+        same_instrument = (
+            bool(work.new_refs) or work.store.reference_instrument(meta.target, meta.filter) == meta.instrument
+        )
         for k, aperture in enumerate(work.config.photometry.apertures):
             # The ensemble is a zero point against the reference magnitudes: the same robust fit (clipping,
             # intrinsic scatter so no few bright stars dominate) as the calibration against a catalog.
@@ -227,7 +232,7 @@ class DifferentialPhotometry:
             point_flags = int(phot.flags[0, k])
             if n_used < MIN_COMPARISONS:
                 point_flags |= flags.value("few_comparisons")
-            if -offset > work.config.quality.max_cloud_loss:
+            if same_instrument and -offset > work.config.quality.max_cloud_loss:
                 point_flags |= flags.value("cloudy")
             work.points.append(
                 {

@@ -321,6 +321,15 @@ class Store:
             [(target, i + 1, float(r), float(d), origin) for i, (r, d) in enumerate(zip(ra, dec, strict=True))],
         )
 
+    def reference_instrument(self, target: str, filter: str) -> str | None:
+        """The instrument of the frame that set the reference magnitudes: the first template."""
+        row = self.conn.execute(
+            "SELECT f.instrument FROM templates t JOIN frames f USING (sha256) WHERE t.target = ? AND t.filter = ? "
+            "ORDER BY t.id LIMIT 1",
+            (target, filter),
+        ).fetchone()
+        return row[0] if row else None
+
     def star_refs(self, target: str, filter: str) -> dict[int, float]:
         rows = self.conn.execute(
             "SELECT star_id, ref_mag FROM star_refs WHERE target = ? AND filter = ?", (target, filter)

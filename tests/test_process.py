@@ -220,3 +220,21 @@ class TestAwkwardFrames:
             band, mag, mask = conn.execute("SELECT band, mag, flags FROM points WHERE aperture = 0").fetchone()
         assert band is None and mag is None
         assert mask & flags.value("uncalibrated", "nonstandard_band") == flags.value("uncalibrated", "nonstandard_band")
+
+    def test_cloudy_is_judged_against_the_same_instrument_only(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from lcowatch import flags
+
+        config = write_config(tmp_path, TARGETS, quality={"min_nstars": 5})
+        _frame(tmp_path / "in", "a.fits.fz", mjd_start=61000.10, seed=41)
+        # Another camera 1.2 mag less sensitive is not cloudy; the same camera losing 0.75 mag is.
+        _frame(tmp_path / "in", "b.fits.fz", mjd_start=61000.11, seed=42, instrument="fa14", zeropoint=22.3)
+        _frame(tmp_path / "in", "c.fits.fz", mjd_start=61000.12, seed=43, transparency=0.5)
+        assert _process(config, capsys, tmp_path / "in")[0] == 0
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            cloudy = dict(conn.execute(
+                f"SELECT f.file, p.flags & {flags.value('cloudy')} FROM points p JOIN frames f USING (sha256) "
+                "WHERE p.aperture = 0"
+            ).fetchall())  # fmt: skip
+        assert cloudy == {"a.fits.fz": 0, "b.fits.fz": 0, "c.fits.fz": flags.value("cloudy")}
