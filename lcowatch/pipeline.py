@@ -450,6 +450,9 @@ class Pipeline:
             content, sha256 = read_content(path)
         except FileNotFoundError:
             return Outcome(path, "skipped", reason="file vanished")
+        except OSError as exc:  # unreadable (permissions, I/O error): nothing recorded, try again later
+            self.log.error("file_unreadable", file=path.name, path=str(path), error=str(exc))
+            return Outcome(path, "failed", reason=str(exc))
         self.ledger.remember_path(path, stat.st_size, stat.st_mtime_ns, sha256)
         record = self.ledger.get(sha256)
         if record is not None and record.state in TERMINAL_STATES:

@@ -39,7 +39,7 @@ def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: 
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     destination = folder / path.name
     if destination.exists():
-        destination = folder / f"{(sha256 or str(time.time_ns()))[:16]}-{path.name}"
+        destination = folder / f"{(sha256 or '')[:16]}-{time.time_ns()}-{path.name}"
     shutil.move(str(path), destination)
     note = {
         "file": path.name,

@@ -238,3 +238,21 @@ class TestAwkwardFrames:
                 "WHERE p.aperture = 0"
             ).fetchall())  # fmt: skip
         assert cloudy == {"a.fits.fz": 0, "b.fits.fz": 0, "c.fits.fz": flags.value("cloudy")}
+
+
+class TestUnreadableFile:
+    """A file that cannot be opened (permissions) is reported and left alone; the run goes on."""
+
+    def test_permission_denied(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        import os
+
+        if os.geteuid() == 0:
+            pytest.skip("root reads every file")
+        config = write_config(tmp_path, TARGETS)
+        locked = _frame(tmp_path / "in", "locked.fits.fz", seed=51)
+        _frame(tmp_path / "in", "open.fits.fz", seed=52, mjd_start=61000.3)
+        locked.chmod(0)
+        code, events = _process(config, capsys, tmp_path / "in")
+        assert code == 1 and locked.exists()
+        assert _states(tmp_path) == {"open.fits.fz": "done"}
+        assert any(e["event"] == "file_unreadable" for e in events)
