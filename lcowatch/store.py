@@ -138,6 +138,7 @@ CREATE TABLE IF NOT EXISTS points (
 CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 """
 
+ANY_FILTER = "(? IS NULL OR {column} = ?)"  # bound twice to the filter: None matches every filter
 TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header"
 
 FRAME_COLUMNS = (
@@ -287,24 +288,20 @@ class Store:
 
     def unpin_template(self, target: str, filter: str | None) -> int:
         """Let better frames replace the current templates again; returns how many were pinned."""
-        query = "UPDATE templates SET pinned = 0 WHERE target = ? AND active = 1 AND pinned = 1"
-        args: tuple[str, ...] = (target,)
-        if filter is not None:
-            query += " AND filter = ?"
-            args += (filter,)
+        query = (
+            "UPDATE templates SET pinned = 0 WHERE target = ? AND active = 1 AND pinned = 1 "
+            f"AND {ANY_FILTER.format(column='filter')}"
+        )
         with self.conn:
-            return self.conn.execute(query, args).rowcount
+            return self.conn.execute(query, (target, filter, filter)).rowcount
 
     def template_history(self, target: str, filter: str | None = None) -> list[dict[str, object]]:
         query = (
             "SELECT t.filter, t.file, t.score, t.pinned, t.active, t.created, t.reason, f.mjd, f.fwhm, "
-            "f.background_rms, f.nstars FROM templates t JOIN frames f USING (sha256) WHERE t.target = ?"
+            "f.background_rms, f.nstars FROM templates t JOIN frames f USING (sha256) WHERE t.target = ? "
+            f"AND {ANY_FILTER.format(column='t.filter')} ORDER BY t.filter, t.id"
         )
-        args: tuple[str, ...] = (target,)
-        if filter is not None:
-            query += " AND t.filter = ?"
-            args += (filter,)
-        return [dict(row) for row in self.conn.execute(query + " ORDER BY t.filter, t.id", args)]
+        return [dict(row) for row in self.conn.execute(query, (target, filter, filter))]
 
     def field_stars(self, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(star_id, ra, dec) of the target's comparison stars, ids from 1; the target itself is 0."""
@@ -374,13 +371,10 @@ class Store:
             "SELECT f.file, f.mjd, f.bjd_tdb, p.filter, p.mag, p.mag_err, p.zp, p.zp_err, f.fwhm, f.airmass, "
             "p.flags, p.diff_mag, p.diff_mag_err, p.aperture_text AS aperture, p.x, p.y, p.registration_rms, "
             "p.template, p.band, p.n_comparison, p.n_matched, f.exptime, f.sha256 "
-            "FROM points p JOIN frames f USING (sha256) WHERE p.target = ?"
+            "FROM points p JOIN frames f USING (sha256) WHERE p.target = ? "
+            f"AND {ANY_FILTER.format(column='p.filter')} ORDER BY f.mjd, f.file, p.aperture"
         )
-        args: tuple[str, ...] = (target,)
-        if filter is not None:
-            query += " AND p.filter = ?"
-            args += (filter,)
-        return [dict(row) for row in self.conn.execute(query + " ORDER BY f.mjd, f.file, p.aperture", args)]
+        return [dict(row) for row in self.conn.execute(query, (target, filter, filter))]
 
     def photometry_arrays(
         self, sha256: str, star_ids: np.ndarray, apertures: int
