@@ -25,6 +25,7 @@ Decisions (documented here because callers rely on them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,6 +40,7 @@ __all__ = [
     "apply_zeropoint",
     "fit_zeropoint",
     "instrumental_mag",
+    "solve_colours",
 ]
 
 #: Fewest usable stars for a zero point (with a fitted colour term, ``min_stars_color`` applies as well).
@@ -406,11 +408,17 @@ def _fit_with_intrinsic(
 
 @dataclass(frozen=True)
 class Calibration:
-    """One aperture's calibration of one frame: the zero point and the target's standard magnitude."""
+    """One aperture's calibration of one frame.
+
+    ``mag`` is the target's magnitude as a source of colour 0 (``inst_mag + zp``; the colour term is applied
+    once the target's colour is known, see :func:`solve_colours`); ``comparison_color`` is the median
+    catalog colour of the stars in the fit, the colour assumed for the target until its own is measured.
+    """
 
     zeropoint: ZeroPoint
     mag: float
     mag_err: float
+    comparison_color: float
 
 
 def calibrate_apertures(
@@ -422,6 +430,7 @@ def calibrate_apertures(
     star_index: NDArray[np.int_],
     *,
     color_term: float | None = None,
+    extra_error: NDArray[np.float64] | None = None,
 ) -> list[Calibration | None]:
     """Fit a zero point per aperture from matched comparison stars and calibrate the target.
 
@@ -437,13 +446,15 @@ def calibrate_apertures(
         Matched pairs: ``catalog[catalog_index[j]]`` is field star ``star_index[j]`` (0-based among rows
         1..N-1).
     color_term : float, optional
-        A fixed colour term; fitted when None and the stars allow it.
+        A fixed colour term (0 for none); fitted when None and the stars allow it.
+    extra_error : numpy.ndarray, optional
+        (K,) scatter (mag) the comparison stars show beyond their errors from frame to frame, added to the
+        target's error in quadrature.
 
     Returns
     -------
     list
-        Per aperture a :class:`Calibration`, or None when fewer than 3 stars could be used. The target's
-        colour is unknown, so its magnitude is that of a colour-0 source when a colour term is applied.
+        Per aperture a :class:`Calibration`, or None when fewer than 3 stars could be used.
     """
     cat_mag = np.asarray(catalog["mag"], dtype=float)[catalog_index]
     cat_err = np.nan_to_num(np.asarray(catalog["mag_err"], dtype=float)[catalog_index], nan=0.0)
@@ -453,16 +464,58 @@ def calibrate_apertures(
     for k in range(inst_mag.shape[1]):
         rows = star_index[usable[star_index, k]]
         keep = usable[star_index, k]
+        has_color = bool(np.isfinite(color[keep]).any())
         try:
             zp = fit_zeropoint(
                 inst_mag[1:, k][rows], inst_err[1:, k][rows], cat_mag[keep], cat_err[keep],
-                color[keep] if np.isfinite(color[keep]).any() else None,
-                color_err[keep] if np.isfinite(color[keep]).any() else None,
+                color[keep] if has_color else None, color_err[keep] if has_color else None,
                 color_term=color_term,
             )  # fmt: skip
         except TooFewStars:
             results.append(None)
             continue
         mag, mag_err = apply_zeropoint(inst_mag[0, k], inst_err[0, k], zp)
-        results.append(Calibration(zp, float(mag), float(mag_err)))
+        if extra_error is not None:
+            mag_err = np.hypot(mag_err, extra_error[k])
+        used_color = color[keep][zp.used] if has_color else np.empty(0)
+        median_color = float(np.nanmedian(used_color)) if np.isfinite(used_color).any() else float("nan")
+        results.append(Calibration(zp, float(mag), float(mag_err), median_color))
     return results
+
+
+#: Points of the target in other filters this close in time (days) give its colour: the same night.
+COLOR_WINDOW_DAYS = 0.3
+
+
+def solve_colours(
+    bands: list[str | None],
+    mjd: NDArray[np.float64],
+    mag0: NDArray[np.float64],
+    color_term: NDArray[np.float64],
+    colour_of_band: Callable[[str], tuple[str, str]],
+) -> NDArray[np.float64]:
+    """The target's colour at each point, from its own magnitudes in the colour's two bands the same night.
+
+    ``mag0`` are colour-0 magnitudes (``inst_mag + zp``); a point's standard magnitude is
+    ``mag0 + color_term * colour`` with the colour index of its band (``colour_of_band``, e.g. g - r for
+    r; a band of None, a non-standard filter, neither has nor gives a colour). Magnitudes and colours
+    depend on each other, so they are iterated, as lcogtsnpipe does; each point
+    takes the nearest point in time of each band of its colour within :data:`COLOR_WINDOW_DAYS`. NaN where
+    a band is missing.
+    """
+    colour = np.full(len(bands), np.nan)
+    band_array = np.array(bands)
+    for _ in range(6):  # colour terms are ~0.1 mag/mag: the fixed point is reached to 1e-6 mag
+        mags = mag0 + color_term * np.nan_to_num(colour)
+        for i, band in enumerate(bands):
+            if band is None:
+                continue
+            nearest = []
+            for wanted in colour_of_band(band):
+                candidates = np.flatnonzero((band_array == wanted) & (np.abs(mjd - mjd[i]) <= COLOR_WINDOW_DAYS))
+                if len(candidates) == 0:
+                    break
+                nearest.append(candidates[np.argmin(np.abs(mjd[candidates] - mjd[i]))])
+            else:
+                colour[i] = mags[nearest[0]] - mags[nearest[1]]
+    return colour

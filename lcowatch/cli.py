@@ -24,7 +24,7 @@ from lcowatch.export import write_table as export_table
 from lcowatch.frame import read_content
 from lcowatch.ledger import Ledger, connect
 from lcowatch.log import get_logger
-from lcowatch.pipeline import Pipeline, find_files, recalibrate
+from lcowatch.pipeline import Pipeline, find_files, pin_template, recalibrate
 from lcowatch.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.quarantine import QUARANTINE_DIR, find_quarantined, release
 from lcowatch.refcat import FieldCatalogs, standard_band
@@ -215,7 +215,7 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
     store = Store(connect(config.state_dir))
     if args.set:
         try:
-            store.pin_template(args.set, args.target)
+            pin_template(config, store.conn, args.set, args.target)
         except (LookupError, ValueError) as exc:
             print(f"lcowatch: {exc.args[0]}", file=sys.stderr)
             return EXIT_FAILURE

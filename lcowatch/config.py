@@ -109,17 +109,29 @@ class CatalogConfig(Section):
     )
     color_terms: dict[str, float] = Field(
         default_factory=dict,
-        description="fixed colour terms by 'INSTRUMENT:filter' or 'filter'; otherwise fitted when possible",
+        description="fixed colour terms by 'INSTRUMENT:filter' or 'filter' (mag per mag of the band's colour)",
+    )
+    fit_color_terms: bool = Field(
+        False, description="fit a colour term per frame where no fixed one is given (else none is applied)"
     )
     match_radius_arcsec: float = Field(3.0, gt=0, description="catalog to measured star matching radius")
     retry_after: float = Field(600.0, gt=0, description="seconds before an unreachable catalog is asked again")
 
 
 class QualityConfig(Section):
-    max_fwhm_arcsec: float = Field(4.0, gt=0)
-    min_nstars: int = Field(25, ge=0)
-    max_ellipticity: float = Field(0.35, gt=0, le=1)
-    max_background: float | None = Field(None, gt=0, description="electrons per pixel")
+    """Frame quality gates. They flag points (poor_seeing, few_stars, ...) rather than drop frames: only a
+    frame that cannot be measured or registered gives no point."""
+
+    max_fwhm_ratio: float = Field(
+        2.0, gt=1, description="flag poor_seeing above this times the instrument's median FWHM for the target"
+    )
+    max_fwhm_arcsec: float | None = Field(None, gt=0, description="also flag poor_seeing above this (arcsec)")
+    min_nstars_ratio: float = Field(
+        0.3, gt=0, le=1, description="flag few_stars below this times the instrument's median star count"
+    )
+    min_nstars: int = Field(25, ge=0, description="flag few_stars below this until an instrument has a history")
+    max_ellipticity: float = Field(0.35, gt=0, le=1, description="flag elongated above this (1 - b/a)")
+    max_background: float | None = Field(None, gt=0, description="flag high_background above this (e-/pixel)")
     max_cloud_loss: float = Field(
         0.5, gt=0, description="mag of light lost against the reference frame before points are flagged cloudy"
     )
@@ -154,11 +166,16 @@ class PhotometryConfig(Section):
     )
     annulus: tuple[ApertureValue, ApertureValue] = (Aperture(4.0, "fwhm"), Aperture(7.0, "fwhm"))
     min_snr: float = Field(3.0, gt=0, description="below this a measurement is flagged low_snr")
+    detection_snr: float = Field(
+        3.0, gt=0, description="below this the target is not detected: mag empty, limit_mag (5 sigma) given"
+    )
     recentre_snr: float = Field(10.0, gt=0, description="S/N above which positions are recentroided")
     max_field_stars: int = Field(300, ge=3, description="comparison stars kept per target (no catalog)")
 
 
 class ProcessingConfig(Section):
+    workers: int = Field(1, ge=1, description="frames at once (processing is serial in this release)")
+    scheduler: str | None = Field(None, description="tcp://host:port of a Dask cluster (not used in this release)")
     max_attempts: int = Field(3, ge=1)
     max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
     results_interval: float = Field(

@@ -32,7 +32,17 @@ FLAGS: tuple[Flag, ...] = (
     Flag(9, "few_comparisons", "fewer comparison stars than wanted in the differential ensemble"),
     Flag(10, "bad_background", "the background annulus had too few good pixels"),
     Flag(11, "cloudy", "comparison stars fainter than in the reference frame by more than quality.max_cloud_loss"),
+    Flag(12, "nondetection", "signal-to-noise ratio below photometry.detection_snr: mag empty, limit_mag given"),
+    Flag(13, "color_assumed", "the target's colour was not measured the same night: the comparison stars' median"),
+    Flag(14, "nonlinear", "a pixel in the aperture is above the linearity limit (MAXLIN, else 0.8 SATURATE)"),
+    Flag(15, "poor_seeing", "FWHM above quality.max_fwhm_ratio times the instrument's median for the target"),
+    Flag(16, "elongated", "star images more elongated than quality.max_ellipticity"),
+    Flag(17, "few_stars", "fewer stars than quality.min_nstars_ratio times the instrument's median (or min_nstars)"),
+    Flag(18, "high_background", "background above quality.max_background"),
 )
+
+#: Flags of the whole frame, set by quality control; such a frame still gives points.
+FRAME_FLAGS = ("poor_seeing", "elongated", "few_stars", "high_background")
 
 BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
 

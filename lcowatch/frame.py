@@ -42,7 +42,9 @@ class FrameMeta:
     """Header facts of one frame, in the units the pipeline uses.
 
     Times are MJD (UTC) and BJD_TDB in days; ``pixscale`` in arcsec per pixel; ``gain`` in e-/ADU;
-    ``read_noise`` and ``saturation`` in electrons. ``wcs_usable`` is true only when BANZAI solved the
+    ``read_noise``, ``saturation`` (pixels at or above it are masked) and ``linearity_limit`` (a pixel above
+    it is no longer proportional to the light: MAXLIN, else 0.8 SATURATE, as real headers may carry
+    MAXLIN = 0) in electrons. ``wcs_usable`` is true only when BANZAI solved the
     astrometry (WCSERR == 0).
     """
 
@@ -62,6 +64,7 @@ class FrameMeta:
     gain: float
     read_noise: float
     saturation: float | None
+    linearity_limit: float | None
     wcs_usable: bool
     shape: tuple[int, int]
 
@@ -219,7 +222,9 @@ def read_meta(header: fits.Header, config: Config) -> FrameMeta:
         if target_config.ra is not None and target_config.dec is not None:
             bjd = bjd_tdb(mjd_mid, target_config.ra, target_config.dec, site_location(header))
     maxlin = _float(header, "MAXLIN")
-    saturation = config.preprocess.saturation or (maxlin if maxlin else _float(header, "SATURATE"))
+    saturate = _float(header, "SATURATE")
+    saturation = config.preprocess.saturation or (maxlin if maxlin else saturate)
+    linearity_limit = maxlin if maxlin else (0.8 * saturate if saturate else config.preprocess.saturation)
     wcserr = header.get("WCSERR")
     return FrameMeta(
         object=object_name,
@@ -238,6 +243,7 @@ def read_meta(header: fits.Header, config: Config) -> FrameMeta:
         gain=_float(header, "GAIN") or 1.0,
         read_noise=_float(header, "RDNOISE") or 0.0,
         saturation=saturation,
+        linearity_limit=linearity_limit,
         wcs_usable=isinstance(wcserr, int) and wcserr == 0,
         shape=_image_shape(header),
     )

@@ -187,16 +187,16 @@ class Ledger:
             )
 
     @staticmethod
-    def requeue_waiting_for_template(conn: sqlite3.Connection, target: str, filter: str) -> list[Path]:
-        """Make frames rejected for want of a template pending again (inside the caller's transaction).
+    def requeue_waiting_for_template(conn: sqlite3.Connection, target: str) -> list[Path]:
+        """Make a target's frames rejected for want of a reference frame pending again (inside the caller's
+        transaction).
 
         Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
         """
-        where = "state = 'rejected' AND step = 'template' AND target = ? AND filter = ?"
-        paths = [Path(row[0]) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target, filter))]
+        where = "state = 'rejected' AND step = 'template' AND target = ?"
+        paths = [Path(row[0]) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
         conn.execute(
-            f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}",
-            (target, filter),
+            f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)
         )
         return paths
 

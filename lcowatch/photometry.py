@@ -94,6 +94,24 @@ def source_mask(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> np.n
     return mask
 
 
+def _neighbour_distances(
+    sources: np.ndarray, x: np.ndarray, y: np.ndarray, reach: float, fwhm_pix: float
+) -> np.ndarray:
+    """Distances (N, 3) from each position to the nearest detections other than the star itself (inf
+    where none is within ``reach``).
+
+    The star's own detection is the nearest one when that lies within a FWHM: it is the star by
+    identity, however far its isophotal centroid sits from the aperture centre.
+    """
+    if not len(sources):
+        return np.full((len(x), 3), np.inf)
+    tree = cKDTree(np.column_stack([sources["x"], sources["y"]]))
+    distance, _ = tree.query(np.column_stack([x, y]), k=4, distance_upper_bound=max(reach, fwhm_pix))
+    distance = np.asarray(distance).reshape(len(x), -1)
+    own = distance[:, 0] <= fwhm_pix
+    return np.where(own[:, None], distance[:, 1:], distance[:, :-1])
+
+
 def measure(
     frame: Frame,
     pre: Preprocessed,
@@ -142,10 +160,16 @@ def measure(
     flux = np.empty((len(px), len(radii)))
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)
-    tree = cKDTree(np.column_stack([frame_sources["x"], frame_sources["y"]])) if len(frame_sources) else None
+    neighbours = _neighbour_distances(frame_sources, px, py, float(radii.max()), fwhm_pix)
+    limit = frame.meta.linearity_limit
+    nonlinear_pixels = frame.data > limit if limit is not None else None
     for k, radius in enumerate(radii):
-        total, total_err, sep_flags = sep.sum_circle(frame.data, px, py, radius, err=error_map, mask=pre.bad)
-        _, _, saturated = sep.sum_circle(frame.data, px, py, radius, mask=pre.saturated)
+        # subpix=0: exact pixel overlaps, so the summed area is pi r^2 and the background subtracted with it
+        # is the one under the aperture (a sampled area is off by up to ~20 % at small radii and high sky).
+        total, total_err, sep_flags = sep.sum_circle(
+            frame.data, px, py, radius, err=error_map, mask=pre.bad, subpix=0
+        )
+        _, _, saturated = sep.sum_circle(frame.data, px, py, radius, mask=pre.saturated, subpix=0)
         area = np.pi * radius**2
         used = n_annulus >= MIN_ANNULUS_PIXELS
         # Error of the annulus median: (pi / 2) times the variance of a mean.
@@ -158,14 +182,12 @@ def measure(
         bits |= np.where(sep_flags & sep.APER_HASMASKED, flags.value("bad_pixel"), 0)
         bits |= np.where(sep_flags & sep.APER_TRUNC, flags.value("near_edge"), 0)
         bits |= np.where(~used, flags.value("bad_background"), 0)
+        if nonlinear_pixels is not None:
+            _, _, nonlinear = sep.sum_circle(frame.data, px, py, radius, mask=nonlinear_pixels, subpix=0)
+            bits |= np.where(nonlinear & sep.APER_HASMASKED, flags.value("nonlinear"), 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             bits |= np.where(~(flux[:, k] / flux_err[:, k] >= min_snr), flags.value("low_snr"), 0)
-        if tree is not None:
-            # A detection other than the star itself (which sits within ~half a FWHM) inside the aperture.
-            distance, _ = tree.query(np.column_stack([px, py]), k=min(4, tree.n), distance_upper_bound=radius)
-            distance = distance.reshape(len(px), -1)
-            blended = (np.isfinite(distance) & (distance > max(1.5, 0.5 * fwhm_pix))).any(axis=1)
-            bits |= np.where(blended, flags.value("blended"), 0)
+        bits |= np.where((neighbours <= radius).any(axis=1), flags.value("blended"), 0)
         star_flags[:, k] = bits
     edge = (px - r_out < 0) | (px + r_out > nx - 1) | (py - r_out < 0) | (py + r_out > ny - 1)
     star_flags |= np.where(edge, flags.value("near_edge"), 0)[:, None]

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,22 +21,47 @@ from astropy.table import Table
 
 from lcowatch import flags
 from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
-from lcowatch.calibrate import Calibration, TooFewStars, calibrate_apertures, fit_zeropoint
+from lcowatch.calibrate import (
+    COLOR_WINDOW_DAYS,
+    Calibration,
+    TooFewStars,
+    calibrate_apertures,
+    fit_zeropoint,
+    solve_colours,
+)
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.export import lightcurve_table, write_result_file
 from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
-from lcowatch.ledger import TERMINAL_STATES, Ledger
+from lcowatch.ledger import TERMINAL_STATES, Ledger, transaction
 from lcowatch.log import frame_logger, get_logger
 from lcowatch.photometry import Photometry, comparison_mask, comparison_stars, measure
 from lcowatch.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
 from lcowatch.preprocess import Preprocessed, preprocess
 from lcowatch.quality import Quality, detect_sources, measure_quality
 from lcowatch.quarantine import quarantine_file
-from lcowatch.refcat import FieldCatalogs
-from lcowatch.register import IDENTITY, MAX_RMS, Registration, match_positions, register, wcs_guess
+from lcowatch.refcat import FieldCatalogs, color_for_band
+from lcowatch.register import (
+    IDENTITY,
+    MAX_RMS,
+    Affine,
+    Registration,
+    apply_affine,
+    compose,
+    invert,
+    match_positions,
+    register,
+    wcs_guess,
+)
 from lcowatch.store import Store
-from lcowatch.template import Template, choose_field_stars, template_score
+from lcowatch.template import (
+    SOLVED_WCS_ERROR_ARCSEC,
+    Reference,
+    Template,
+    choose_field_stars,
+    fit_sky_fix,
+    template_score,
+)
 
 MIN_COMPARISONS = 3
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
@@ -44,7 +69,8 @@ FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 @dataclass
 class FrameWork:
-    """What the stages build up for one frame."""
+    """What the stages build up for one frame. Positions named ``*_ref`` are in the target's reference
+    pixels; ``to_frame`` maps those into this frame's pixels."""
 
     frame: Frame
     config: Config
@@ -53,14 +79,20 @@ class FrameWork:
     pre: Preprocessed | None = None
     sources: np.ndarray | None = None
     quality: Quality | None = None
+    reference: Reference | None = None
+    new_reference: bool = False
+    reference_changed: bool = False
     template: Template | None = None
     template_reason: str | None = None
-    new_field: tuple[np.ndarray, np.ndarray] | None = None
+    new_field_ref: np.ndarray | None = None
     registration: Registration | None = None
+    to_frame: Affine | None = None
     star_ids: np.ndarray | None = None
-    field_xy: np.ndarray | None = None
+    field_ref: np.ndarray | None = None
     photometry: Photometry | None = None
-    new_refs: dict[int, float] = field(default_factory=dict)
+    target_centroid_ref: tuple[np.ndarray, float] | None = None
+    new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)
+    ensemble_scatter: np.ndarray | None = None
     points: list[dict[str, object]] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
@@ -81,171 +113,319 @@ class Preprocess:
 
 
 class MeasureQuality:
-    """Detect sources and judge the frame; a poor frame is rejected with its reasons."""
+    """Detect sources and judge the frame against its instrument's own history for the target.
+
+    A poor frame still gives points, flagged; only a frame whose FWHM cannot be measured is rejected here.
+    """
 
     name = "quality"
 
     def __call__(self, work: FrameWork) -> None:
-        assert work.pre is not None
+        meta = work.frame.meta
+        assert work.pre is not None and meta.target is not None
         work.sources = detect_sources(work.pre, work.config.quality)
-        work.quality = measure_quality(work.frame, work.pre, work.sources, work.config.quality)
-        work.rejection.extend(work.quality.reasons)
+        history = work.store.instrument_history(meta.target, meta.instrument)
+        work.quality = measure_quality(work.frame, work.pre, work.sources, work.config.quality, history)
+        if not work.quality.measurable:
+            work.rejection.extend(work.quality.reasons)
 
 
 class SelectTemplate:
     """Use the target's template for this filter, or make this frame the template when it is better.
 
-    The first template of a target also fixes the field's comparison stars in the sky.
+    A target's first template defines its reference pixel frame: the comparison stars are chosen on it
+    and the target is placed on it (from its RA/Dec through the header WCS, corrected on catalog stars
+    when a catalog is at hand). Later templates are registered to the reference frame by their stars and
+    need no WCS.
     """
 
     name = "template"
+
+    def __init__(self, catalogs: FieldCatalogs) -> None:
+        self.catalogs = catalogs
 
     def __call__(self, work: FrameWork) -> None:
         frame, quality, config = work.frame, work.quality, work.config
         assert quality is not None and work.sources is not None and frame.meta.target is not None
         target, filter = frame.meta.target, frame.meta.filter
+        work.reference = work.store.reference(target)
+        if work.reference is None:
+            self._found_reference(work)
+            return
         current = work.store.current_template(target, filter)
         score = template_score(quality, config.template)
-        # A target given as a pixel position belongs to its template: never swap that template by itself.
-        replaceable = current is not None and not current.pinned and config.targets[target].ra is not None
-        better = current is None or (replaceable and score > current.score + config.template.min_improvement)
-        if frame.wcs is not None and np.isfinite(score) and better:
-            work.template = Template(
-                id=None, target=target, filter=filter, sha256=frame.sha256, file=frame.path.name,
-                score=score, pinned=False, shape=frame.meta.shape,
-                wcs_header=frame.wcs.to_header(relax=True).tostring(), sources=work.sources,
-            )  # fmt: skip
-            work.template_reason = (
-                "first template" if current is None
-                else f"score {score:.3f} beats {current.score:.3f} by more than {config.template.min_improvement:g}"
-            )  # fmt: skip
-            _, ra, _ = work.store.field_stars(target)
-            if ra.size == 0:
-                target_xy = work.template.target_xy(config.targets[target])
-                chosen = choose_field_stars(
-                    work.sources,
-                    target_xy,
-                    frame.meta.shape,
-                    quality.fwhm_pix,
-                    config.photometry.max_field_stars,
-                )
-                xy = np.column_stack([work.sources["x"][chosen], work.sources["y"][chosen]])
-                work.new_field = work.template.sky_of(xy)
-        elif current is None:
-            raise Reject("no template yet, and this frame has no solved WCS to make one", step=self.name)
-        else:
-            work.template = current
+        # Frames flagged by quality control give points but never become templates, unless there is none.
+        candidate = current is None or (quality.flags == 0 and not current.pinned)
+        if candidate and (current is None or score > current.score + config.template.min_improvement):
+            try:
+                registration = register_to_template(work, self._reference_template(work))
+            except Reject:
+                if current is None:
+                    raise
+                work.log.warning("template_candidate_not_registered", reason="cannot be placed in the reference frame")
+            else:
+                work.template = self._template(work, score, registration.matrix)
+                work.template_reason = (
+                    f"first template of {filter}" if current is None
+                    else f"score {score:.3f} beats {current.score:.3f} by more than {config.template.min_improvement:g}"
+                )  # fmt: skip
+                return
+        assert current is not None
+        work.template = current
+
+    def _template(self, work: FrameWork, score: float, from_reference: Affine) -> Template:
+        frame = work.frame
+        assert frame.meta.target is not None and work.sources is not None
+        return Template(
+            id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.path.name,
+            score=score, pinned=False, shape=frame.meta.shape, wcs_header=_wcs_text(frame),
+            sources=work.sources, from_reference=from_reference,
+        )  # fmt: skip
+
+    def _reference_template(self, work: FrameWork) -> Template:
+        """The reference frame as a template (its sources in reference pixels)."""
+        reference = work.reference
+        assert reference is not None
+        return Template(
+            id=None, target=reference.target, filter="", sha256=reference.sha256, file=reference.file, score=0.0,
+            pinned=False, shape=reference.shape, wcs_header=reference.wcs_header,
+            sources=work.store.sources(reference.sha256),
+        )  # fmt: skip
+
+    def _found_reference(self, work: FrameWork) -> None:
+        frame, quality, config = work.frame, work.quality, work.config
+        assert quality is not None and work.sources is not None and frame.meta.target is not None
+        target_config = config.targets[frame.meta.target]
+        if target_config.x is None and frame.wcs is None:
+            raise Reject("no template yet, and this frame has no solved WCS to place the target", step=self.name)
+        reference = Reference(
+            target=frame.meta.target, sha256=frame.sha256, file=frame.path.name, shape=frame.meta.shape,
+            pixscale=frame.meta.pixscale, wcs_header=_wcs_text(frame), sky_fix=None,
+            target_xy=np.array([target_config.x, target_config.y], dtype=float), target_origin="config",
+        )  # fmt: skip
+        if target_config.ra is not None:
+            catalog = self.catalogs.get(frame.meta.target, _catalog_band(frame.meta.filter), _radius_arcmin(work))
+            sky_fix = fit_sky_fix(reference, work.sources, catalog) if catalog is not None else None
+            reference = place_target(replace(reference, sky_fix=sky_fix, target_origin="wcs"), config)
+        work.reference, work.new_reference, work.reference_changed = reference, True, True
+        work.template = self._template(work, template_score(quality, config.template), IDENTITY)
+        work.template_reason = "first template: defines the target's reference pixel frame"
+        chosen = choose_field_stars(
+            work.sources, reference.target_xy, frame.meta.shape, quality.fwhm_pix,
+            config.photometry.max_field_stars, _linear_peak(work),
+        )  # fmt: skip
+        work.new_field_ref = np.column_stack([work.sources["x"][chosen], work.sources["y"][chosen]])
+
+
+def place_target(reference: Reference, config: Config) -> Reference:
+    """The reference with the target placed from its RA/Dec, unless bright epochs have centroided it."""
+    target = config.targets[reference.target]
+    if reference.target_origin not in ("wcs", "catalog") or target.ra is None or target.dec is None:
+        return reference
+    xy = reference.pixels_of(np.array([target.ra]), np.array([target.dec]))[0]
+    return replace(reference, target_xy=xy, target_origin="catalog" if reference.sky_fix is not None else "wcs")
+
+
+def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
+    """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that night.
+
+    Where the colour's bands were not both measured that night, the comparison stars' median colour
+    stands in and the point is flagged ``color_assumed`` (when a colour term applies at all).
+    """
+    rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
+    assumed = flags.value("color_assumed")
+    for aperture in {row["aperture"] for row in rows}:
+        group = [row for row in rows if row["aperture"] == aperture]
+        term = np.array([row["color_term"] or 0.0 for row in group])
+        mag0 = np.array([row["mag"] - (row["color_term"] or 0.0) * (row["color"] or 0.0) for row in group])
+        times = np.array([row["mjd"] for row in group])
+        bands = [row["band"] if row["filter"] in STANDARD_FILTERS else None for row in group]
+        colour = solve_colours(bands, times, mag0, term, color_for_band)
+        for row, m0, c, own, t in zip(group, mag0, term, colour, times, strict=True):
+            if abs(t - mjd) > COLOR_WINDOW_DAYS:
+                continue  # its partners may lie outside what was read
+            used = own if np.isfinite(own) else (row["comparison_color"] or 0.0)
+            point_flags = row["flags"] & ~assumed | (assumed if c != 0 and not np.isfinite(own) else 0)
+            store.set_point_colour(conn, row["sha256"], aperture, float(m0 + c * used), float(used), point_flags)
+
+
+def _wcs_text(frame: Frame) -> str | None:
+    return frame.wcs.to_header(relax=True).tostring() if frame.wcs is not None else None
+
+
+def _linear_peak(work: FrameWork) -> float | None:
+    """The highest linear peak above the background (electrons), or None when the header gives none."""
+    limit, pre = work.frame.meta.linearity_limit, work.pre
+    return None if limit is None or pre is None else limit - pre.background_level
+
+
+def _catalog_band(filter: str) -> str:
+    return BAND_OF_FILTER.get(filter, "r")  # any band's positions serve the astrometry
+
+
+def _radius_arcmin(work: FrameWork) -> float:
+    ny, nx = work.frame.meta.shape
+    return work.config.catalog.radius_arcmin or 0.6 * np.hypot(nx, ny) * work.frame.meta.pixscale / 60.0
+
+
+def register_to_template(work: FrameWork, template: Template) -> Registration:
+    """The transform from ``template`` pixels to this frame's pixels, by matching stars (WCS as a guess)."""
+    assert work.sources is not None and work.quality is not None
+    if template.sha256 == work.frame.sha256:
+        return Registration(IDENTITY, len(work.sources), 0.0, "identity")
+    guess = None
+    if work.frame.wcs is not None and template.wcs is not None:
+        guess = wcs_guess(template.wcs, work.frame.wcs, template.shape)
+    # Broad or trailed stars centroid less precisely.
+    max_rms = max(MAX_RMS, 0.15 * work.quality.fwhm_pix)
+    return register(template.sources, work.sources, guess=guess, max_rms=max_rms)
 
 
 class Register:
-    """Find the transform from template pixels to this frame's pixels by matching stars."""
+    """Find the transform from template pixels to this frame's pixels, and from reference pixels through it."""
 
     name = "register"
 
     def __call__(self, work: FrameWork) -> None:
-        template, sources = work.template, work.sources
-        assert template is not None and sources is not None
-        if template.sha256 == work.frame.sha256:
-            work.registration = Registration(IDENTITY, len(sources), 0.0, "identity")
-            return
-        guess = None
-        if work.frame.wcs is not None:
-            guess = wcs_guess(template.wcs, work.frame.wcs, template.shape)
-        assert work.quality is not None
-        max_rms = max(MAX_RMS, 0.15 * work.quality.fwhm_pix)
-        work.registration = register(template.sources, sources, guess=guess, max_rms=max_rms)
+        assert work.template is not None
+        work.registration = register_to_template(work, work.template)
+        work.to_frame = compose(work.registration.matrix, work.template.from_reference)
         work.log.debug(
             "registered", method=work.registration.method, n_matched=work.registration.n_matched,
             rms=round(work.registration.rms, 4), rotation_deg=round(work.registration.rotation_deg, 3),
         )  # fmt: skip
 
 
+#: The target's centroid joins its reference position from epochs at least this bright.
+TARGET_CENTROID_SNR = 30.0
+
+
 class MeasurePhotometry:
-    """Aperture photometry of the target and the field's comparison stars at registered positions."""
+    """Aperture photometry of the target and the comparison stars at their registered positions.
+
+    Bright stars are recentroided where the move agrees with the registration; faint ones, and the target
+    when it is faint, are measured where the registration puts them (forced photometry).
+    """
 
     name = "photometry"
 
     def __call__(self, work: FrameWork) -> None:
-        template, registration, quality, pre = work.template, work.registration, work.quality, work.pre
-        assert template is not None and registration is not None and quality is not None and pre is not None
+        reference, to_frame, quality, pre = work.reference, work.to_frame, work.quality, work.pre
+        assert reference is not None and to_frame is not None and quality is not None and pre is not None
         assert work.sources is not None and work.frame.meta.target is not None
         config = work.config
-        if work.new_field is not None:
-            ra, dec = work.new_field
-            star_ids = np.arange(1, len(ra) + 1)
+        if work.new_field_ref is not None:
+            star_ids, field_ref = np.arange(1, len(work.new_field_ref) + 1), work.new_field_ref
         else:
-            star_ids, ra, dec = work.store.field_stars(work.frame.meta.target)
-        work.field_xy = template.field_pixels(ra, dec)
-        template_xy = np.vstack([template.target_xy(config.targets[work.frame.meta.target]), work.field_xy])
-        xy = registration.apply(template_xy)
-        work.star_ids = np.concatenate([[0], star_ids])
-        work.photometry = measure(
+            star_ids, field_ref = work.store.field_stars(work.frame.meta.target)
+        work.star_ids, work.field_ref = np.concatenate([[0], star_ids]), field_ref
+        xy = apply_affine(to_frame, np.vstack([reference.target_xy, field_ref]))
+        if reference.target_placed_by_wcs:
+            xy[0] = self._acquire_target(work, xy[0])
+        work.photometry = phot = measure(
             work.frame, pre, work.sources, xy[:, 0], xy[:, 1],
             config.photometry.apertures, config.photometry.annulus, quality.fwhm_pix,
             recentre_snr=config.photometry.recentre_snr, min_snr=config.photometry.min_snr,
             max_shift=max(1.0, 0.5 * quality.fwhm_pix),
         )  # fmt: skip
+        snr = phot.flux[0, 0] / phot.flux_err[0, 0]
+        clean = phot.flags[0, 0] & flags.value("forced_position", "blended", "saturated", "nonlinear", "bad_pixel") == 0
+        if clean and snr >= TARGET_CENTROID_SNR and quality.flags == 0:
+            centroid = apply_affine(invert(to_frame), np.array([[phot.x[0], phot.y[0]]]))[0]
+            work.target_centroid_ref = (centroid, float(snr))
+
+    @staticmethod
+    def _acquire_target(work: FrameWork, predicted: np.ndarray) -> np.ndarray:
+        """Until the target has been centroided, its position is only as good as the header WCS: take the
+        nearest bright detection within that WCS's error, if there is one."""
+        sources, meta = work.sources, work.frame.meta
+        assert sources is not None
+        bright = sources[(sources["snr"] >= work.config.photometry.recentre_snr) & ~sources["sharp"]]
+        if not len(bright):
+            return predicted
+        distance = np.hypot(bright["x"] - predicted[0], bright["y"] - predicted[1])
+        nearest = int(np.argmin(distance))
+        if distance[nearest] > SOLVED_WCS_ERROR_ARCSEC / meta.pixscale:
+            return predicted
+        return np.array([bright["x"][nearest], bright["y"][nearest]])
 
 
 class DifferentialPhotometry:
-    """The target's magnitude against a weighted ensemble of the field's comparison stars."""
+    """The target against a weighted ensemble of the comparison stars; a limit where it is not detected."""
 
     name = "differential"
 
     def __call__(self, work: FrameWork) -> None:
-        phot, star_ids, template, registration = (
-            work.photometry,
-            work.star_ids,
-            work.template,
-            work.registration,
-        )
+        phot, star_ids, template, registration = work.photometry, work.star_ids, work.template, work.registration
         assert phot is not None and star_ids is not None and template is not None and registration is not None
-        meta = work.frame.meta
+        assert work.quality is not None
+        meta, config = work.frame.meta, work.config
         assert meta.target is not None
         refs = work.store.star_refs(meta.target, meta.filter)
         if not refs:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
             clean = comparison_stars(phot, 0)
             refs = {
-                int(star): float(mag)
-                for star, mag in zip(star_ids[1:][clean], phot.inst_mag[1:, 0][clean], strict=True)
+                int(star): (float(mag), float(err))
+                for star, mag, err in zip(
+                    star_ids[1:][clean], phot.inst_mag[1:, 0][clean], phot.inst_err[1:, 0][clean], strict=True
+                )
             }
             work.new_refs = refs
-        ref_mag = np.array([refs.get(int(star), np.nan) for star in star_ids[1:]])
+        ref_mag = np.array([refs.get(int(star), (np.nan, np.nan))[0] for star in star_ids[1:]])
+        ref_err = np.array([refs.get(int(star), (np.nan, np.nan))[1] for star in star_ids[1:]])
         # Light lost to clouds shows against the reference frame only on the same instrument; another
         # telescope's throughput differs by magnitudes.
         same_instrument = (
             bool(work.new_refs) or work.store.reference_instrument(meta.target, meta.filter) == meta.instrument
         )
-        for k, aperture in enumerate(work.config.photometry.apertures):
+        apertures = config.photometry.apertures
+        work.ensemble_scatter = np.zeros(len(apertures))
+        for k, aperture in enumerate(apertures):
             # The ensemble is a zero point against the reference magnitudes: the same robust fit (clipping,
             # intrinsic scatter so no few bright stars dominate) as the calibration against a catalog.
             comparison = comparison_stars(phot, k)
             try:
                 ensemble = fit_zeropoint(
                     phot.inst_mag[1:, k][comparison], phot.inst_err[1:, k][comparison],
-                    ref_mag[comparison], np.zeros(int(comparison.sum())),
+                    ref_mag[comparison], ref_err[comparison],
                 )  # fmt: skip
                 offset, offset_err, n_used = ensemble.zp, ensemble.zp_err, ensemble.n_used
+                work.ensemble_scatter[k] = ensemble.intrinsic_scatter
             except TooFewStars:
                 offset, offset_err, n_used = np.nan, np.nan, 0
-            point_flags = int(phot.flags[0, k])
+            point_flags = int(phot.flags[0, k]) | work.quality.flags
             if n_used < MIN_COMPARISONS:
                 point_flags |= flags.value("few_comparisons")
-            if same_instrument and -offset > work.config.quality.max_cloud_loss:
+            if same_instrument and -offset > config.quality.max_cloud_loss:
                 point_flags |= flags.value("cloudy")
+            flux, flux_err = phot.flux[0, k], phot.flux_err[0, k]
+            snr = flux / flux_err if flux_err > 0 else np.nan
+            detected = bool(snr >= config.photometry.detection_snr)
+            if not detected:
+                point_flags |= flags.value("nondetection")
+            # The frame-to-frame scatter the comparison stars show beyond their errors applies to the target too.
+            diff_err = np.sqrt(phot.inst_err[0, k] ** 2 + offset_err**2 + work.ensemble_scatter[k] ** 2)
             work.points.append(
                 {
                     "sha256": work.frame.sha256, "aperture": k, "aperture_text": str(aperture),
                     "target": meta.target, "filter": meta.filter,
                     "x": float(phot.x[0]), "y": float(phot.y[0]),
-                    "diff_mag": _finite(phot.inst_mag[0, k] + offset),
-                    "diff_mag_err": _finite(np.hypot(phot.inst_err[0, k], offset_err)),
+                    "diff_mag": _finite(phot.inst_mag[0, k] + offset) if detected else None,
+                    "diff_mag_err": _finite(diff_err) if detected else None,
+                    "flux": _finite(flux / meta.exptime), "flux_err": _finite(flux_err / meta.exptime),
+                    "snr": _finite(snr), "limit_mag": _finite(limit_mag(flux_err, meta.exptime) + offset),
+                    "ensemble_scatter": float(work.ensemble_scatter[k]),
                     "n_comparison": n_used, "registration_rms": registration.rms,
                     "n_matched": registration.n_matched, "template": template.file,
                     "flags": point_flags | flags.value("uncalibrated"),
                 }
             )  # fmt: skip
+
+
+def limit_mag(flux_err: float, exptime: float) -> float:
+    """Instrumental magnitude of a 5 sigma detection, for a flux error in electrons."""
+    return float(-2.5 * np.log10(5.0 * flux_err / exptime)) if flux_err > 0 else np.nan
 
 
 def _finite(value: float) -> float | None:
@@ -255,89 +435,121 @@ def _finite(value: float) -> float | None:
 class Calibrate:
     """Standard magnitudes: a zero point per aperture from the field's catalog stars (old steps 4.5-6).
 
-    Without a catalog the points stay uncalibrated and flagged; ``lcowatch recalibrate`` fills them in
-    later from the stored star photometry.
+    The catalog is cross-matched to the comparison stars in the reference frame, through its header WCS
+    corrected on the catalog stars themselves. Without a catalog the points stay uncalibrated and flagged;
+    ``lcowatch recalibrate`` fills them in later from the stored star photometry. The colour term is applied
+    with the target's own colour once the paired filter is measured the same night (see
+    :func:`Pipeline._apply_colours`).
     """
 
     name = "calibrate"
 
     def __init__(self, catalogs: FieldCatalogs) -> None:
         self.catalogs = catalogs
-        self._matches: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._matches: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def __call__(self, work: FrameWork) -> None:
-        phot, template, meta = work.photometry, work.template, work.frame.meta
-        assert phot is not None and template is not None and work.field_xy is not None and meta.target is not None
-        ny, nx = meta.shape
-        radius_arcmin = work.config.catalog.radius_arcmin or 0.6 * np.hypot(nx, ny) * meta.pixscale / 60.0
+        phot, reference, meta = work.photometry, work.reference, work.frame.meta
+        assert phot is not None and reference is not None and work.field_ref is not None and meta.target is not None
+        assert work.star_ids is not None
+        if reference.sky_fix is None and reference.wcs is not None:
+            sky_fix = self.fix_reference(work.store, reference, _radius_arcmin(work), meta.filter)
+            if sky_fix is not None:
+                work.reference = reference = place_target(replace(reference, sky_fix=sky_fix), work.config)
+                work.reference_changed = True
         calibrations, catalog = self.calibrate(
-            work.config, meta.target, meta.filter, meta.instrument, template, work.field_xy,
-            phot.inst_mag, phot.inst_err, phot.flags, radius_arcmin,
+            work.config, reference, meta.filter, meta.instrument, work.field_ref,
+            phot.inst_mag, phot.inst_err, phot.flags, _radius_arcmin(work), work.ensemble_scatter,
         )  # fmt: skip
         for point, calibration in zip(work.points, calibrations, strict=True):
-            point_flags = point["flags"]
-            assert isinstance(point_flags, int)
-            point.update(calibration_columns(calibration, catalog, meta.filter, point_flags))
+            point_flags, flux_err = point["flags"], point["flux_err"]
+            assert isinstance(point_flags, int) and (flux_err is None or isinstance(flux_err, float))
+            point.update(calibration_columns(calibration, catalog, meta.filter, point_flags, flux_err))
+
+    def fix_reference(self, store: Store, reference: Reference, radius_arcmin: float, filter: str) -> Affine | None:
+        """Correct a reference frame's header WCS once a catalog can be had (it could not when it was made)."""
+        catalog = self.catalogs.get(reference.target, _catalog_band(filter), radius_arcmin)
+        if catalog is None:
+            return None
+        return fit_sky_fix(reference, store.sources(reference.sha256), catalog)
 
     def calibrate(
         self,
         config: Config,
-        target: str,
+        reference: Reference,
         filter: str,
         instrument: str | None,
-        template: Template,
-        field_xy: np.ndarray,
+        field_ref: np.ndarray,
         inst_mag: np.ndarray,
         inst_err: np.ndarray,
         star_flags: np.ndarray,
         radius_arcmin: float,
+        ensemble_scatter: np.ndarray | None,
     ) -> tuple[list[Calibration | None], Table | None]:
         """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
         apertures = inst_mag.shape[1]
         band = BAND_OF_FILTER.get(filter)
-        catalog = self.catalogs.get(target, band, radius_arcmin) if band is not None else None
-        if catalog is None or len(catalog) == 0:
+        catalog = self.catalogs.get(reference.target, band, radius_arcmin) if band is not None else None
+        if catalog is None or len(catalog) == 0 or reference.wcs is None:
             return [None] * apertures, catalog
-        key = (target, filter, template.sha256, len(field_xy))
+        fix = None if reference.sky_fix is None else reference.sky_fix.tobytes()
+        key = (reference.target, band, reference.sha256, fix, len(field_ref))
         if key not in self._matches:
-            cat_xy = template.pixels_of(np.asarray(catalog["ra"]), np.asarray(catalog["dec"]))
-            radius = config.catalog.match_radius_arcsec / template.pixscale
-            _, cat_index, star_index = match_positions(cat_xy, field_xy, radius)
-            self._matches[key] = (cat_index, star_index)
+            order = np.argsort(np.asarray(catalog["mag"], dtype=float))
+            cat_xy = reference.pixels_of(np.asarray(catalog["ra"])[order], np.asarray(catalog["dec"])[order])
+            radius = config.catalog.match_radius_arcsec / reference.pixscale
+            shift = 0.0 if reference.sky_fix is not None else SOLVED_WCS_ERROR_ARCSEC / reference.pixscale
+            _, cat_index, star_index = match_positions(cat_xy, field_ref, radius, max_offset=shift)
+            self._matches[key] = (order[cat_index], star_index)
         cat_index, star_index = self._matches[key]
         usable = np.column_stack(
             [comparison_mask(inst_mag[1:, k], inst_err[1:, k], star_flags[1:, k]) for k in range(apertures)]
         )
         color_terms = config.catalog.color_terms
         fixed = color_terms.get(f"{instrument}:{filter}", color_terms.get(filter))
+        if fixed is None and not config.catalog.fit_color_terms:
+            fixed = 0.0
         return calibrate_apertures(
-            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed
-        ), catalog
+            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed,
+            extra_error=ensemble_scatter,
+        ), catalog  # fmt: skip
 
 
 def calibration_columns(
-    calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int
+    calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int, flux_err: float | None
 ) -> dict[str, object]:
-    """The points-table columns a calibration sets (all empty, and flagged, without one)."""
+    """The points-table columns a calibration sets (all empty, and flagged, without one).
+
+    ``mag`` is the colour-0 magnitude here; the colour term is added by :func:`apply_colours`.
+    ``flux_err`` (e-/s) gives the calibrated 5 sigma limit.
+    """
     band = BAND_OF_FILTER.get(filter)  # None: a filter no catalog covers (e.g. Y); points stay uncalibrated
     if filter not in STANDARD_FILTERS:
         point_flags |= flags.value("nonstandard_band")
+    empty = dict.fromkeys(
+        ("mag", "mag_err", "zp", "zp_err", "color_term", "zp_nstars", "zp_scatter", "catalog", "color",
+         "comparison_color")
+    )  # fmt: skip
     if calibration is None:
-        empty = dict.fromkeys(("mag", "mag_err", "zp", "zp_err", "color_term", "zp_nstars", "zp_scatter", "catalog"))
         return empty | {"band": band, "flags": point_flags | flags.value("uncalibrated")}
     zp = calibration.zeropoint
+    detected = not point_flags & flags.value("nondetection")
     return {
-        "mag": _finite(calibration.mag), "mag_err": _finite(calibration.mag_err), "zp": zp.zp, "zp_err": zp.zp_err,
-        "color_term": zp.color_term, "zp_nstars": zp.n_used, "zp_scatter": _finite(zp.scatter),
-        "catalog": catalog.meta.get("catalog") if catalog is not None else None, "band": band,
+        "mag": _finite(calibration.mag) if detected else None,
+        "mag_err": _finite(calibration.mag_err) if detected else None,
+        "zp": zp.zp, "zp_err": zp.zp_err, "color_term": zp.color_term, "zp_nstars": zp.n_used,
+        "zp_scatter": _finite(zp.scatter), "catalog": catalog.meta.get("catalog") if catalog is not None else None,
+        "band": band, "color": None, "comparison_color": _finite(calibration.comparison_color),
         "flags": point_flags & ~flags.value("uncalibrated"),
+        "limit_mag": _finite(limit_mag(flux_err, 1.0) + zp.zp) if flux_err is not None else None,
     }  # fmt: skip
 
 
 def default_stages(config: Config) -> list[Stage]:
+    catalogs = FieldCatalogs(config)
     return [
-        Preprocess(), MeasureQuality(), SelectTemplate(), Register(), MeasurePhotometry(), DifferentialPhotometry(),
-        Calibrate(FieldCatalogs(config)),
+        Preprocess(), MeasureQuality(), SelectTemplate(catalogs), Register(), MeasurePhotometry(),
+        DifferentialPhotometry(), Calibrate(catalogs),
     ]  # fmt: skip
 
 
@@ -527,22 +739,28 @@ class Pipeline:
         def write(conn: sqlite3.Connection) -> None:
             if quality is None or sources is None:
                 return
-            wcs_header = frame.wcs.to_header(relax=True).tostring() if frame.wcs is not None else None
             score = template_score(quality, self.config.template)
-            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_header, score)
+            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, _wcs_text(frame), score)
             if state != "done":
                 self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
                 return
             assert meta.target is not None and work.star_ids is not None and work.photometry is not None
+            if work.reference_changed and work.reference is not None:
+                self.store.write_reference(conn, work.reference)
+            if work.new_reference:
+                requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
             if work.template_reason is not None and work.template is not None:
                 self.store.write_template(conn, work.template, work.template_reason)
-                requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target, meta.filter))
-            if work.new_field is not None:
-                self.store.write_field_stars(conn, meta.target, *work.new_field, origin=f"template {frame.path.name}")
+            if work.new_field_ref is not None:
+                origin = f"template {frame.path.name}"
+                self.store.write_field_stars(conn, meta.target, work.new_field_ref, origin=origin)
             if work.new_refs:
                 self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
+            if work.target_centroid_ref is not None:
+                self.store.add_target_centroid(conn, meta.target, frame.sha256, *work.target_centroid_ref)
             self.store.write_photometry(conn, frame.sha256, work.star_ids, work.photometry)
             self.store.write_points(conn, work.points)
+            apply_colours(conn, self.store, meta.target, meta.mjd_mid)
 
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
@@ -569,32 +787,60 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
     """
     store = Store(conn)
     calibrate = Calibrate(FieldCatalogs(config))
-    star_ids, ra, dec = store.field_stars(target)
+    reference = store.reference(target)
+    if reference is None:
+        return 0, 0
+    star_ids, field_ref = store.field_stars(target)
     order = np.concatenate([[0], star_ids])
     apertures = len(config.photometry.apertures)
-    frames = conn.execute(
-        "SELECT f.sha256, f.filter, f.instrument, f.nx, f.ny, f.pixscale FROM frames f JOIN files USING (sha256) "
-        "WHERE f.target = ? AND files.state = 'done' ORDER BY f.mjd",
-        (target,),
-    ).fetchall()
+    frames = store.done_frames(target)
+    radius = config.catalog.radius_arcmin or 0.6 * np.hypot(*reference.shape) * reference.pixscale / 60.0
+    if reference.sky_fix is None and reference.wcs is not None:
+        sky_fix = calibrate.fix_reference(store, reference, radius, frames[0]["filter"] if frames else "rp")
+        if sky_fix is not None:
+            reference = place_target(replace(reference, sky_fix=sky_fix), config)
     calibrated = 0
-    for sha256, filter, instrument, nx, ny, pixscale in frames:
-        template = store.current_template(target, filter)
-        if template is None:
-            continue
-        inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
-        calibrations, catalog = calibrate.calibrate(
-            config, target, filter, instrument, template, template.field_pixels(ra, dec),
-            inst_mag, inst_err, star_flags, 0.6 * np.hypot(nx, ny) * pixscale / 60.0,
-        )  # fmt: skip
-        if catalog is None:
-            continue  # nothing to calibrate against: keep what is stored
-        point_flags = [row[0] for row in conn.execute(
-            "SELECT flags FROM points WHERE sha256 = ? ORDER BY aperture", (sha256,)
-        )]  # fmt: skip
-        store.update_points(
-            sha256,
-            [calibration_columns(c, catalog, filter, f) for c, f in zip(calibrations, point_flags, strict=False)],
-        )
-        calibrated += any(c is not None for c in calibrations)
+    with transaction(conn):
+        store.write_reference(conn, reference)
+        for frame in frames:
+            sha256, filter = frame["sha256"], frame["filter"]
+            inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
+            points = store.point_rows(sha256)
+            calibrations, catalog = calibrate.calibrate(
+                config, reference, filter, frame["instrument"], field_ref, inst_mag, inst_err, star_flags, radius,
+                np.array([p["ensemble_scatter"] or 0.0 for p in points]),
+            )  # fmt: skip
+            if catalog is None:
+                continue  # nothing to calibrate against: keep what is stored
+            store.update_points(
+                conn, sha256,
+                [calibration_columns(c, catalog, filter, p["flags"], p["flux_err"])
+                 for c, p in zip(calibrations, points, strict=False)],
+            )  # fmt: skip
+            calibrated += any(c is not None for c in calibrations)
+        for frame in frames:
+            apply_colours(conn, store, target, frame["mjd"])
     return len(frames), calibrated
+
+
+def pin_template(config: Config, conn: sqlite3.Connection, name_or_sha: str, target: str) -> Template:
+    """Make a processed frame the pinned template of its target and filter, placed in the target's reference
+    frame by its stars. Raises ``LookupError`` or ``ValueError`` with the reason when it cannot be."""
+    store = Store(conn)
+    template = store.processed_frame_as_template(name_or_sha, target)
+    reference = store.reference(target)
+    if reference is None:
+        raise ValueError(f"{target} has no reference frame yet: process a frame first")
+    reference_sources = store.sources(reference.sha256)
+    if template.sha256 != reference.sha256:
+        guess = None
+        reference_wcs = replace(template, wcs_header=reference.wcs_header).wcs
+        if template.wcs is not None and reference_wcs is not None:
+            guess = wcs_guess(reference_wcs, template.wcs, reference.shape)
+        try:
+            template.from_reference = register(reference_sources, template.sources, guess=guess, max_rms=2.0).matrix
+        except Reject as exc:
+            raise ValueError(f"{template.file} cannot be placed in the reference frame: {exc}") from None
+    with transaction(conn):
+        store.write_template(conn, template, "pinned by hand")
+    return template

@@ -11,6 +11,7 @@ import numpy as np
 import sep
 from scipy.spatial import cKDTree
 
+from lcowatch import flags
 from lcowatch.config import QualityConfig
 from lcowatch.frame import Frame
 from lcowatch.preprocess import Preprocessed
@@ -59,6 +60,12 @@ class Quality:
     nstars: int
     verdict: str
     reasons: list[str] = field(default_factory=list)
+    flags: int = 0  # frame flags (lcowatch.flags.FRAME_FLAGS) of the failed gates
+
+    @property
+    def measurable(self) -> bool:
+        """Photometry needs a FWHM: apertures are multiples of it."""
+        return bool(np.isfinite(self.fwhm_pix))
 
 
 def detect_sources(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
@@ -210,8 +217,27 @@ def refine_centroids(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) ->
     sources["y"] = np.where(take, y, sources["y"])
 
 
-def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config: QualityConfig) -> Quality:
-    """Measure FWHM, ellipticity and star count, and judge the frame against the thresholds."""
+@dataclass(frozen=True)
+class InstrumentHistory:
+    """Medians of earlier good frames of one target with one instrument, for the relative gates."""
+
+    fwhm_arcsec: float
+    nstars: float
+    frames: int
+
+
+MIN_HISTORY_FRAMES = 5  # frames of an instrument before its own medians set the gates
+
+
+def measure_quality(
+    frame: Frame, pre: Preprocessed, sources: np.ndarray, config: QualityConfig, history: InstrumentHistory | None
+) -> Quality:
+    """Measure FWHM, ellipticity and star count, and judge the frame.
+
+    Seeing and star count are judged against the instrument's own medians for the target (``history``,
+    once it has :data:`MIN_HISTORY_FRAMES` frames): a 0.4 m telescope's 4" is normal, a 1 m's is not.
+    Each failed gate adds a reason and a frame flag (:data:`lcowatch.flags.FRAME_FLAGS`).
+    """
     bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"] & ~sources["sharp"]
     typical_sigma = float(np.median(np.sqrt(sources["a"][bright] * sources["b"][bright]))) if bright.any() else 2.0
     # sep's thresholded moments understate the size; 2.5x their FWHM spans a star's half-maximum core.
@@ -224,17 +250,24 @@ def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config
     nstars = int(((sources["snr"] >= MIN_STAR_SNR) & ~sources["sharp"]).sum())
     fwhm_arcsec = fwhm_pix * frame.meta.pixscale
 
-    reasons = []
+    failed: list[tuple[str, str]] = []  # (frame flag, reason); no flag: the frame cannot be measured
+    own = history if history is not None and history.frames >= MIN_HISTORY_FRAMES else None
     if not np.isfinite(fwhm_arcsec):
-        reasons.append("fwhm unmeasurable: no isolated unsaturated star")
-    elif fwhm_arcsec > config.max_fwhm_arcsec:
-        reasons.append(f'fwhm {fwhm_arcsec:.2f}" > {config.max_fwhm_arcsec:g}"')
-    if nstars < config.min_nstars:
-        reasons.append(f"nstars {nstars} < {config.min_nstars}")
+        failed.append(("", "fwhm unmeasurable: no isolated unsaturated star"))
+    elif own is not None and fwhm_arcsec > config.max_fwhm_ratio * own.fwhm_arcsec:
+        failed.append(("poor_seeing", f'fwhm {fwhm_arcsec:.2f}" > {config.max_fwhm_ratio:g} x the instrument\'s '
+                                      f'median {own.fwhm_arcsec:.2f}"'))  # fmt: skip
+    elif config.max_fwhm_arcsec is not None and fwhm_arcsec > config.max_fwhm_arcsec:
+        failed.append(("poor_seeing", f'fwhm {fwhm_arcsec:.2f}" > {config.max_fwhm_arcsec:g}"'))
+    if own is not None and nstars < config.min_nstars_ratio * own.nstars:
+        failed.append(("few_stars", f"nstars {nstars} < {config.min_nstars_ratio:g} x the instrument's median "
+                                    f"{own.nstars:.0f}"))  # fmt: skip
+    elif own is None and nstars < config.min_nstars:
+        failed.append(("few_stars", f"nstars {nstars} < {config.min_nstars}"))
     if np.isfinite(ellipticity) and ellipticity > config.max_ellipticity:
-        reasons.append(f"ellipticity {ellipticity:.2f} > {config.max_ellipticity:g}")
+        failed.append(("elongated", f"ellipticity {ellipticity:.2f} > {config.max_ellipticity:g}"))
     if config.max_background is not None and pre.background_level > config.max_background:
-        reasons.append(f"background {pre.background_level:.0f} e- > {config.max_background:g} e-")
+        failed.append(("high_background", f"background {pre.background_level:.0f} e- > {config.max_background:g} e-"))
     return Quality(
         background=pre.background_level,
         background_rms=pre.background_rms,
@@ -242,6 +275,7 @@ def measure_quality(frame: Frame, pre: Preprocessed, sources: np.ndarray, config
         fwhm_arcsec=fwhm_arcsec,
         ellipticity=ellipticity,
         nstars=nstars,
-        verdict="poor" if reasons else "good",
-        reasons=reasons,
+        verdict="poor" if failed else "good",
+        reasons=[reason for _, reason in failed],
+        flags=flags.value(*(name for name, _ in failed if name)),
     )

@@ -26,6 +26,24 @@ MAX_RMS = 1.0  # pixels
 CLIP_SIGMA = 3.0
 
 
+Affine = np.ndarray  # 2x3 [A | t]: xy_out = A @ xy_in + t, 0-based pixels
+
+
+def apply_affine(matrix: Affine, xy: np.ndarray) -> np.ndarray:
+    """Map an (N, 2) array of positions through a 2x3 affine matrix."""
+    return np.asarray(xy) @ matrix[:, :2].T + matrix[:, 2]
+
+
+def compose(outer: Affine, inner: Affine) -> Affine:
+    """The affine map that applies ``inner`` first, then ``outer``."""
+    return np.column_stack([outer[:, :2] @ inner[:, :2], outer[:, :2] @ inner[:, 2] + outer[:, 2]])
+
+
+def invert(matrix: Affine) -> Affine:
+    linear = np.linalg.inv(matrix[:, :2])
+    return np.column_stack([linear, -linear @ matrix[:, 2]])
+
+
 @dataclass(frozen=True)
 class Registration:
     """Affine map from template pixels to frame pixels (0-based).
@@ -41,7 +59,7 @@ class Registration:
 
     def apply(self, xy: np.ndarray) -> np.ndarray:
         """Map an (N, 2) array of template pixel positions into the frame."""
-        return np.asarray(xy) @ self.matrix[:, :2].T + self.matrix[:, 2]
+        return apply_affine(self.matrix, xy)
 
     @property
     def scale(self) -> float:
@@ -96,7 +114,7 @@ def _asterism_guess(template_xy: np.ndarray, frame_xy: np.ndarray) -> np.ndarray
 
 
 def _match(matrix: np.ndarray, template_xy: np.ndarray, tree: cKDTree, radius: float) -> tuple[np.ndarray, np.ndarray]:
-    predicted = template_xy @ matrix[:, :2].T + matrix[:, 2]
+    predicted = apply_affine(matrix, template_xy)
     distance, index = tree.query(predicted, distance_upper_bound=radius)
     found = np.isfinite(distance)
     # One frame star may answer to one template star only: keep the closest claim.
@@ -172,19 +190,47 @@ def register(
     )
 
 
-def match_positions(
-    source_xy: np.ndarray, target_xy: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pair two position lists that agree to within ``radius`` pixels up to a small affine correction.
+VOTE_STARS = 150  # brightest of each list that vote for the offset between them
 
-    Used to identify catalog stars among measured ones: both are projected through the same WCS, which
-    may be off by a few arcseconds. Returns (matrix, source_index, target_index); empty indices when fewer
-    than the minimum number of pairs agree.
+
+def _offset_vote(source_xy: np.ndarray, target_xy: np.ndarray, max_offset: float, bin_size: float) -> np.ndarray:
+    """The most common shift between two lists (brightest first), searched up to ``max_offset`` pixels.
+
+    Every pair of the brightest stars votes for its offset; the true shift collects a vote from every
+    star present in both lists, a wrong one only chance coincidences.
+    """
+    offsets = (target_xy[None, :VOTE_STARS, :] - source_xy[:VOTE_STARS, None, :]).reshape(-1, 2)
+    offsets = offsets[np.all(np.abs(offsets) <= max_offset, axis=1)]
+    if len(offsets) == 0:
+        return np.zeros(2)
+    cells = np.floor(offsets / bin_size).astype(int)
+    # Votes on a cell edge split; count each cell with its upper neighbours (2x2 blocks).
+    keys, counts = np.unique(cells, axis=0, return_counts=True)
+    votes = dict(zip(map(tuple, keys), counts, strict=True))
+    best = max(votes, key=lambda k: sum(votes.get((k[0] + i, k[1] + j), 0) for i in (0, 1) for j in (0, 1)))
+    lower = np.array(best) * bin_size
+    inside = np.all((offsets >= lower) & (offsets < lower + 2 * bin_size), axis=1)
+    return np.median(offsets[inside], axis=0)
+
+
+def match_positions(
+    source_xy: np.ndarray, target_xy: np.ndarray, radius: float, *, max_offset: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pair two position lists that agree to within ``radius`` pixels after a small affine correction.
+
+    Used to identify catalog stars among measured ones: both are projected through a WCS that may be off
+    by a few arcseconds. With ``max_offset`` (pixels) a common shift up to that size is found first by
+    voting. Lists should be ordered brightest first. Returns (matrix, source_index, target_index):
+    ``matrix`` maps source positions onto target positions; empty indices when fewer than the minimum
+    number of pairs agree.
     """
     empty = np.empty(0, dtype=int)
     if len(source_xy) < MIN_MATCHES or len(target_xy) < MIN_MATCHES:
         return IDENTITY, empty, empty
-    matrix, n_matched, rms = _refine(IDENTITY, source_xy, target_xy, radius)
+    start = IDENTITY.copy()
+    if max_offset > radius:
+        start[:, 2] = _offset_vote(source_xy, target_xy, max_offset, radius)
+    matrix, n_matched, rms = _refine(start, source_xy, target_xy, radius)
     if n_matched < MIN_MATCHES:
         return IDENTITY, empty, empty
     source_index, target_index = _match(matrix, source_xy, cKDTree(target_xy), max(MATCH_RADIUS, 3 * rms))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -11,8 +12,9 @@ import numpy as np
 
 from lcowatch.frame import FrameMeta
 from lcowatch.photometry import Photometry
-from lcowatch.quality import SOURCE_DTYPE, Quality
-from lcowatch.template import Template
+from lcowatch.quality import SOURCE_DTYPE, InstrumentHistory, Quality
+from lcowatch.register import IDENTITY, Affine
+from lcowatch.template import Reference, Template, weighted_centroid
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -76,14 +78,37 @@ CREATE TABLE IF NOT EXISTS templates (
     reason TEXT NOT NULL,
     nx INTEGER NOT NULL,
     ny INTEGER NOT NULL,
-    wcs_header TEXT NOT NULL
+    wcs_header TEXT NOT NULL,
+    from_reference TEXT
 );
 CREATE INDEX IF NOT EXISTS templates_active ON templates (target, filter, active);
-CREATE TABLE IF NOT EXISTS field_stars (
+CREATE TABLE IF NOT EXISTS reference_frames (
+    target TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL REFERENCES frames (sha256),
+    file TEXT NOT NULL,
+    nx INTEGER NOT NULL,
+    ny INTEGER NOT NULL,
+    pixscale REAL NOT NULL,
+    wcs_header TEXT,
+    sky_fix TEXT,
+    target_x REAL NOT NULL,
+    target_y REAL NOT NULL,
+    target_origin TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS target_centroids (
+    target TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    x REAL NOT NULL,
+    y REAL NOT NULL,
+    snr REAL NOT NULL,
+    PRIMARY KEY (target, sha256)
+);
+CREATE TABLE IF NOT EXISTS comparison_stars (
     target TEXT NOT NULL,
     star_id INTEGER NOT NULL,
-    ra REAL NOT NULL,
-    dec REAL NOT NULL,
+    x REAL NOT NULL,
+    y REAL NOT NULL,
     origin TEXT NOT NULL,
     PRIMARY KEY (target, star_id)
 );
@@ -92,6 +117,7 @@ CREATE TABLE IF NOT EXISTS star_refs (
     filter TEXT NOT NULL,
     star_id INTEGER NOT NULL,
     ref_mag REAL NOT NULL,
+    ref_err REAL,
     PRIMARY KEY (target, filter, star_id)
 );
 CREATE TABLE IF NOT EXISTS photometry (
@@ -119,6 +145,11 @@ CREATE TABLE IF NOT EXISTS points (
     y REAL,
     diff_mag REAL,
     diff_mag_err REAL,
+    flux REAL,
+    flux_err REAL,
+    snr REAL,
+    limit_mag REAL,
+    ensemble_scatter REAL,
     n_comparison INTEGER NOT NULL,
     registration_rms REAL NOT NULL,
     n_matched INTEGER NOT NULL,
@@ -128,6 +159,8 @@ CREATE TABLE IF NOT EXISTS points (
     zp REAL,
     zp_err REAL,
     color_term REAL,
+    color REAL,
+    comparison_color REAL,
     zp_nstars INTEGER,
     zp_scatter REAL,
     catalog TEXT,
@@ -138,13 +171,32 @@ CREATE TABLE IF NOT EXISTS points (
 CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 """
 
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Forward migration of a database made by an earlier release: add the columns it lacks (all such
+    columns are nullable)."""
+    for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", SCHEMA, re.S):
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for line in body.strip().splitlines():
+            name, kind = line.strip().rstrip(",").split()[:2]
+            if name.isidentifier() and name.upper() not in ("PRIMARY", "FOREIGN") and name not in have:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+
+
 ANY_FILTER = "(? IS NULL OR {column} = ?)"  # bound twice to the filter: None matches every filter
-TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header"
+TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header, from_reference"
 
 FRAME_COLUMNS = (
     "file", "target", "filter", "mjd", "exptime", "background", "background_rms",
     "fwhm", "ellipticity", "nstars", "quality", "reasons",
 )  # fmt: skip
+
+
+def _affine(text: str | None) -> Affine:
+    return np.array(json.loads(text), dtype=float).reshape(2, 3) if text else IDENTITY
+
+
+def _affine_text(matrix: Affine) -> str:
+    return json.dumps([float(v) for v in np.asarray(matrix).ravel()])
 
 
 def _nullable(value: float) -> float | None:
@@ -157,6 +209,7 @@ class Store:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         conn.executescript(SCHEMA)
+        _add_missing_columns(conn)
         self._templates: dict[tuple[int, bool], Template] = {}
 
     @staticmethod
@@ -238,7 +291,8 @@ class Store:
             cached = Template(
                 id=row["id"], target=target, filter=filter, sha256=row["sha256"], file=row["file"],
                 score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
-                wcs_header=row["wcs_header"], sources=self.sources(row["sha256"]),
+                wcs_header=row["wcs_header"] or None, sources=self.sources(row["sha256"]),
+                from_reference=_affine(row["from_reference"]),
             )  # fmt: skip
             self._templates = {key: cached}
         return cached
@@ -252,20 +306,17 @@ class Store:
         )
         conn.execute(
             "INSERT INTO templates (target, filter, sha256, file, score, pinned, active, created, reason, nx, ny, "
-            "wcs_header) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?)",
+            "wcs_header, from_reference) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
             (
                 template.target, template.filter, template.sha256, template.file, template.score,
                 int(template.pinned), time.time(), reason, template.shape[1], template.shape[0],
-                template.wcs_header,
+                template.wcs_header or "", _affine_text(template.from_reference),
             ),
         )  # fmt: skip
 
-    def pin_template(self, name_or_sha: str, target: str) -> Template:
-        """Make a processed, solved frame the pinned template of its target and filter.
-
-        A pinned template is never replaced automatically; raises ``LookupError`` or ``ValueError`` with
-        the reason when the frame cannot be pinned.
-        """
+    def processed_frame_as_template(self, name_or_sha: str, target: str) -> Template:
+        """A processed frame of ``target`` (by file name or sha256) as a pinned template, not yet placed in the
+        reference frame; raises ``LookupError`` or ``ValueError`` with the reason when there is none."""
         row = self.conn.execute(
             "SELECT sha256, file, target, filter, nx, ny, wcs_header, template_score FROM frames "
             "WHERE sha256 = ? OR file = ? ORDER BY mjd DESC",
@@ -275,16 +326,11 @@ class Store:
             raise LookupError(f"{name_or_sha}: no such processed frame")
         if row["target"] != target:
             raise ValueError(f"{row['file']} belongs to {row['target']}, not {target}")
-        if row["wcs_header"] is None:
-            raise ValueError(f"{row['file']}: its WCS was not solved (WCSERR != 0), so it cannot place the target")
-        template = Template(
+        return Template(
             id=None, target=row["target"], filter=row["filter"], sha256=row["sha256"], file=row["file"],
             score=row["template_score"] if row["template_score"] is not None else float("-inf"), pinned=True,
             shape=(row["ny"], row["nx"]), wcs_header=row["wcs_header"], sources=self.sources(row["sha256"]),
         )  # fmt: skip
-        with self.conn:
-            self.write_template(self.conn, template, "pinned by hand")
-        return template
 
     def unpin_template(self, target: str, filter: str | None) -> int:
         """Let better frames replace the current templates again; returns how many were pinned."""
@@ -303,20 +349,91 @@ class Store:
         )
         return [dict(row) for row in self.conn.execute(query, (target, filter, filter))]
 
-    def field_stars(self, target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(star_id, ra, dec) of the target's comparison stars, ids from 1; the target itself is 0."""
+    def field_stars(self, target: str) -> tuple[np.ndarray, np.ndarray]:
+        """(star_id, xy) of the target's comparison stars: ids from 1 (the target is 0), positions (N, 2) in
+        the target's reference pixels."""
         rows = self.conn.execute(
-            "SELECT star_id, ra, dec FROM field_stars WHERE target = ? ORDER BY star_id", (target,)
+            "SELECT star_id, x, y FROM comparison_stars WHERE target = ? ORDER BY star_id", (target,)
         ).fetchall()
         table = np.array([tuple(row) for row in rows], dtype=float).reshape(-1, 3)
-        return table[:, 0].astype(int), table[:, 1], table[:, 2]
+        return table[:, 0].astype(int), table[:, 1:]
 
     @staticmethod
-    def write_field_stars(conn: sqlite3.Connection, target: str, ra: np.ndarray, dec: np.ndarray, origin: str) -> None:
+    def write_field_stars(conn: sqlite3.Connection, target: str, xy: np.ndarray, origin: str) -> None:
         conn.executemany(
-            "INSERT OR IGNORE INTO field_stars VALUES (?, ?, ?, ?, ?)",
-            [(target, i + 1, float(r), float(d), origin) for i, (r, d) in enumerate(zip(ra, dec, strict=True))],
+            "INSERT OR IGNORE INTO comparison_stars VALUES (?, ?, ?, ?, ?)",
+            [(target, i + 1, float(x), float(y), origin) for i, (x, y) in enumerate(xy)],
         )
+
+    def reference(self, target: str) -> Reference | None:
+        """The target's reference pixel frame, or None before its first template."""
+        row = self.conn.execute("SELECT * FROM reference_frames WHERE target = ?", (target,)).fetchone()
+        if row is None:
+            return None
+        return Reference(
+            target=target, sha256=row["sha256"], file=row["file"], shape=(row["ny"], row["nx"]),
+            pixscale=row["pixscale"], wcs_header=row["wcs_header"],
+            sky_fix=_affine(row["sky_fix"]) if row["sky_fix"] else None,
+            target_xy=np.array([row["target_x"], row["target_y"]]), target_origin=row["target_origin"],
+        )  # fmt: skip
+
+    @staticmethod
+    def write_reference(conn: sqlite3.Connection, reference: Reference) -> None:
+        conn.execute(
+            "INSERT OR REPLACE INTO reference_frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                reference.target, reference.sha256, reference.file, reference.shape[1], reference.shape[0],
+                reference.pixscale, reference.wcs_header,
+                _affine_text(reference.sky_fix) if reference.sky_fix is not None else None,
+                float(reference.target_xy[0]), float(reference.target_xy[1]), reference.target_origin, time.time(),
+            ),
+        )  # fmt: skip
+
+    @staticmethod
+    def add_target_centroid(conn: sqlite3.Connection, target: str, sha256: str, xy: np.ndarray, snr: float) -> None:
+        """Record a bright epoch's centroid of the target (reference pixels) and move the target's
+        reference position to the S/N-weighted mean of all of them."""
+        conn.execute(
+            "INSERT OR REPLACE INTO target_centroids VALUES (?, ?, ?, ?, ?)",
+            (target, sha256, float(xy[0]), float(xy[1]), float(snr)),
+        )
+        rows = np.array(conn.execute("SELECT x, y, snr FROM target_centroids WHERE target = ?", (target,)).fetchall())
+        x, y = weighted_centroid(rows[:, :2], rows[:, 2])
+        conn.execute(
+            "UPDATE reference_frames SET target_x = ?, target_y = ?, target_origin = ? WHERE target = ?",
+            (float(x), float(y), "centroids", target),
+        )
+
+    @staticmethod
+    def calibrated_points_near(conn: sqlite3.Connection, target: str, mjd: float, days: float) -> list[sqlite3.Row]:
+        """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture."""
+        return conn.execute(
+            "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.color, p.color_term, p.comparison_color, "
+            "p.flags, f.mjd FROM points p JOIN frames f USING (sha256) WHERE p.target = ? AND p.mag IS NOT NULL "
+            "AND f.mjd BETWEEN ? AND ?",
+            (target, mjd - days, mjd + days),
+        ).fetchall()
+
+    @staticmethod
+    def set_point_colour(
+        conn: sqlite3.Connection, sha256: str, aperture: int, mag: float, color: float, point_flags: int
+    ) -> None:
+        conn.execute(
+            "UPDATE points SET mag = ?, color = ?, flags = ? WHERE sha256 = ? AND aperture = ?",
+            (mag, color, point_flags, sha256, aperture),
+        )
+
+    def instrument_history(self, target: str, instrument: str | None) -> InstrumentHistory | None:
+        """Median FWHM and star count of the target's good frames from one instrument."""
+        rows = self.conn.execute(
+            "SELECT f.fwhm, f.nstars FROM frames f JOIN files USING (sha256) WHERE f.target = ? AND "
+            "f.instrument IS ? AND f.quality = 'good' AND files.state = 'done' AND f.fwhm IS NOT NULL",
+            (target, instrument),
+        ).fetchall()
+        if not rows:
+            return None
+        values = np.array([tuple(row) for row in rows], dtype=float)
+        return InstrumentHistory(float(np.median(values[:, 0])), float(np.median(values[:, 1])), len(rows))
 
     def reference_instrument(self, target: str, filter: str) -> str | None:
         """The instrument of the frame that set the reference magnitudes: the first template."""
@@ -327,17 +444,20 @@ class Store:
         ).fetchone()
         return row[0] if row else None
 
-    def star_refs(self, target: str, filter: str) -> dict[int, float]:
+    def star_refs(self, target: str, filter: str) -> dict[int, tuple[float, float]]:
+        """Reference (magnitude, error) of the comparison stars in a filter, by star id."""
         rows = self.conn.execute(
-            "SELECT star_id, ref_mag FROM star_refs WHERE target = ? AND filter = ?", (target, filter)
+            "SELECT star_id, ref_mag, ref_err FROM star_refs WHERE target = ? AND filter = ?", (target, filter)
         ).fetchall()
-        return {row["star_id"]: row["ref_mag"] for row in rows}
+        return {row["star_id"]: (row["ref_mag"], row["ref_err"] or 0.0) for row in rows}
 
     @staticmethod
-    def write_star_refs(conn: sqlite3.Connection, target: str, filter: str, refs: dict[int, float]) -> None:
+    def write_star_refs(
+        conn: sqlite3.Connection, target: str, filter: str, refs: dict[int, tuple[float, float]]
+    ) -> None:
         conn.executemany(
-            "INSERT OR IGNORE INTO star_refs VALUES (?, ?, ?, ?)",
-            [(target, filter, star, mag) for star, mag in refs.items()],
+            "INSERT OR IGNORE INTO star_refs VALUES (?, ?, ?, ?, ?)",
+            [(target, filter, star, mag, err) for star, (mag, err) in refs.items()],
         )
 
     @staticmethod
@@ -393,12 +513,25 @@ class Store:
                 star_flags[i, k] = mask
         return inst_mag, inst_err, star_flags
 
-    def update_points(self, sha256: str, columns: list[dict[str, object]]) -> None:
-        """Replace calibration columns of a frame's points, one dict per aperture, in one transaction."""
-        with self.conn:
-            for k, values in enumerate(columns):
-                assignments = ", ".join(f"{name} = :{name}" for name in values)
-                self.conn.execute(
-                    f"UPDATE points SET {assignments} WHERE sha256 = :sha256 AND aperture = :aperture",
-                    {**values, "sha256": sha256, "aperture": k},
-                )
+    @staticmethod
+    def update_points(conn: sqlite3.Connection, sha256: str, columns: list[dict[str, object]]) -> None:
+        """Replace calibration columns of a frame's points, one dict per aperture (inside the caller's
+        transaction)."""
+        for k, values in enumerate(columns):
+            assignments = ", ".join(f"{name} = :{name}" for name in values)
+            conn.execute(
+                f"UPDATE points SET {assignments} WHERE sha256 = :sha256 AND aperture = :aperture",
+                {**values, "sha256": sha256, "aperture": k},
+            )
+
+    def point_rows(self, sha256: str) -> list[sqlite3.Row]:
+        """A frame's stored points, by aperture."""
+        return self.conn.execute("SELECT * FROM points WHERE sha256 = ? ORDER BY aperture", (sha256,)).fetchall()
+
+    def done_frames(self, target: str) -> list[sqlite3.Row]:
+        """The target's frames that gave points, in time order."""
+        return self.conn.execute(
+            "SELECT f.sha256, f.filter, f.instrument, f.mjd FROM frames f JOIN files USING (sha256) "
+            "WHERE f.target = ? AND files.state = 'done' ORDER BY f.mjd",
+            (target,),
+        ).fetchall()

@@ -1,28 +1,43 @@
-"""Templates (the old step 3): per target and filter, the best frame so far, and the field it defines.
+"""Templates and the target's reference pixel frame (the old step 3, and 3.5 done without a person).
 
-A frame is scored by a weighted sum of log FWHM, log background RMS and log star count (higher is
-better); it replaces the template when it beats it by ``template.min_improvement``. Only frames with a
-solved WCS can become templates, because the template carries the sky positions: the target's pixel
-position and the field's comparison stars come from it. The field stars are fixed in the sky once per
-target, and their reference magnitudes once per target and filter, so a new template moves nothing in a
-light curve: it only changes how positions are found.
+**The reference pixel frame.** A target's first template defines it: the comparison stars and the target
+live in its pixels, fixed once. Every later template (another filter, another telescope, a sharper frame)
+is registered to it by star matching, so a frame's positions come from chained registrations
+(frame <- template <- reference) and never from a header WCS, whose error differs from frame to frame
+(0.5-5" for a solved BANZAI frame, arcminutes for a failed one). The reference frame's header WCS is used
+only to place the target from its RA/Dec and to cross-match the catalog, after a correction fitted on the
+matched catalog stars.
+
+**Templates.** Per target and filter, the best frame so far, scored by a weighted sum of log FWHM, log
+background RMS and log star count (higher is better); a frame replaces the template when it beats it by
+``template.min_improvement``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 from astropy.coordinates import SkyCoord
 from astropy.io import fits
+from astropy.table import Table
 from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
-from lcowatch.config import TargetConfig, TemplateConfig
+from lcowatch.config import TemplateConfig
 from lcowatch.frame import celestial_wcs
 from lcowatch.quality import Quality
+from lcowatch.register import (
+    IDENTITY,
+    MIN_MATCHES,
+    REFINE_SNR,
+    Affine,
+    apply_affine,
+    match_positions,
+    usable_stars,
+)
 
 
 def template_score(quality: Quality, config: TemplateConfig) -> float:
@@ -39,10 +54,11 @@ def template_score(quality: Quality, config: TemplateConfig) -> float:
 
 @dataclass
 class Template:
-    """A template in memory: its frame's sources, WCS and the positions that follow from them.
+    """A template in memory: its frame's sources and where it sits in the target's reference frame.
 
-    ``target_xy`` and ``field_xy`` are 0-based template pixel positions of the target and of the field
-    stars ``field_ids``.
+    ``from_reference`` maps 0-based reference pixels to this template's pixels (identity for the template
+    that defines the reference frame). ``wcs_header`` is the frame's solved header WCS, if any: only a
+    first guess for registration.
     """
 
     id: int | None
@@ -53,49 +69,72 @@ class Template:
     score: float
     pinned: bool
     shape: tuple[int, int]
-    wcs_header: str
+    wcs_header: str | None
     sources: np.ndarray
-    _field_xy: np.ndarray | None = field(default=None, repr=False)
+    from_reference: Affine = IDENTITY
 
     @cached_property
-    def wcs(self) -> WCS:
-        wcs = celestial_wcs(fits.Header.fromstring(self.wcs_header))
-        assert wcs is not None, "templates always carry a solved WCS"
-        return wcs
+    def wcs(self) -> WCS | None:
+        return celestial_wcs(fits.Header.fromstring(self.wcs_header)) if self.wcs_header else None
 
-    def target_xy(self, target: TargetConfig) -> np.ndarray:
-        if target.ra is None or target.dec is None:
-            assert target.x is not None and target.y is not None
-            return np.array([target.x, target.y])
-        x, y = self.wcs.world_to_pixel(SkyCoord(target.ra, target.dec, unit="deg"))
-        return np.array([float(x), float(y)])
 
-    @property
-    def pixscale(self) -> float:
-        """Arcseconds per template pixel."""
-        return float(np.sqrt(abs(np.linalg.det(self.wcs.pixel_scale_matrix))) * 3600.0)
+@dataclass
+class Reference:
+    """A target's reference pixel frame: the frame that defines it and the target's place in it.
 
-    def field_pixels(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-        """Template pixels of the field stars, computed once per template (the field only grows)."""
-        if self._field_xy is None or len(self._field_xy) != len(ra):
-            self._field_xy = self.pixels_of(ra, dec)
-        return self._field_xy
+    ``wcs_header`` is that frame's header WCS (None for a target placed by pixels on a frame without a
+    solved one); ``sky_fix`` corrects it (header-WCS pixels -> true reference pixels), fitted on matched
+    catalog stars, None until a catalog was had. ``target_xy`` are reference pixels (0-based);
+    ``target_origin`` says where they came from: ``config`` (pixels given), ``wcs`` (RA/Dec through the
+    uncorrected header WCS), ``catalog`` (through the corrected one) or ``centroids`` (the S/N-weighted
+    centroids of the target's bright epochs).
+    """
 
-    def sky_of(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """RA, Dec (deg) of template pixel positions (N, 2)."""
-        sky = self.wcs.pixel_to_world(xy[:, 0], xy[:, 1])
-        return np.asarray(sky.ra.deg), np.asarray(sky.dec.deg)
+    target: str
+    sha256: str
+    file: str
+    shape: tuple[int, int]
+    pixscale: float
+    wcs_header: str | None
+    sky_fix: Affine | None
+    target_xy: np.ndarray
+    target_origin: str
+
+    @cached_property
+    def wcs(self) -> WCS | None:
+        return celestial_wcs(fits.Header.fromstring(self.wcs_header)) if self.wcs_header else None
 
     def pixels_of(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-        """Template pixel positions (N, 2) of sky positions in degrees."""
+        """Reference pixels (N, 2) of sky positions (deg), through the corrected header WCS."""
+        assert self.wcs is not None, "a reference without a WCS has no sky positions"
         x, y = self.wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
-        return np.column_stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
+        xy = np.column_stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
+        return apply_affine(self.sky_fix, xy) if self.sky_fix is not None else xy
+
+    @property
+    def target_placed_by_wcs(self) -> bool:
+        """The target's position may carry the header WCS's error (up to a few arcseconds)."""
+        return self.target_origin == "wcs"
+
+
+#: the largest error of a solved BANZAI WCS at any point of the frame, with some margin (arcsec)
+SOLVED_WCS_ERROR_ARCSEC = 8.0
+MATCH_ARCSEC = 2.0  # catalog-to-star pairs once the common shift is known
 
 
 def choose_field_stars(
-    sources: np.ndarray, target_xy: np.ndarray, shape: tuple[int, int], fwhm_pix: float, limit: int
+    sources: np.ndarray,
+    target_xy: np.ndarray,
+    shape: tuple[int, int],
+    fwhm_pix: float,
+    limit: int,
+    linearity_limit: float | None,
 ) -> np.ndarray:
-    """Indices of the brightest isolated, unsaturated stars, away from the target and the edges."""
+    """Indices of the brightest isolated, linear, unsaturated stars, away from the target and the edges.
+
+    ``linearity_limit`` is the peak (electrons above the background) above which a star is no longer
+    measured linearly.
+    """
     ny, nx = shape
     margin = 6 * fwhm_pix
     xy = np.column_stack([sources["x"], sources["y"]])
@@ -108,8 +147,38 @@ def choose_field_stars(
         & (xy[:, 1] > margin) & (xy[:, 1] < ny - 1 - margin)
         & (np.hypot(*(xy - target_xy).T) > 4 * fwhm_pix)
     )  # fmt: skip
+    if linearity_limit is not None:
+        good &= sources["peak"] < linearity_limit
     if len(xy) > 1:
         distance, _ = cKDTree(xy).query(xy, k=2)
         good &= distance[:, 1] > 4 * fwhm_pix
     index = np.flatnonzero(good)
     return index[np.argsort(-sources["flux"][index])][:limit]
+
+
+def weighted_centroid(xy: np.ndarray, snr: np.ndarray) -> np.ndarray:
+    """S/N-squared weighted mean of centroids (N, 2), after dropping those over a pixel from the median."""
+    median = np.median(xy, axis=0)
+    near = np.hypot(*(xy - median).T) <= 1.0
+    weights = snr[near] ** 2
+    return (xy[near] * weights[:, None]).sum(axis=0) / weights.sum()
+
+
+def fit_sky_fix(reference: Reference, sources: np.ndarray, catalog: Table) -> Affine | None:
+    """Correction of the reference frame's header WCS from catalog stars matched to its detections.
+
+    The catalog, projected through the header WCS, is matched to the reference frame's stars (a common
+    shift of up to :data:`SOLVED_WCS_ERROR_ARCSEC` found first by voting), and an affine map from
+    header-WCS pixels to true pixels is fitted on the pairs. None when too few stars match.
+    """
+    if reference.wcs is None or len(catalog) == 0:
+        return None
+    order = np.argsort(np.asarray(catalog["mag"], dtype=float))
+    uncorrected = replace(reference, sky_fix=None)
+    catalog_xy = uncorrected.pixels_of(np.asarray(catalog["ra"])[order], np.asarray(catalog["dec"])[order])
+    star_xy = usable_stars(sources, REFINE_SNR)
+    matrix, catalog_index, _ = match_positions(
+        catalog_xy, star_xy, MATCH_ARCSEC / reference.pixscale,
+        max_offset=SOLVED_WCS_ERROR_ARCSEC / reference.pixscale,
+    )  # fmt: skip
+    return matrix if len(catalog_index) >= MIN_MATCHES else None
