@@ -192,7 +192,10 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
     with _open_output(args.output) as out:
         if args.format == "aavso":
             check = check_star_magnitudes(store, args.target)
-            written = write_aavso(table, out, target=args.target, obscode=config.aavso_obscode, check=check)
+            written = write_aavso(
+                table, out, target=args.target, obscode=config.aavso_obscode, check=check,
+                include_flagged=args.include_flagged,
+            )  # fmt: skip
             get_logger().info("aavso_export", target=args.target, observations=written)
         else:
             export_table(table, out, args.format)
@@ -318,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--filter", metavar="F", help="only this filter")
     export.add_argument("--format", choices=["csv", "ecsv", "aavso"], default="csv")
     export.add_argument("-o", "--output", metavar="FILE")
+    export.add_argument(
+        "--include-flagged", action="store_true", help="aavso: keep points whose flags make them doubtful"
+    )
     export.set_defaults(handler=cmd_export, writes_table=True)
 
     template = commands.add_parser("template", parents=[common], help="a target's templates and their history")

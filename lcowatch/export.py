@@ -26,12 +26,18 @@ LIGHTCURVE_COLUMNS: dict[str, tuple[str, u.UnitBase | None, str]] = {
     "bjd_tdb": ("f8", u.day, "BJD (TDB) at mid-exposure, at the target"),
     "filter": ("str", None, "LCO filter"),
     "band": ("str", None, "standard band the magnitude is calibrated to"),
-    "mag": ("f8", u.mag, "calibrated standard magnitude (empty when not calibrated)"),
-    "mag_err": ("f8", u.mag, "photometric and zero-point errors combined"),
-    "zp": ("f8", u.mag, "zero point: mag = zp + m_inst"),
+    "mag": ("f8", u.mag, "calibrated standard magnitude (empty when not calibrated or not detected)"),
+    "mag_err": ("f8", u.mag, "photometric, zero-point and ensemble-scatter errors combined"),
+    "zp": ("f8", u.mag, "zero point: mag = zp + m_inst + color_term * color"),
     "zp_err": ("f8", u.mag, "zero-point error"),
-    "diff_mag": ("f8", u.mag, "differential magnitude against the comparison ensemble"),
+    "color_term": ("f8", None, "colour term applied (mag per mag of colour)"),
+    "color": ("f8", u.mag, "the target's colour used (its own that night, else the comparison stars' median)"),
+    "diff_mag": ("f8", u.mag, "differential magnitude against the comparison ensemble (empty when not detected)"),
     "diff_mag_err": ("f8", u.mag, "error of diff_mag"),
+    "flux": ("f8", u.electron / u.s, "the target's background-subtracted aperture flux (may be negative)"),
+    "flux_err": ("f8", u.electron / u.s, "error of flux"),
+    "snr": ("f8", None, "flux / flux_err"),
+    "limit_mag": ("f8", u.mag, "5 sigma limit at the target (calibrated; else on the diff_mag scale)"),
     "aperture": ("str", None, "aperture radius (multiple of FWHM or arcsec)"),
     "fwhm": ("f8", u.arcsec, "frame FWHM"),
     "airmass": ("f8", None, "airmass"),
@@ -78,12 +84,26 @@ AAVSO_FIELDS = ("NAME", "DATE", "MAG", "MERR", "FILT", "TRANS", "MTYPE", "CNAME"
                 "GROUP", "CHART", "NOTES")  # fmt: skip
 
 
-def write_aavso(table: Table, out: IO[str], *, target: str, obscode: str, check: dict[str, float] | None = None) -> int:
+#: Flags that do not make a point doubtful: an AAVSO export keeps points that carry only these.
+AAVSO_ACCEPTED_FLAGS = flags.value("forced_position", "nondetection", "nonstandard_band", "color_assumed")
+
+
+def write_aavso(
+    table: Table,
+    out: IO[str],
+    *,
+    target: str,
+    obscode: str,
+    check: dict[str, float] | None = None,
+    include_flagged: bool = False,
+) -> int:
     """AAVSO Extended File Format: calibrated points of the first aperture, JD (UTC) at mid-exposure.
 
-    The comparison is the ensemble (``CNAME=ENSEMBLE``, ``CMAG=na``, as the format asks for ensembles);
-    ``check`` maps file name to the check star's calibrated magnitude in that frame, written as KMAG.
-    Returns the number of observations written.
+    A non-detection is written as its 5 sigma limit, ``<MAG`` with MERR ``na``. Points with flags other
+    than :data:`AAVSO_ACCEPTED_FLAGS` are left out unless ``include_flagged``. The comparison is the
+    ensemble (``CNAME=ENSEMBLE``, ``CMAG=na``, as the format asks for ensembles); ``check`` maps file name
+    to the check star's calibrated magnitude in that frame, written as KMAG. Returns the number of
+    observations written.
     """
     out.write("#TYPE=EXTENDED\n")
     out.write(f"#OBSCODE={obscode}\n")
@@ -95,12 +115,18 @@ def write_aavso(table: Table, out: IO[str], *, target: str, obscode: str, check:
     first = table[table["aperture"] == table["aperture"][0]]
     written = 0
     for row in first:
-        if np.ma.is_masked(row["mag"]):
+        if row["flags"] & ~AAVSO_ACCEPTED_FLAGS and not include_flagged:
+            continue
+        if row["flags"] & flags.value("nondetection") and not np.ma.is_masked(row["zp"]):
+            magnitude, error = f"<{row['limit_mag']:.4f}", "na"
+        elif not np.ma.is_masked(row["mag"]):
+            magnitude, error = f"{row['mag']:.4f}", f"{row['mag_err']:.4f}"
+        else:
             continue
         kmag = (check or {}).get(str(row["file"]))
         notes = f"lcowatch flags={row['flag_names'] or 'none'}; band={row['band']}; zp={row['zp']:.4f}"
         fields = (
-            target, f"{row['mjd'] + 2400000.5:.6f}", f"{row['mag']:.4f}", f"{row['mag_err']:.4f}",
+            target, f"{row['mjd'] + 2400000.5:.6f}", magnitude, error,
             AAVSO_FILTERS.get(str(row["filter"]), "na"), "NO", "STD", "ENSEMBLE", "na",
             f"{target}-check" if kmag is not None else "na", f"{kmag:.4f}" if kmag is not None else "na",
             "na" if np.ma.is_masked(row["airmass"]) else f"{row['airmass']:.4f}", "na", "na", notes.replace(",", ";"),

@@ -230,7 +230,11 @@ MIN_HISTORY_FRAMES = 5  # frames of an instrument before its own medians set the
 
 
 def measure_quality(
-    frame: Frame, pre: Preprocessed, sources: np.ndarray, config: QualityConfig, history: InstrumentHistory | None
+    frame: Frame,
+    pre: Preprocessed,
+    sources: np.ndarray,
+    config: QualityConfig,
+    history: InstrumentHistory | None = None,
 ) -> Quality:
     """Measure FWHM, ellipticity and star count, and judge the frame.
 

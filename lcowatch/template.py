@@ -16,7 +16,7 @@ background RMS and log star count (higher is better); a frame replaces the templ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
@@ -71,7 +71,7 @@ class Template:
     shape: tuple[int, int]
     wcs_header: str | None
     sources: np.ndarray
-    from_reference: Affine = IDENTITY
+    from_reference: Affine = field(default_factory=IDENTITY.copy)
 
     @cached_property
     def wcs(self) -> WCS | None:

@@ -12,7 +12,7 @@ import pytest
 from astropy.table import Table
 
 from lcowatch.cli import main
-from lcowatch.export import AAVSO_FIELDS
+from lcowatch.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS
 from simulated import Campaign
 
 
@@ -65,14 +65,17 @@ class TestAavsoExport:
         assert AAVSO_FIELDS == ("NAME", "DATE", "MAG", "MERR", "FILT", "TRANS", "MTYPE", "CNAME", "CMAG", "KNAME",
                                 "KMAG", "AMASS", "GROUP", "CHART", "NOTES")  # fmt: skip
         rows = [line.split(",") for line in lines if not line.startswith("#")]
-        calibrated = [p for p in campaign.points("SN2026A", "rp") if p["mag"] is not None]
-        assert len(rows) == len(calibrated)
+        points = [p for p in campaign.points("SN2026A", "rp") if p["mag"] is not None]
+        calibrated = [p for p in points if not p["flags"] & ~AAVSO_ACCEPTED_FLAGS]
+        assert len(rows) == len(calibrated) and calibrated
         for fields, point in zip(rows, calibrated, strict=True):
             assert len(fields) == 15
             assert fields[0] == "SN2026A" and fields[4] == "SR" and fields[6] == "STD" and fields[7] == "ENSEMBLE"
             assert float(fields[1]) == pytest.approx(point["mjd"] + 2400000.5, abs=1e-6)
             assert float(fields[2]) == pytest.approx(point["mag"], abs=1e-4)
             assert fields[10] == "na" or 8 < float(fields[10]) < 20
+        with_flagged = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso", "--include-flagged")
+        assert len([line for line in with_flagged.splitlines() if not line.startswith("#")]) == len(points)
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lcowatch import flags
 from lcowatch.config import parse
 from lcowatch.frame import read_content, read_frame
 from lcowatch.preprocess import preprocess
-from lcowatch.quality import Quality, detect_sources, measure_quality
+from lcowatch.quality import InstrumentHistory, Quality, detect_sources, measure_quality
 from lcowatch.simulate import FrameSpec, make_field, write_frame
 
 FIELD = make_field("QTEST", 30.0, -10.0, nstars=1000, radius_arcmin=3.0, seed=4)
@@ -19,14 +20,14 @@ CONFIG = parse(
 )
 
 
-def _quality(tmp_path: Path, **spec: object) -> tuple[Quality, np.ndarray]:
+def _quality(tmp_path: Path, history: InstrumentHistory | None = None, **spec: object) -> tuple[Quality, np.ndarray]:
     path = tmp_path / "frame.fits.fz"
     write_frame(path, FIELD, FrameSpec(shape=(512, 512), **spec), compress="fz")  # type: ignore[arg-type]
     content, sha = read_content(path)
     frame = read_frame(path, content, sha, CONFIG)
     pre = preprocess(frame)
     sources = detect_sources(pre, CONFIG.quality)
-    return measure_quality(frame, pre, sources, CONFIG.quality), sources
+    return measure_quality(frame, pre, sources, CONFIG.quality, history), sources
 
 
 class TestSeeing:
@@ -60,12 +61,18 @@ class TestSeeing:
 
 
 class TestVerdict:
-    """Frames out of the thresholds are poor, with reasons naming the measurement and the limit."""
+    """Frames out of the thresholds are poor, with reasons naming the measurement and the limit, and a flag
+    per failed gate (the frame still gives points)."""
 
-    def test_defocused_frame_is_poor(self, tmp_path: Path) -> None:
+    def test_seeing_is_judged_against_the_instruments_own_median(self, tmp_path: Path) -> None:
         quality, _ = _quality(tmp_path, fwhm_arcsec=6.0, seed=6)
-        assert quality.verdict == "poor"
-        assert any(r.startswith("fwhm ") and r.endswith('> 4"') for r in quality.reasons), quality.reasons
+        assert quality.measurable and "poor_seeing" not in flags.decode(quality.flags)  # may be a 0.4 m's normal
+        sharp = InstrumentHistory(fwhm_arcsec=2.0, nstars=float(quality.nstars), frames=10)
+        judged, _ = _quality(tmp_path, sharp, fwhm_arcsec=6.0, seed=6)
+        assert judged.verdict == "poor" and judged.flags == flags.value("poor_seeing"), judged.reasons
+        assert judged.reasons[0].startswith("fwhm ") and "2 x the instrument's median 2.00" in judged.reasons[0]
+        broad = InstrumentHistory(fwhm_arcsec=5.0, nstars=float(quality.nstars), frames=10)
+        assert _quality(tmp_path, broad, fwhm_arcsec=6.0, seed=6)[0].flags == 0
 
     def test_cloudy_frame_is_poor(self, tmp_path: Path) -> None:
         quality, _ = _quality(tmp_path, transparency=0.03, seed=7)
