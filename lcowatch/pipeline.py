@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from astropy.table import Table
+from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
@@ -84,6 +85,7 @@ class FrameWork:
     reference_changed: bool = False
     template: Template | None = None
     template_reason: str | None = None
+    new_field_ids: np.ndarray | None = None
     new_field_ref: np.ndarray | None = None
     registration: Registration | None = None
     to_frame: Affine | None = None
@@ -158,13 +160,14 @@ class SelectTemplate:
         candidate = current is None or (quality.flags == 0 and not current.pinned)
         if candidate and (current is None or score > current.score + config.template.min_improvement):
             try:
-                registration = register_to_template(work, self._reference_template(work))
+                *_, from_reference = place_in_reference(work, self._reference_template(work))
             except Reject:
                 if current is None:
                     raise
                 work.log.warning("template_candidate_not_registered", reason="cannot be placed in the reference frame")
             else:
-                work.template = self._template(work, score, registration.matrix)
+                work.template = self._template(work, score, from_reference)
+                self._grow_field(work, invert(from_reference))
                 work.template_reason = (
                     f"first template of {filter}" if current is None
                     else f"score {score:.3f} beats {current.score:.3f} by more than {config.template.min_improvement:g}"
@@ -210,11 +213,32 @@ class SelectTemplate:
         work.reference, work.new_reference, work.reference_changed = reference, True, True
         work.template = self._template(work, template_score(quality, config.template), IDENTITY)
         work.template_reason = "first template: defines the target's reference pixel frame"
+        self._grow_field(work, IDENTITY)
+
+    def _grow_field(self, work: FrameWork, to_reference: Affine) -> None:
+        """Add this new template's good comparison stars that the field lacks, up to
+        ``photometry.max_field_stars``: a first template from a small telescope must not leave the
+        target with a handful of comparison stars for good."""
+        frame, quality, reference = work.frame, work.quality, work.reference
+        assert quality is not None and work.sources is not None and reference is not None
+        assert frame.meta.target is not None
+        known_ids, known_ref = work.store.field_stars(frame.meta.target)
+        room = work.config.photometry.max_field_stars - len(known_ids)
+        if room <= 0:
+            return
+        target_xy = apply_affine(invert(to_reference), reference.target_xy[None, :])[0]
         chosen = choose_field_stars(
-            work.sources, reference.target_xy, frame.meta.shape, quality.fwhm_pix,
-            config.photometry.max_field_stars, _linear_peak(work),
+            work.sources, target_xy, frame.meta.shape, quality.fwhm_pix, work.config.photometry.max_field_stars,
+            _linear_peak(work),
         )  # fmt: skip
-        work.new_field_ref = np.column_stack([work.sources["x"][chosen], work.sources["y"][chosen]])
+        candidates = apply_affine(to_reference, np.column_stack([work.sources["x"][chosen], work.sources["y"][chosen]]))
+        if len(known_ref):
+            distance, _ = cKDTree(known_ref).query(candidates)
+            candidates = candidates[distance > 2.0 * quality.fwhm_pix]
+        if len(candidates):
+            first = int(known_ids.max()) + 1 if len(known_ids) else 1
+            work.new_field_ids = np.arange(first, first + min(room, len(candidates)))
+            work.new_field_ref = candidates[:room]
 
 
 def place_target(reference: Reference, config: Config) -> Reference:
@@ -271,25 +295,50 @@ def _radius_arcmin(work: FrameWork) -> float:
 def register_to_template(work: FrameWork, template: Template) -> Registration:
     """The transform from ``template`` pixels to this frame's pixels, by matching stars (WCS as a guess)."""
     assert work.sources is not None and work.quality is not None
-    if template.sha256 == work.frame.sha256:
-        return Registration(IDENTITY, len(work.sources), 0.0, "identity")
     guess = None
     if work.frame.wcs is not None and template.wcs is not None:
         guess = wcs_guess(template.wcs, work.frame.wcs, template.shape)
     # Broad or trailed stars centroid less precisely.
     max_rms = max(MAX_RMS, 0.15 * work.quality.fwhm_pix)
-    return register(template.sources, work.sources, guess=guess, max_rms=max_rms)
+    guess_error = 2 * SOLVED_WCS_ERROR_ARCSEC / work.frame.meta.pixscale
+    return register(template.sources, work.sources, guess=guess, guess_error=guess_error, max_rms=max_rms)
+
+
+def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template, Registration, Affine]:
+    """Register the frame to the first template that takes it, and chain that to the reference frame.
+
+    Tried in order: the filter's template, the target's other templates (same instrument first: a
+    0.4 m frame matches a 0.4 m template best), then ``fallbacks``. Returns the template, the registration
+    and the map from reference pixels to this frame's pixels.
+    """
+    meta = work.frame.meta
+    assert meta.target is not None
+    others = work.store.active_templates(meta.target)
+    ordered = [t for t in others if t.filter == meta.filter]
+    ordered += sorted((t for t in others if t.filter != meta.filter), key=lambda t: t.shape != meta.shape)
+    failure: Reject | None = None
+    for template in [*ordered, *fallbacks]:
+        try:
+            registration = register_to_template(work, template)
+        except Reject as exc:
+            failure = failure or exc
+            continue
+        return template, registration, compose(registration.matrix, template.from_reference)
+    raise failure or Reject("registration failed: no template to register to", step="register")
 
 
 class Register:
-    """Find the transform from template pixels to this frame's pixels, and from reference pixels through it."""
+    """Find the transform from reference pixels to this frame's pixels, through a template."""
 
     name = "register"
 
     def __call__(self, work: FrameWork) -> None:
-        assert work.template is not None
-        work.registration = register_to_template(work, work.template)
-        work.to_frame = compose(work.registration.matrix, work.template.from_reference)
+        assert work.template is not None and work.sources is not None
+        if work.template.sha256 == work.frame.sha256:
+            work.registration = Registration(IDENTITY, len(work.sources), 0.0, "identity")
+            work.to_frame = work.template.from_reference
+        else:
+            work.template, work.registration, work.to_frame = place_in_reference(work)
         work.log.debug(
             "registered", method=work.registration.method, n_matched=work.registration.n_matched,
             rms=round(work.registration.rms, 4), rotation_deg=round(work.registration.rotation_deg, 3),
@@ -314,10 +363,10 @@ class MeasurePhotometry:
         assert reference is not None and to_frame is not None and quality is not None and pre is not None
         assert work.sources is not None and work.frame.meta.target is not None
         config = work.config
-        if work.new_field_ref is not None:
-            star_ids, field_ref = np.arange(1, len(work.new_field_ref) + 1), work.new_field_ref
-        else:
-            star_ids, field_ref = work.store.field_stars(work.frame.meta.target)
+        star_ids, field_ref = work.store.field_stars(work.frame.meta.target)
+        if work.new_field_ids is not None and work.new_field_ref is not None:
+            star_ids = np.concatenate([star_ids, work.new_field_ids])
+            field_ref = np.vstack([field_ref, work.new_field_ref])
         work.star_ids, work.field_ref = np.concatenate([[0], star_ids]), field_ref
         xy = apply_affine(to_frame, np.vstack([reference.target_xy, field_ref]))
         if reference.target_placed_by_wcs:
@@ -365,13 +414,12 @@ class DifferentialPhotometry:
         if not refs:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
             clean = comparison_stars(phot, 0)
-            refs = {
+            refs = work.new_refs = {
                 int(star): (float(mag), float(err))
                 for star, mag, err in zip(
                     star_ids[1:][clean], phot.inst_mag[1:, 0][clean], phot.inst_err[1:, 0][clean], strict=True
                 )
             }
-            work.new_refs = refs
         ref_mag = np.array([refs.get(int(star), (np.nan, np.nan))[0] for star in star_ids[1:]])
         ref_err = np.array([refs.get(int(star), (np.nan, np.nan))[1] for star in star_ids[1:]])
         # Light lost to clouds shows against the reference frame only on the same instrument; another
@@ -404,6 +452,8 @@ class DifferentialPhotometry:
             detected = bool(snr >= config.photometry.detection_snr)
             if not detected:
                 point_flags |= flags.value("nondetection")
+            if k == 0 and n_used >= MIN_COMPARISONS and point_flags & FRAME_DOUBT == 0:
+                work.new_refs |= self._refs_for_new_stars(phot, star_ids, ref_mag, offset, offset_err)
             # The frame-to-frame scatter the comparison stars show beyond their errors applies to the target too.
             diff_err = np.sqrt(phot.inst_err[0, k] ** 2 + offset_err**2 + work.ensemble_scatter[k] ** 2)
             work.points.append(
@@ -421,6 +471,24 @@ class DifferentialPhotometry:
                     "flags": point_flags | flags.value("uncalibrated"),
                 }
             )  # fmt: skip
+
+
+    @staticmethod
+    def _refs_for_new_stars(
+        phot: Photometry, star_ids: np.ndarray, ref_mag: np.ndarray, offset: float, offset_err: float
+    ) -> dict[int, tuple[float, float]]:
+        """Reference magnitudes of comparison stars added since the filter's first template, put on the
+        existing scale through this frame's ensemble offset."""
+        new = comparison_stars(phot, 0) & ~np.isfinite(ref_mag)
+        mags, errors = phot.inst_mag[1:, 0][new], phot.inst_err[1:, 0][new]
+        return {
+            int(star): (float(mag + offset), float(np.hypot(err, offset_err)))
+            for star, mag, err in zip(star_ids[1:][new], mags, errors, strict=True)
+        }
+
+
+#: Flags that make a frame unfit to set reference magnitudes.
+FRAME_DOUBT = flags.value(*flags.FRAME_FLAGS, "cloudy")
 
 
 def limit_mag(flux_err: float, exptime: float) -> float:
@@ -751,9 +819,9 @@ class Pipeline:
                 requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
             if work.template_reason is not None and work.template is not None:
                 self.store.write_template(conn, work.template, work.template_reason)
-            if work.new_field_ref is not None:
+            if work.new_field_ids is not None and work.new_field_ref is not None:
                 origin = f"template {frame.path.name}"
-                self.store.write_field_stars(conn, meta.target, work.new_field_ref, origin=origin)
+                self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)
             if work.new_refs:
                 self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
             if work.target_centroid_ref is not None:
@@ -838,7 +906,9 @@ def pin_template(config: Config, conn: sqlite3.Connection, name_or_sha: str, tar
         if template.wcs is not None and reference_wcs is not None:
             guess = wcs_guess(reference_wcs, template.wcs, reference.shape)
         try:
-            template.from_reference = register(reference_sources, template.sources, guess=guess, max_rms=2.0).matrix
+            template.from_reference = register(
+                reference_sources, template.sources, guess=guess, guess_error=2 * SOLVED_WCS_ERROR_ARCSEC, max_rms=2.0
+            ).matrix
         except Reject as exc:
             raise ValueError(f"{template.file} cannot be placed in the reference frame: {exc}") from None
     with transaction(conn):

@@ -154,11 +154,13 @@ def register(
     frame_sources: np.ndarray,
     *,
     guess: np.ndarray | None = None,
+    guess_error: float = GUESS_RADIUS,
     max_rms: float = MAX_RMS,
 ) -> Registration:
     """Find the template -> frame transform; raise :class:`Reject` when the frame cannot be registered.
 
-    ``guess`` is an optional 2x3 first transform (from the WCS); it is tried first and dropped when too
+    ``guess`` is an optional 2x3 first transform (from the WCS); it is tried first, corrected by the common
+    shift of the stars within ``guess_error`` pixels (the two WCSs' errors together), and dropped when too
     few stars agree with it. ``max_rms`` (pixels) bounds the accepted residual; broad or trailed stars
     centroid less precisely, so callers scale it with the seeing.
     """
@@ -178,7 +180,12 @@ def register(
         if first is None and method == "wcs":
             continue
         radius = GUESS_RADIUS if method == "wcs" else 3 * MATCH_RADIUS
-        start = first if first is not None else _asterism_guess(template_xy, frame_xy)
+        if first is not None:
+            start = first.copy()
+            if guess_error > GUESS_RADIUS:
+                start[:, 2] += _offset_vote(apply_affine(first, template_xy), frame_xy, guess_error, MATCH_RADIUS)
+        else:
+            start = _asterism_guess(template_xy, frame_xy)
         matrix, n_matched, rms = _refine(start, refine_xy, frame_xy, radius)
         if n_matched >= MIN_MATCHES and rms <= max_rms:
             return Registration(matrix, n_matched, rms, method)

@@ -120,6 +120,9 @@ class Field:
     epoch : float
         MJD at which the light curve's sine is zero and rising (the target is at its mean magnitude and
         getting fainter).
+    fade_rate : float
+        When non-zero, the target is a transient fading by this many magnitudes per day after ``epoch``
+        (constant before it) instead of a sine.
     """
 
     name: str
@@ -131,6 +134,7 @@ class Field:
     amplitude: float = 0.3
     period: float = 0.37
     epoch: float = 61000.0
+    fade_rate: float = 0.0
 
     @property
     def nstars(self) -> int:
@@ -150,11 +154,15 @@ class Field:
         Returns
         -------
         float or numpy.ndarray
-            ``mean + amplitude * sin(2 pi (mjd - epoch) / period)``, magnitudes.
+            ``mean + amplitude * sin(2 pi (mjd - epoch) / period)``, or ``mean + fade_rate * max(0, mjd -
+            epoch)`` for a fading transient, magnitudes.
         """
         mean = float(self.mags[band][0])
-        phase = 2.0 * np.pi * (np.asarray(mjd, dtype=float) - self.epoch) / self.period
-        value = mean + self.amplitude * np.sin(phase)
+        elapsed = np.asarray(mjd, dtype=float) - self.epoch
+        if self.fade_rate:
+            value = mean + self.fade_rate * np.maximum(elapsed, 0.0)
+        else:
+            value = mean + self.amplitude * np.sin(2.0 * np.pi * elapsed / self.period)
         return float(value) if np.ndim(value) == 0 else value
 
     def star_mags(self, band: str, mjd: float) -> np.ndarray:
@@ -228,6 +236,8 @@ def make_field(
     n_bright: int | None = None,
     min_sep_arcsec: float = 6.0,
     box_arcmin: float | None = None,
+    target_gr: float = 0.5,
+    fade_rate: float = 0.0,
 ) -> Field:
     """Make a field of stars around a target with realistic magnitudes and colours.
 
@@ -262,6 +272,10 @@ def make_field(
     box_arcmin : float, optional
         Fill a square of this side instead of the disc (e.g. ``4096 * 0.389 / 60`` for a whole Sinistro
         frame).
+    target_gr : float
+        The target's g - r colour (1.4 for a red target); its other bands follow the same locus.
+    fade_rate : float
+        See :attr:`Field.fade_rate`.
 
     Returns
     -------
@@ -309,7 +323,7 @@ def make_field(
     star_ra[0], star_dec[0] = float(ra) % 360.0, float(dec)
 
     gr = np.clip(rng.normal(0.65, 0.28, nstars + 1), 0.15, 1.4)
-    gr[0] = 0.5
+    gr[0] = target_gr
     r_all = np.concatenate([[float(target_mag)], r])
     offsets = _colours_from_gr(gr, rng)
     mags = {band: r_all + offsets[band] for band in ALL_BANDS}
@@ -323,6 +337,7 @@ def make_field(
         amplitude=float(amplitude),
         period=float(period),
         epoch=float(epoch),
+        fade_rate=float(fade_rate),
     )
 
 
@@ -433,7 +448,13 @@ class FrameSpec:
         Number of cosmic-ray hits (1-4 sharp pixels of thousands of e-), not flagged in the BPM.
     wcs_error : bool
         True: the header WCS is only the pointing, off by 4-8 arcmin and rotated 2-5 degrees, WCSERR=4;
-        False: the header WCS is exact, WCSERR=0.
+        False: the header WCS is solved, WCSERR=0 (exact unless ``wcs_jitter_arcsec``).
+    wcs_jitter_arcsec : float
+        A solved header WCS off like a real BANZAI solution: a shift, a rotation and a scale error drawn
+        per frame, whose largest position error over the frame lies between half this and this, arcsec.
+    distortion_pix : float
+        Radial optical distortion: stars sit ``distortion_pix * (r / r_corner)**3`` pixels further from the
+        frame centre than a linear WCS puts them (r_corner: the half diagonal).
     with_bpm, with_err : bool
         Write the BPM / ERR extensions.
     site, telescope, instrument : str
@@ -474,6 +495,8 @@ class FrameSpec:
     bad_columns: tuple[int, ...] = ()
     n_cosmics: int = 0
     wcs_error: bool = False
+    wcs_jitter_arcsec: float = 0.0
+    distortion_pix: float = 0.0
     with_bpm: bool = True
     with_err: bool = True
     site: str = "cpt"
@@ -658,6 +681,38 @@ def _wrong_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
                       float(values["CRPIX2"]), spec.pixscale, spec.rotation_deg + drot)  # type: ignore[arg-type]
 
 
+def _jittered_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
+    """A solved-looking WCS whose worst position error over the frame is 0.5-1 x ``wcs_jitter_arcsec``."""
+    rng = np.random.default_rng([spec.seed, 104729])
+    values = {key: value for key, value, _ in true_cards}
+    # Split the error budget between a shift and a rotation + scale error growing towards the corners.
+    budget = spec.wcs_jitter_arcsec * rng.uniform(0.5, 1.0)
+    share = rng.uniform(0.3, 0.7)
+    shift = share * budget / 3600.0
+    pa = rng.uniform(0.0, 2.0 * np.pi)
+    ra0, dec0 = float(values["CRVAL1"]), float(values["CRVAL2"])  # type: ignore[arg-type]
+    ra1, dec1 = _tangent_to_sky(ra0, dec0, np.array([math.radians(shift) * math.sin(pa)]),
+                                np.array([math.radians(shift) * math.cos(pa)]))
+    corner_arcsec = 0.5 * math.hypot(*spec.shape) * spec.pixscale
+    twist = (1.0 - share) * budget / corner_arcsec  # radians of rotation (or fraction of scale) at the corner
+    rotation = math.degrees(twist * rng.uniform(-1.0, 1.0))
+    scale = 1.0 + twist * rng.uniform(-1.0, 1.0) * math.sqrt(1.0 - (math.radians(rotation) / twist) ** 2)
+    return _wcs_cards((float(ra1[0]), float(dec1[0])), float(values["CRPIX1"]),  # type: ignore[arg-type]
+                      float(values["CRPIX2"]), spec.pixscale * scale,  # type: ignore[arg-type]
+                      spec.rotation_deg + rotation)
+
+
+def _distort(x: np.ndarray, y: np.ndarray, spec: FrameSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Move positions radially by ``distortion_pix * (r / r_corner)**3`` from the frame centre."""
+    if not spec.distortion_pix:
+        return x, y
+    ny, nx = spec.shape
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    r_corner = math.hypot(cx, cy)
+    stretch = 1.0 + spec.distortion_pix * np.hypot(x - cx, y - cy) ** 2 / r_corner**3
+    return cx + (x - cx) * stretch, cy + (y - cy) * stretch
+
+
 # --------------------------------------------------------------------------------------------------------
 # Rendering
 # --------------------------------------------------------------------------------------------------------
@@ -830,13 +885,15 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
 
     true_cards = _true_wcs_cards(field, spec)
     wcs_true = _wcs_from_cards(true_cards, (ny, nx))
-    header_cards = _wrong_wcs_cards(true_cards, spec) if spec.wcs_error else true_cards
+    header_cards = (
+        _wrong_wcs_cards(true_cards, spec) if spec.wcs_error
+        else _jittered_wcs_cards(true_cards, spec) if spec.wcs_jitter_arcsec > 0 else true_cards
+    )
     hvals = {k: v for k, v, _ in header_cards}
     pointing = (float(hvals["CRVAL1"]), float(hvals["CRVAL2"]))  # type: ignore[arg-type]
 
     x, y = wcs_true.wcs_world2pix(field.star_ra, field.star_dec, 0)
-    x = np.asarray(x, dtype=float)
-    y = np.asarray(y, dtype=float)
+    x, y = _distort(np.asarray(x, dtype=float), np.asarray(y, dtype=float), spec)
     mags, flux = _star_fluxes(field, spec, mjd_mid)
 
     # ---- stars (noise-free model, electrons)
@@ -1080,6 +1137,11 @@ def simulate_series(
     shape: tuple[int, int] = (512, 512),
     seed: int = 0,
     compress: str | None = "fz",
+    seeing: tuple[float, float] = (1.6, 2.5),
+    wcs_jitter: tuple[float, float] | None = None,
+    sky_scale: float = 1.0,
+    zeropoint_offset: float = 0.0,
+    first_frame_number: int = 11,
     **spec_overrides: object,
 ) -> list[tuple[Path, FrameSpec, FrameTruth]]:
     """Write a realistic series of frames of ``field`` into ``out_dir``.
@@ -1109,6 +1171,17 @@ def simulate_series(
         Seed for the conditions and the frames' noise.
     compress : {None, "fz", "gz"}
         File format, see :func:`write_frame`.
+    seeing : tuple of float
+        Range of the nightly median seeing, arcsec (a 0.4 m telescope: 2.5-5); frames are clipped to
+        1.5-3" at the default range, to 0.9 x low - 1.2 x high otherwise.
+    wcs_jitter : tuple of float, optional
+        Range of each frame's ``wcs_jitter_arcsec`` (e.g. 0.5-5" for real BANZAI solutions).
+    sky_scale : float
+        Multiplies every frame's sky (high sky: several times).
+    zeropoint_offset : float
+        Added to every zero point (a 0.4 m telescope collects about 2 mag less than a 1 m).
+    first_frame_number : int
+        Frame number of the first frame (series of one telescope in one folder need distinct ones).
     **spec_overrides
         :class:`FrameSpec` fields that replace the simulated values in every frame (e.g. ``exptime``,
         ``site``, ``zeropoint``, ``wcs_error``). ``mjd_start`` sets the series start instead.
@@ -1131,7 +1204,10 @@ def simulate_series(
     area = shape[0] * shape[1] / 4096.0**2
 
     results: list[tuple[Path, FrameSpec, FrameTruth]] = []
-    frame_number = 11
+    frame_number = first_frame_number
+    # Drawn apart from rng, so that a series without jitter is the same as it always was.
+    jitter_rng = np.random.default_rng([seed, 3])
+    fwhm_range = (1.5, 3.0) if seeing == (1.6, 2.5) else (0.9 * seeing[0], 1.2 * seeing[1])
     for night in range(nights):
         midnight = _local_midnight(base_mjd + night + 0.5, lon)
         grid = midnight + np.linspace(-0.17, 0.17, 205)
@@ -1142,7 +1218,7 @@ def simulate_series(
         else:
             best = float(grid[np.argmax(alt)])
             first, last = best - 0.04, best + 0.04
-        night_seeing = rng.uniform(1.6, 2.5)
+        night_seeing = rng.uniform(*seeing)
         night_sky = rng.uniform(0.8, 1.6)
         reqnum = int(rng.integers(1_000_000, 4_000_000))
         visits = np.linspace(first, last, frames_per_night) + rng.uniform(-0.004, 0.004, frames_per_night)
@@ -1157,10 +1233,11 @@ def simulate_series(
                     "mjd_start": t,
                     "exptime": exptime,
                     "shape": tuple(shape),
-                    "fwhm_arcsec": float(np.clip(night_seeing * airmass**0.6 + rng.normal(0.0, 0.12), 1.5,
-                                                 3.0)),
-                    "sky": _SKY_RATE_OF_FILTER[filt] * exptime * night_sky * rng.uniform(0.9, 1.1),
-                    "zeropoint": _ZP_OF_FILTER[filt] - _EXTINCTION_OF_FILTER[filt] * (airmass - 1.0),
+                    "fwhm_arcsec": float(np.clip(night_seeing * airmass**0.6 + rng.normal(0.0, 0.12),
+                                                 *fwhm_range)),
+                    "sky": _SKY_RATE_OF_FILTER[filt] * exptime * night_sky * rng.uniform(0.9, 1.1) * sky_scale,
+                    "zeropoint": (_ZP_OF_FILTER[filt] - _EXTINCTION_OF_FILTER[filt] * (airmass - 1.0)
+                                  + zeropoint_offset),
                     "transparency": float(rng.uniform(0.85, 1.0)),
                     "offset_pix": (float(np.clip(rng.normal(0.0, 20.0), -60, 60)),
                                    float(np.clip(rng.normal(0.0, 20.0), -60, 60))),
@@ -1172,6 +1249,8 @@ def simulate_series(
                     "blkuid": blkuid,
                     "seed": int(seed) * 100_003 + len(results),
                 }
+                if wcs_jitter is not None:
+                    values["wcs_jitter_arcsec"] = float(jitter_rng.uniform(*wcs_jitter))
                 values.update(overrides)
                 values["filter"] = filt
                 values["mjd_start"] = t

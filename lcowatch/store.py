@@ -279,23 +279,28 @@ class Store:
 
     def current_template(self, target: str, filter: str) -> Template | None:
         """The active template of a target and filter, loaded once per template."""
-        row = self.conn.execute(
-            f"SELECT {TEMPLATE_ROW} FROM templates WHERE target = ? AND filter = ? AND active = 1",
-            (target, filter),
-        ).fetchone()
-        if row is None:
-            return None
-        key = (row["id"], bool(row["pinned"]))  # unpinning changes the row in place
-        cached = self._templates.get(key)
-        if cached is None:
-            cached = Template(
-                id=row["id"], target=target, filter=filter, sha256=row["sha256"], file=row["file"],
-                score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
-                wcs_header=row["wcs_header"] or None, sources=self.sources(row["sha256"]),
-                from_reference=_affine(row["from_reference"]),
-            )  # fmt: skip
-            self._templates = {key: cached}
-        return cached
+        templates = self.active_templates(target, filter)
+        return templates[0] if templates else None
+
+    def active_templates(self, target: str, filter: str | None = None) -> list[Template]:
+        """The target's active templates (of one filter, or of every filter), each loaded once."""
+        rows = self.conn.execute(
+            f"SELECT {TEMPLATE_ROW} FROM templates WHERE target = ? AND active = 1 "
+            f"AND {ANY_FILTER.format(column='filter')} ORDER BY id",
+            (target, filter, filter),
+        ).fetchall()
+        templates = []
+        for row in rows:
+            key = (row["id"], bool(row["pinned"]))  # unpinning changes the row in place
+            if key not in self._templates:
+                self._templates[key] = Template(
+                    id=row["id"], target=target, filter=row["filter"], sha256=row["sha256"], file=row["file"],
+                    score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
+                    wcs_header=row["wcs_header"] or None, sources=self.sources(row["sha256"]),
+                    from_reference=_affine(row["from_reference"]),
+                )  # fmt: skip
+            templates.append(self._templates[key])
+        return templates
 
     @staticmethod
     def write_template(conn: sqlite3.Connection, template: Template, reason: str) -> None:
@@ -359,10 +364,12 @@ class Store:
         return table[:, 0].astype(int), table[:, 1:]
 
     @staticmethod
-    def write_field_stars(conn: sqlite3.Connection, target: str, xy: np.ndarray, origin: str) -> None:
+    def write_field_stars(
+        conn: sqlite3.Connection, target: str, star_ids: np.ndarray, xy: np.ndarray, origin: str
+    ) -> None:
         conn.executemany(
             "INSERT OR IGNORE INTO comparison_stars VALUES (?, ?, ?, ?, ?)",
-            [(target, i + 1, float(x), float(y), origin) for i, (x, y) in enumerate(xy)],
+            [(target, int(i), float(x), float(y), origin) for i, (x, y) in zip(star_ids, xy, strict=True)],
         )
 
     def reference(self, target: str) -> Reference | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,5 +106,58 @@ def build_campaign(folder: Path) -> Campaign:
     write_refcat(fields["SN2026A"], folder / "sn2026a-stars.csv")
     targets["SN2026A"]["refcat"] = "sn2026a-stars.csv"
     config = write_config(folder, targets, catalog={"source": "file"})
+    assert main(["process", "--config", str(config), str(incoming)]) == 0
+    return Campaign(folder, config, fields, truth)
+
+
+#: Colour terms of the two simulated telescopes (the simulator's convention: flux from mag + term * colour;
+#: a calibration recovers minus these, which is what the config is given).
+ONE_METRE_TERMS = {"rp": 0.03, "gp": -0.05, "ip": 0.02}
+SBIG_TERMS = {"rp": -0.08, "gp": 0.10, "ip": 0.06}
+
+
+def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
+    """The hazards of real LCO data, processed once.
+
+    - SN2026H, red (g - r = 1.4) and fading 0.45 mag a day from r = 16 (below detection by the last
+      nights), in rp and gp from a 1 m Sinistro (0.389"/pix) and a 0.4 m SBIG (0.571"/pix, 2 mag less
+      light, 2.5-5" seeing, 3x the sky, other colour terms); every header WCS off by 0.5-5", differently
+      per frame, with a little distortion;
+    - V2, a variable in rp and ip from the 1 m, where every ip frame's WCS failed (WCSERR=4).
+    Seeing varies from night to night, so templates change in every filter.
+    """
+    fields = {
+        "SN2026H": make_field(
+            "SN2026H", 150.0, 2.0, nstars=FIELD_STARS, radius_arcmin=FIELD_RADIUS_ARCMIN, seed=31,
+            min_sep_arcsec=15.0, target_mag=16.0, target_gr=1.4, fade_rate=0.45, epoch=61000.0,
+        ),
+        "V2": field_for("V2", 210.0, -20.0, 32),
+    }  # fmt: skip
+    incoming = folder / "in"
+    common: dict[str, Any] = {"nights": nights, "frames_per_night": 2, "shape": SHAPE, "wcs_jitter": (0.5, 5.0)}
+    one_metre = {"site": "cpt", "distortion_pix": 0.5}
+    sbig = {
+        "site": "coj", "telescope": "0m4-14", "instrument": "kb29", "pixscale": 0.571, "zeropoint_offset": -2.0,
+        "seeing": (2.5, 5.0), "sky_scale": 3.0,
+    }  # fmt: skip
+    plan = [
+        ("SN2026H", "rp", one_metre, ONE_METRE_TERMS, {}), ("SN2026H", "gp", one_metre, ONE_METRE_TERMS, {}),
+        ("SN2026H", "rp", sbig, SBIG_TERMS, {}), ("SN2026H", "gp", sbig, SBIG_TERMS, {}),
+        ("V2", "rp", one_metre, ONE_METRE_TERMS, {}), ("V2", "ip", one_metre, ONE_METRE_TERMS, {"wcs_error": True}),
+    ]  # fmt: skip
+    series = []
+    for number, (name, filter, telescope, terms, extra) in enumerate(plan):
+        # One series per filter and telescope, so that each carries its own colour term and file names.
+        series += simulate_series(
+            fields[name], incoming, filters=(filter,), seed=41 + number, first_frame_number=100 * (number + 1),
+            color_term=terms[filter], **telescope, **extra, **common,
+        )  # fmt: skip
+    truth = {path.name: (spec, frame_truth) for path, spec, frame_truth in series}
+    targets: dict[str, dict[str, object]] = {}
+    for name, field in fields.items():
+        write_refcat(field, folder / f"{name}.csv", bands=("g", "r", "i", "z"))
+        targets[name] = {"ra": field.ra, "dec": field.dec, "refcat": f"{name}.csv"}
+    terms = {f"fa06:{f}": -t for f, t in ONE_METRE_TERMS.items()} | {f"kb29:{f}": -t for f, t in SBIG_TERMS.items()}
+    config = write_config(folder, targets, catalog={"source": "file", "color_terms": terms})
     assert main(["process", "--config", str(config), str(incoming)]) == 0
     return Campaign(folder, config, fields, truth)
