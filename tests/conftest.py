@@ -77,3 +77,11 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from simulated import build_campaign
 
     return build_campaign(tmp_path_factory.mktemp("campaign"))
+
+
+@pytest.fixture(scope="session")
+def hazards(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The campaign with the hazards of real data (see ``simulated.build_hazard_campaign``), processed once."""
+    from simulated import build_hazard_campaign
+
+    return build_hazard_campaign(tmp_path_factory.mktemp("hazards"))

@@ -1,0 +1,81 @@
+"""Light curves on data with the hazards of real frames: per-frame WCS errors, two telescopes of other pixel
+scales and colour terms, a red target fading below detection, a filter whose WCS always failed, template
+changes in every filter (``simulated.build_hazard_campaign``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lcowatch import flags
+from simulated import Campaign
+
+
+def _detected(campaign: Campaign, target: str, filter: str) -> list:
+    return [r for r in campaign.points(target, filter) if not r["flags"] & flags.value("nondetection")]
+
+
+class TestEveryFrameGivesAPoint:
+    """Frames give points whatever their WCS, telescope or seeing; only a few 0.4 m frames with a handful
+    of stars cannot be registered."""
+
+    def test_frames_done(self, hazards: Campaign) -> None:
+        with hazards.connect() as conn:
+            states = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+            rejected = [row[0] for row in conn.execute("SELECT error FROM files WHERE state = 'rejected'")]
+        assert states.get("done", 0) >= 0.9 * len(hazards.truth), states
+        assert all(reason.startswith("registration failed") for reason in rejected)
+
+    def test_filter_whose_wcs_always_failed_gets_every_point(self, hazards: Campaign) -> None:
+        failed = [name for name, (spec, _) in hazards.truth.items() if spec.filter == "ip"]
+        assert all(hazards.truth[name][0].wcs_error for name in failed)
+        assert len(_detected(hazards, "V2", "ip")) == len(failed)
+
+    def test_templates_change_in_every_filter(self, hazards: Campaign) -> None:
+        with hazards.connect() as conn:
+            counts = conn.execute("SELECT target, filter, COUNT(*) FROM templates GROUP BY target, filter").fetchall()
+        assert len(counts) == 4 and all(count >= 2 for *_, count in counts), [tuple(c) for c in counts]
+
+
+class TestPrecision:
+    """A bright variable's differential and calibrated magnitudes follow the truth within honest errors."""
+
+    def test_differential(self, hazards: Campaign) -> None:
+        for filter in ("rp", "ip"):
+            rows = _detected(hazards, "V2", filter)
+            delta = np.array([r["diff_mag"] - hazards.truth[r["file"]][1].mag[0] for r in rows])
+            error = np.array([r["diff_mag_err"] for r in rows])
+            delta -= np.median(delta)
+            assert np.median(np.abs(delta)) < 0.008 and np.percentile(np.abs(delta), 95) < 0.025
+            assert 0.5 < np.sum((delta / error) ** 2) / (len(delta) - 1) < 3.0
+
+    def test_calibrated(self, hazards: Campaign) -> None:
+        for filter in ("rp", "ip"):
+            rows = _detected(hazards, "V2", filter)
+            delta = np.array([r["mag"] - hazards.truth[r["file"]][1].mag[0] for r in rows])
+            assert np.median(np.abs(delta)) < 0.02
+
+
+class TestFadingTarget:
+    """Epochs below photometry.detection_snr come out as limits; detected ones carry magnitudes."""
+
+    def test_limits_below_detection(self, hazards: Campaign) -> None:
+        rows = hazards.points("SN2026H", "rp") + hazards.points("SN2026H", "gp")
+        faint = [r for r in rows if r["snr"] < 3]
+        assert faint and len(faint) < len(rows)
+        for r in rows:
+            undetected = bool(r["flags"] & flags.value("nondetection"))
+            assert undetected == (r["snr"] < 3)
+            assert (r["mag"] is None and r["diff_mag"] is None) if undetected else r["diff_mag"] is not None
+            assert r["limit_mag"] is not None and r["flux"] is not None and r["flux_err"] > 0
+        # A limit is the 5 sigma depth: a target measured at S/N s is 2.5 log10(s / 5) brighter (colour 0).
+        bright = [r for r in rows if r["mag"] is not None]
+        colour_free = [r["mag"] - r["color_term"] * r["color"] for r in bright]
+        depth = [r["limit_mag"] - m - 2.5 * np.log10(r["snr"] / 5) for r, m in zip(bright, colour_free, strict=True)]
+        assert bright and np.max(np.abs(depth)) < 1e-6
+
+    def test_the_target_fades_in_the_light_curve(self, hazards: Campaign) -> None:
+        rows = [r for r in _detected(hazards, "SN2026H", "rp") if r["mag"] is not None]
+        mjd = np.array([r["mjd"] for r in rows])
+        mag = np.array([r["mag"] for r in rows])
+        slope = np.polyfit(mjd, mag, 1)[0]
+        assert 0.35 < slope < 0.55  # simulated: 0.45 mag per day
