@@ -430,7 +430,6 @@ def calibrate_apertures(
     star_index: NDArray[np.int_],
     *,
     color_term: float | None = None,
-    extra_error: NDArray[np.float64] | None = None,
 ) -> list[Calibration | None]:
     """Fit a zero point per aperture from matched comparison stars and calibrate the target.
 
@@ -447,10 +446,6 @@ def calibrate_apertures(
         1..N-1).
     color_term : float, optional
         A fixed colour term (0 for none); fitted when None and the stars allow it.
-    extra_error : numpy.ndarray, optional
-        (K,) scatter (mag) the comparison stars show beyond their errors from frame to frame, added to the
-        target's error in quadrature.
-
     Returns
     -------
     list
@@ -475,8 +470,6 @@ def calibrate_apertures(
             results.append(None)
             continue
         mag, mag_err = apply_zeropoint(inst_mag[0, k], inst_err[0, k], zp)
-        if extra_error is not None:
-            mag_err = np.hypot(mag_err, extra_error[k])
         used_color = color[keep][zp.used] if has_color else np.empty(0)
         median_color = float(np.nanmedian(used_color)) if np.isfinite(used_color).any() else float("nan")
         results.append(Calibration(zp, float(mag), float(mag_err), median_color))

@@ -100,15 +100,16 @@ def _neighbour_distances(
     """Distances (N, 3) from each position to the nearest detections other than the star itself (inf
     where none is within ``reach``).
 
-    The star's own detection is the nearest one when that lies within a FWHM: it is the star by
-    identity, however far its isophotal centroid sits from the aperture centre.
+    The star's own detection is the nearest one when that lies within half a FWHM: it is the star by
+    identity, and no other detection so close is taken for it. A detection further off is a neighbour
+    (or the star merged with one), so the star counts as blended.
     """
     if not len(sources):
         return np.full((len(x), 3), np.inf)
     tree = cKDTree(np.column_stack([sources["x"], sources["y"]]))
     distance, _ = tree.query(np.column_stack([x, y]), k=4, distance_upper_bound=max(reach, fwhm_pix))
     distance = np.asarray(distance).reshape(len(x), -1)
-    own = distance[:, 0] <= fwhm_pix
+    own = distance[:, 0] <= max(1.5, 0.5 * fwhm_pix)
     return np.where(own[:, None], distance[:, 1:], distance[:, :-1])
 
 

@@ -216,15 +216,16 @@ class SelectTemplate:
         self._grow_field(work, IDENTITY)
 
     def _grow_field(self, work: FrameWork, to_reference: Affine) -> None:
-        """Add this new template's good comparison stars that the field lacks, up to
+        """Add this new template's good comparison stars that a thin field lacks, up to
         ``photometry.max_field_stars``: a first template from a small telescope must not leave the
-        target with a handful of comparison stars for good."""
+        target with a handful of comparison stars for good. A field of :data:`ENOUGH_FIELD_STARS` stays as
+        it is: stars isolated in a sharper template may be blended in the frames of the usual seeing."""
         frame, quality, reference = work.frame, work.quality, work.reference
         assert quality is not None and work.sources is not None and reference is not None
         assert frame.meta.target is not None
         known_ids, known_ref = work.store.field_stars(frame.meta.target)
         room = work.config.photometry.max_field_stars - len(known_ids)
-        if room <= 0:
+        if room <= 0 or len(known_ids) >= ENOUGH_FIELD_STARS:
             return
         target_xy = apply_affine(invert(to_reference), reference.target_xy[None, :])[0]
         chosen = choose_field_stars(
@@ -345,6 +346,9 @@ class Register:
         )  # fmt: skip
 
 
+#: A field with this many comparison stars is not grown from later templates.
+ENOUGH_FIELD_STARS = 50
+
 #: The target's centroid joins its reference position from epochs at least this bright.
 TARGET_CENTROID_SNR = 30.0
 
@@ -454,8 +458,9 @@ class DifferentialPhotometry:
                 point_flags |= flags.value("nondetection")
             if k == 0 and n_used >= MIN_COMPARISONS and point_flags & FRAME_DOUBT == 0:
                 work.new_refs |= self._refs_for_new_stars(phot, star_ids, ref_mag, offset, offset_err)
-            # The frame-to-frame scatter the comparison stars show beyond their errors applies to the target too.
-            diff_err = np.sqrt(phot.inst_err[0, k] ** 2 + offset_err**2 + work.ensemble_scatter[k] ** 2)
+            # The comparison stars' scatter beyond their errors (ensemble_scatter) is exported, not added: with
+            # the few stars of a sparse field it is mostly noise of its own.
+            diff_err = np.hypot(phot.inst_err[0, k], offset_err)
             work.points.append(
                 {
                     "sha256": work.frame.sha256, "aperture": k, "aperture_text": str(aperture),
@@ -527,7 +532,7 @@ class Calibrate:
                 work.reference_changed = True
         calibrations, catalog = self.calibrate(
             work.config, reference, meta.filter, meta.instrument, work.field_ref,
-            phot.inst_mag, phot.inst_err, phot.flags, _radius_arcmin(work), work.ensemble_scatter,
+            phot.inst_mag, phot.inst_err, phot.flags, _radius_arcmin(work),
         )  # fmt: skip
         for point, calibration in zip(work.points, calibrations, strict=True):
             point_flags, flux_err = point["flags"], point["flux_err"]
@@ -552,7 +557,6 @@ class Calibrate:
         inst_err: np.ndarray,
         star_flags: np.ndarray,
         radius_arcmin: float,
-        ensemble_scatter: np.ndarray | None,
     ) -> tuple[list[Calibration | None], Table | None]:
         """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
         apertures = inst_mag.shape[1]
@@ -578,9 +582,8 @@ class Calibrate:
         if fixed is None and not config.catalog.fit_color_terms:
             fixed = 0.0
         return calibrate_apertures(
-            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed,
-            extra_error=ensemble_scatter,
-        ), catalog  # fmt: skip
+            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed
+        ), catalog
 
 
 def calibration_columns(
@@ -875,9 +878,8 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
             inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
             points = store.point_rows(sha256)
             calibrations, catalog = calibrate.calibrate(
-                config, reference, filter, frame["instrument"], field_ref, inst_mag, inst_err, star_flags, radius,
-                np.array([p["ensemble_scatter"] or 0.0 for p in points]),
-            )  # fmt: skip
+                config, reference, filter, frame["instrument"], field_ref, inst_mag, inst_err, star_flags, radius
+            )
             if catalog is None:
                 continue  # nothing to calibrate against: keep what is stored
             store.update_points(

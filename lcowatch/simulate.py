@@ -451,7 +451,8 @@ class FrameSpec:
         False: the header WCS is solved, WCSERR=0 (exact unless ``wcs_jitter_arcsec``).
     wcs_jitter_arcsec : float
         A solved header WCS off like a real BANZAI solution: a shift, a rotation and a scale error drawn
-        per frame, whose largest position error over the frame lies between half this and this, arcsec.
+        per frame, whose largest position error over the frame is at most this, arcsec (a quarter of it at
+        least).
     distortion_pix : float
         Radial optical distortion: stars sit ``distortion_pix * (r / r_corner)**3`` pixels further from the
         frame centre than a linear WCS puts them (r_corner: the half diagonal).
@@ -682,7 +683,7 @@ def _wrong_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
 
 
 def _jittered_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
-    """A solved-looking WCS whose worst position error over the frame is 0.5-1 x ``wcs_jitter_arcsec``."""
+    """A solved-looking WCS whose worst position error over the frame is at most ``wcs_jitter_arcsec``."""
     rng = np.random.default_rng([spec.seed, 104729])
     values = {key: value for key, value, _ in true_cards}
     # Split the error budget between a shift and a rotation + scale error growing towards the corners.

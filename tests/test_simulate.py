@@ -433,3 +433,39 @@ class TestSimulateSeries:
             assert header["OBJECT"] == "SN1"
             assert header["FILTER"] == specs[5].filter
             assert header["MJD-OBS"] == pytest.approx(out[5][2].mjd_mid - 15.0 / 86400.0, abs=1e-9)
+
+
+class TestRealDataHazards:
+    """The simulator's hazards of real data: per-frame WCS errors, distortion, fading and red targets."""
+
+    def test_jittered_wcs_is_off_by_about_the_requested_arcsec_and_truth_stays(self) -> None:
+        from lcowatch.frame import celestial_wcs
+
+        field = sim.make_field("HZ", 150.0, 2.0, nstars=20, radius_arcmin=2.0, seed=3)
+        _, exact = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=5))
+        for seed in range(4):
+            spec = sim.FrameSpec(shape=(256, 256), seed=5 + 100 * seed, wcs_jitter_arcsec=4.0)
+            hdul, truth = sim.render_frame(field, spec)
+            header = celestial_wcs(hdul["SCI"].header)
+            assert header is not None and truth.wcs is not None
+            grid = np.meshgrid(np.linspace(0, 255, 7), np.linspace(0, 255, 7))
+            error = header.pixel_to_world(*(g.ravel() for g in grid)).separation(
+                truth.wcs.pixel_to_world(*(g.ravel() for g in grid))
+            ).arcsec  # fmt: skip
+            assert 1.0 < error.max() <= 4.0 and hdul["SCI"].header["WCSERR"] == 0
+        assert np.allclose(truth.x, exact.x) and np.allclose(truth.y, exact.y)
+
+    def test_distortion_moves_corners_not_the_centre(self) -> None:
+        field = sim.make_field("HZ", 150.0, 2.0, nstars=300, radius_arcmin=3.0, seed=3)
+        _, straight = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=1))
+        _, bent = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=1, distortion_pix=2.0))
+        radius = np.hypot(straight.x - 127.5, straight.y - 127.5)
+        moved = np.hypot(bent.x - straight.x, bent.y - straight.y)
+        corner = np.hypot(127.5, 127.5)
+        assert np.allclose(moved, 2.0 * (radius / corner) ** 3)
+
+    def test_fading_red_target(self) -> None:
+        field = sim.make_field("HZ", 150.0, 2.0, nstars=10, seed=3, target_mag=16.0, target_gr=1.4, fade_rate=0.5)
+        assert field.mags["g"][0] - field.mags["r"][0] == pytest.approx(1.4)
+        assert field.target_mag("r", field.epoch - 1.0) == pytest.approx(16.0)
+        assert field.target_mag("r", field.epoch + 4.0) == pytest.approx(18.0)

@@ -59,7 +59,8 @@ class TestTemplateChange:
         step = after.mean() - before.mean()
         combined = np.hypot(before.std(ddof=1) / np.sqrt(6), after.std(ddof=1) / np.sqrt(6))
         assert abs(step) < max(3 * combined, 0.003), f"shift {step:.4f} mag"
-        assert np.median(error) < 0.01
+        # 11 comparison stars in 2.8" seeing on a 400 px frame: the ensemble's own error is ~0.01 (see issue 10).
+        assert np.median(error) < 0.012
 
 
 class TestPinning:
