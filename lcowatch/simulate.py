@@ -44,6 +44,7 @@ __all__ = [
     "Field",
     "FrameSpec",
     "FrameTruth",
+    "header_wcs_error_arcsec",
     "lco_filename",
     "make_field",
     "render_frame",
@@ -450,12 +451,14 @@ class FrameSpec:
         True: the header WCS is only the pointing, off by 4-8 arcmin and rotated 2-5 degrees, WCSERR=4;
         False: the header WCS is solved, WCSERR=0 (exact unless ``wcs_jitter_arcsec``).
     wcs_jitter_arcsec : float
-        A solved header WCS off like a real BANZAI solution: a shift, a rotation and a scale error drawn
-        per frame, whose largest position error over the frame is at most this, arcsec (a quarter of it at
-        least).
+        When > 0 (and not ``wcs_error``), the solved header WCS is off like a real BANZAI solution: its
+        reference point is shifted in a random direction and it is slightly rotated and scaled, drawn per
+        frame so that its largest position error over the frame (see :func:`header_wcs_error_arcsec`) is
+        between 0.5 and 1 times this, arcsec. The stars stay at their true positions.
     distortion_pix : float
-        Radial optical distortion: stars sit ``distortion_pix * (r / r_corner)**3`` pixels further from the
-        frame centre than a linear WCS puts them (r_corner: the half diagonal).
+        Radial optical distortion of the camera: stars sit ``distortion_pix * (r / r_corner)**3`` pixels
+        further from the frame centre than the (linear, TAN without SIP) WCS puts them, r being the distance
+        from the frame centre and r_corner the half diagonal.
     with_bpm, with_err : bool
         Write the BPM / ERR extensions.
     site, telescope, instrument : str
@@ -555,7 +558,8 @@ class FrameTruth:
     cosmic_x, cosmic_y : numpy.ndarray
         0-based pixel positions of the cosmic-ray hits (first pixel of each hit).
     wcs : astropy.wcs.WCS, optional
-        The true WCS used to place the stars (the header WCS too unless ``wcs_error``).
+        The true linear WCS used to place the stars before any ``distortion_pix`` (the header WCS too unless
+        ``wcs_error`` or ``wcs_jitter_arcsec``).
     """
 
     x: np.ndarray
@@ -682,25 +686,47 @@ def _wrong_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
                       float(values["CRPIX2"]), spec.pixscale, spec.rotation_deg + drot)  # type: ignore[arg-type]
 
 
+def _sky_offset_arcsec(wcs_a: WCS, wcs_b: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Angles between the sky positions that two WCS give to the same 0-based pixels, arcsec."""
+
+    def unit_vectors(wcs: WCS) -> np.ndarray:
+        ra, dec = np.radians(wcs.wcs_pix2world(x, y, 0))
+        return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)])
+
+    a, b = unit_vectors(wcs_a), unit_vectors(wcs_b)
+    # atan2(|a x b|, a . b) keeps its precision for the sub-arcsecond angles that matter here.
+    angle = np.arctan2(np.linalg.norm(np.cross(a, b, axis=0), axis=0), np.sum(a * b, axis=0))
+    return np.degrees(angle) * 3600.0
+
+
 def _jittered_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
-    """A solved-looking WCS whose worst position error over the frame is at most ``wcs_jitter_arcsec``."""
+    """A solved-looking WCS off like BANZAI's: reference point shifted, slightly rotated and scaled, so that
+    its worst position error over the frame is 0.5-1 x ``wcs_jitter_arcsec``."""
     rng = np.random.default_rng([spec.seed, 104729])
-    values = {key: value for key, value, _ in true_cards}
-    # Split the error budget between a shift and a rotation + scale error growing towards the corners.
-    budget = spec.wcs_jitter_arcsec * rng.uniform(0.5, 1.0)
+    values = {key: float(value)  # type: ignore[arg-type]
+              for key, value, _ in true_cards if key.startswith(("CRVAL", "CRPIX"))}
+    worst = spec.wcs_jitter_arcsec * rng.uniform(0.5, 1.0)
+    # Shape of the error: a shift at position angle pa, and a rotation and scale error whose quadrature sum
+    # (at the corner) is split by phi; the shift takes `share` of the corner error before rescaling.
     share = rng.uniform(0.3, 0.7)
-    shift = share * budget / 3600.0
-    pa = rng.uniform(0.0, 2.0 * np.pi)
-    ra0, dec0 = float(values["CRVAL1"]), float(values["CRVAL2"])  # type: ignore[arg-type]
-    ra1, dec1 = _tangent_to_sky(ra0, dec0, np.array([math.radians(shift) * math.sin(pa)]),
-                                np.array([math.radians(shift) * math.cos(pa)]))
-    corner_arcsec = 0.5 * math.hypot(*spec.shape) * spec.pixscale
-    twist = (1.0 - share) * budget / corner_arcsec  # radians of rotation (or fraction of scale) at the corner
-    rotation = math.degrees(twist * rng.uniform(-1.0, 1.0))
-    scale = 1.0 + twist * rng.uniform(-1.0, 1.0) * math.sqrt(1.0 - (math.radians(rotation) / twist) ** 2)
-    return _wcs_cards((float(ra1[0]), float(dec1[0])), float(values["CRPIX1"]),  # type: ignore[arg-type]
-                      float(values["CRPIX2"]), spec.pixscale * scale,  # type: ignore[arg-type]
-                      spec.rotation_deg + rotation)
+    pa, phi = rng.uniform(0.0, 2.0 * np.pi, 2)
+    ny, nx = spec.shape
+    twist = (1.0 - share) * worst / (0.5 * math.hypot(nx - 1.0, ny - 1.0) * spec.pixscale)
+
+    def cards(k: float) -> _Cards:
+        shift = math.radians(k * share * worst / 3600.0)
+        ra1, dec1 = _tangent_to_sky(values["CRVAL1"], values["CRVAL2"], np.array([shift * math.sin(pa)]),
+                                    np.array([shift * math.cos(pa)]))
+        return _wcs_cards((float(ra1[0]), float(dec1[0])), values["CRPIX1"], values["CRPIX2"],
+                          spec.pixscale * (1.0 + k * twist * math.sin(phi)),
+                          spec.rotation_deg + math.degrees(k * twist * math.cos(phi)))
+
+    # The error is (very nearly) affine in the pixel position, so largest at a corner, and linear in the
+    # parameters: rescaling a trial once puts the worst corner off by `worst` to ~1e-5 of it.
+    corners = (np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0]))
+    trial = _sky_offset_arcsec(_wcs_from_cards(cards(1.0), spec.shape), _wcs_from_cards(true_cards, spec.shape),
+                               *corners).max()
+    return cards(worst / trial)
 
 
 def _distort(x: np.ndarray, y: np.ndarray, spec: FrameSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -995,6 +1021,35 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     return fits.HDUList(hdus), truth
 
 
+def header_wcs_error_arcsec(header: fits.Header | fits.HDUList, truth: FrameTruth, *, grid: int = 9) -> float:
+    """Largest sky offset between a frame's header WCS and its true WCS, arcsec.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header or astropy.io.fits.HDUList
+        The SCI header, or the frame (its ``SCI`` extension is used).
+    truth : FrameTruth
+        The frame's truth; :attr:`FrameTruth.wcs` is the reference.
+    grid : int
+        The offset is evaluated at ``grid x grid`` pixel positions spanning the frame from corner pixel to
+        corner pixel (the centre included when ``grid`` is odd).
+
+    Returns
+    -------
+    float
+        The largest angle between the sky positions that the two WCS give to the same pixel: 0 for an exact
+        header, 0.5-1 x ``wcs_jitter_arcsec`` for a jittered one. ``distortion_pix`` is not included (both
+        WCS are linear).
+    """
+    if isinstance(header, fits.HDUList):
+        header = header["SCI"].header
+    if truth.wcs is None or truth.wcs.pixel_shape is None:
+        raise ValueError("the truth carries no WCS with a frame shape")
+    nx, ny = truth.wcs.pixel_shape
+    x, y = np.meshgrid(np.linspace(0.0, nx - 1.0, grid), np.linspace(0.0, ny - 1.0, grid))
+    return float(_sky_offset_arcsec(WCS(header), truth.wcs, x.ravel(), y.ravel()).max())
+
+
 # --------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------
@@ -1152,9 +1207,10 @@ def simulate_series(
     evenly over the part of the night (midnight +-4 hours) when the target is above 30 degrees altitude
     (or over +-1 hour around its highest point that night if it never is); each visit takes one exposure
     through every filter in ``filters``, 100 s or so apart. Per frame: pointing offsets of tens of pixels,
-    rotations below 0.5 degree, seeing 1.5-3", sky varying by filter and night, airmass from the site
-    and time, zero point per filter with extinction ``k * (airmass - 1)``, transparency 0.85-1, and a few
-    cosmic rays. Frame numbers run through the whole series, so file names are unique.
+    rotations below 0.5 degree, seeing around the night's median (1.6-2.5", frames clipped to 1.5-3" by
+    default), sky varying by filter and night, airmass from the site and time, zero point per filter with
+    extinction ``k * (airmass - 1)``, transparency 0.85-1, and a few cosmic rays. Frame numbers run through
+    the whole series from ``first_frame_number``, so file names are unique.
 
     Parameters
     ----------
@@ -1173,19 +1229,26 @@ def simulate_series(
     compress : {None, "fz", "gz"}
         File format, see :func:`write_frame`.
     seeing : tuple of float
-        Range of the nightly median seeing, arcsec (a 0.4 m telescope: 2.5-5); frames are clipped to
-        1.5-3" at the default range, to 0.9 x low - 1.2 x high otherwise.
+        ``(low, high)`` range of the nightly median seeing, arcsec (a 0.4 m telescope: 2.5-5). Each frame's
+        FWHM (the median times ``airmass**0.6``, plus noise) is clipped to 1.5-3" at the default range, to
+        ``0.9 * low`` - ``1.2 * high`` otherwise.
     wcs_jitter : tuple of float, optional
-        Range of each frame's ``wcs_jitter_arcsec`` (e.g. 0.5-5" for real BANZAI solutions).
+        ``(low, high)``: each frame's ``wcs_jitter_arcsec`` is drawn uniformly in it (e.g. 0.5-5" like
+        real BANZAI solutions). Drawn apart from the other conditions, which stay as without it.
     sky_scale : float
-        Multiplies every frame's sky (high sky: several times).
+        Multiplies every frame's sky (high sky: several times). The sky is not scaled by ``pixscale``
+        or ``zeropoint_offset`` otherwise.
     zeropoint_offset : float
-        Added to every zero point (a 0.4 m telescope collects about 2 mag less than a 1 m).
+        Added to every frame's zero point, magnitudes (a 0.4 m telescope collects about 2 mag less than a
+        1 m: -2).
     first_frame_number : int
-        Frame number of the first frame (series of one telescope in one folder need distinct ones).
+        Frame number of the first frame; give distinct ranges to several series of one telescope written
+        to one folder, so that their file names differ.
     **spec_overrides
         :class:`FrameSpec` fields that replace the simulated values in every frame (e.g. ``exptime``,
-        ``site``, ``zeropoint``, ``wcs_error``). ``mjd_start`` sets the series start instead.
+        ``zeropoint``, ``wcs_error``, ``distortion_pix``; another telescope through ``site``, ``telescope``,
+        ``instrument``, ``pixscale`` and ``color_term``). ``mjd_start`` sets the series start instead (the
+        same value for two telescopes observes the same nights).
 
     Returns
     -------
@@ -1208,7 +1271,8 @@ def simulate_series(
     frame_number = first_frame_number
     # Drawn apart from rng, so that a series without jitter is the same as it always was.
     jitter_rng = np.random.default_rng([seed, 3])
-    fwhm_range = (1.5, 3.0) if seeing == (1.6, 2.5) else (0.9 * seeing[0], 1.2 * seeing[1])
+    # The default range keeps its historical clip, so that default series are unchanged.
+    fwhm_range = (1.5, 3.0) if tuple(seeing) == (1.6, 2.5) else (0.9 * seeing[0], 1.2 * seeing[1])
     for night in range(nights):
         midnight = _local_midnight(base_mjd + night + 0.5, lon)
         grid = midnight + np.linspace(-0.17, 0.17, 205)

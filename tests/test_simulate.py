@@ -8,6 +8,7 @@ import math
 import re
 from dataclasses import replace
 from datetime import datetime
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -435,37 +436,239 @@ class TestSimulateSeries:
             assert header["MJD-OBS"] == pytest.approx(out[5][2].mjd_mid - 15.0 / 86400.0, abs=1e-9)
 
 
-class TestRealDataHazards:
-    """The simulator's hazards of real data: per-frame WCS errors, distortion, fading and red targets."""
+def small_field(**kwargs) -> sim.Field:
+    """A small make_field field around (150, 2) for the hazard tests."""
+    return sim.make_field("HZ", 150.0, 2.0, **{"nstars": 20, "radius_arcmin": 2.0, "seed": 3, **kwargs})
 
-    def test_jittered_wcs_is_off_by_about_the_requested_arcsec_and_truth_stays(self) -> None:
-        from lcowatch.frame import celestial_wcs
 
-        field = sim.make_field("HZ", 150.0, 2.0, nstars=20, radius_arcmin=2.0, seed=3)
-        _, exact = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=5))
-        for seed in range(4):
-            spec = sim.FrameSpec(shape=(256, 256), seed=5 + 100 * seed, wcs_jitter_arcsec=4.0)
+class TestWcsJitter:
+    """With wcs_jitter_arcsec, the solved header WCS (WCSERR=0) is off like a BANZAI solution: shifted
+    reference point, small rotation and scale error, its worst position error over the frame between 0.5 and
+    1 times the requested arcsec; the stars and the truth (positions and WCS) are those of the exact frame."""
+
+    def test_error_lies_in_the_requested_range(self):
+        field = small_field()
+        errors = []
+        for seed in range(12):
+            spec = sim.FrameSpec(shape=(128, 192), seed=seed, wcs_jitter_arcsec=4.0, rotation_deg=20.0 * seed)
             hdul, truth = sim.render_frame(field, spec)
-            header = celestial_wcs(hdul["SCI"].header)
-            assert header is not None and truth.wcs is not None
-            grid = np.meshgrid(np.linspace(0, 255, 7), np.linspace(0, 255, 7))
-            error = header.pixel_to_world(*(g.ravel() for g in grid)).separation(
-                truth.wcs.pixel_to_world(*(g.ravel() for g in grid))
-            ).arcsec  # fmt: skip
-            assert 1.0 < error.max() <= 4.0 and hdul["SCI"].header["WCSERR"] == 0
-        assert np.allclose(truth.x, exact.x) and np.allclose(truth.y, exact.y)
+            assert hdul["SCI"].header["WCSERR"] == 0
+            errors.append(sim.header_wcs_error_arcsec(hdul, truth))
+        assert all(2.0 <= e <= 4.0 for e in errors)
+        assert min(errors) < 2.8 and max(errors) > 3.2  # spread over the range, not stuck at one end
 
-    def test_distortion_moves_corners_not_the_centre(self) -> None:
-        field = sim.make_field("HZ", 150.0, 2.0, nstars=300, radius_arcmin=3.0, seed=3)
-        _, straight = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=1))
-        _, bent = sim.render_frame(field, sim.FrameSpec(shape=(256, 256), seed=1, distortion_pix=2.0))
-        radius = np.hypot(straight.x - 127.5, straight.y - 127.5)
+    def test_truth_and_pixels_stay_and_only_the_header_moves(self):
+        field = small_field()
+        exact_hdul, exact = sim.render_frame(field, sim.FrameSpec(shape=(128, 128), seed=5))
+        hdul, truth = sim.render_frame(field, sim.FrameSpec(shape=(128, 128), seed=5, wcs_jitter_arcsec=3.0))
+        assert np.array_equal(truth.x, exact.x) and np.array_equal(truth.y, exact.y)
+        assert truth.wcs is not None and exact.wcs is not None
+        assert truth.wcs.to_header() == exact.wcs.to_header()
+        assert np.array_equal(hdul["SCI"].data, exact_hdul["SCI"].data)
+        header, exact_header = hdul["SCI"].header, exact_hdul["SCI"].header
+        assert (header["CRPIX1"], header["CRPIX2"]) == (exact_header["CRPIX1"], exact_header["CRPIX2"])
+        assert (header["CRVAL1"], header["CRVAL2"]) != (exact_header["CRVAL1"], exact_header["CRVAL2"])
+        cd = np.array([[header["CD1_1"], header["CD1_2"]], [header["CD2_1"], header["CD2_2"]]])
+        exact_cd = np.array([[exact_header["CD1_1"], exact_header["CD1_2"]],
+                             [exact_header["CD2_1"], exact_header["CD2_2"]]])
+        assert np.linalg.det(cd) != pytest.approx(np.linalg.det(exact_cd), rel=1e-9)  # scale error
+        assert cd[0, 1] != pytest.approx(exact_cd[0, 1], abs=1e-12)  # rotation error
+        assert sim.header_wcs_error_arcsec(exact_hdul, exact) == 0.0
+        # the target's header position is off by at most the error, in pixels
+        x, y = WCS(header).world_to_pixel_values(field.ra, field.dec)
+        assert 0 < math.hypot(x - truth.x[0], y - truth.y[0]) * 0.389 <= 3.0
+
+    def test_same_seed_same_error_and_a_failed_wcs_wins(self):
+        field = small_field()
+        spec = sim.FrameSpec(shape=(64, 64), seed=8, wcs_jitter_arcsec=2.0)
+        first, again = sim.render_frame(field, spec)[0], sim.render_frame(field, spec)[0]
+        assert first["SCI"].header["CRVAL1"] == again["SCI"].header["CRVAL1"]
+        failed, truth = sim.render_frame(field, replace(spec, wcs_error=True))
+        assert failed["SCI"].header["WCSERR"] == 4
+        assert sim.header_wcs_error_arcsec(failed["SCI"].header, truth) > 60.0
+
+
+class TestDistortion:
+    """distortion_pix moves every star radially from the frame centre by distortion_pix * (r / r_corner)^3
+    pixels in the truth and in the pixels, while the header WCS stays linear TAN without SIP (so it is off by
+    up to distortion_pix in the corners)."""
+
+    def test_truth_positions(self):
+        field = small_field(nstars=300, box_arcmin=256 * 0.389 / 60)
+        _, straight = sim.render_frame(field, sim.FrameSpec(shape=(256, 192), seed=1))
+        _, bent = sim.render_frame(field, sim.FrameSpec(shape=(256, 192), seed=1, distortion_pix=2.0))
+        cx, cy = 95.5, 127.5
+        radius = np.hypot(straight.x - cx, straight.y - cy)
         moved = np.hypot(bent.x - straight.x, bent.y - straight.y)
-        corner = np.hypot(127.5, 127.5)
-        assert np.allclose(moved, 2.0 * (radius / corner) ** 3)
+        assert np.allclose(moved, 2.0 * (radius / math.hypot(cx, cy)) ** 3)
+        # radially outwards: same direction from the centre, further out
+        outward = (bent.x - straight.x) * (straight.x - cx) + (bent.y - straight.y) * (straight.y - cy)
+        assert np.all(outward >= 0)
+        on = straight.on_frame((256, 192))
+        corner = on & (radius > 0.9 * math.hypot(cx, cy))
+        centre = radius < 20
+        assert corner.any() and centre.any()
+        assert np.all(moved[corner] > 1.4) and np.all(moved[centre] < 0.005)
 
-    def test_fading_red_target(self) -> None:
-        field = sim.make_field("HZ", 150.0, 2.0, nstars=10, seed=3, target_mag=16.0, target_gr=1.4, fade_rate=0.5)
-        assert field.mags["g"][0] - field.mags["r"][0] == pytest.approx(1.4)
-        assert field.target_mag("r", field.epoch - 1.0) == pytest.approx(16.0)
-        assert field.target_mag("r", field.epoch + 4.0) == pytest.approx(18.0)
+    def test_stars_are_drawn_where_the_truth_says_and_the_header_is_linear(self):
+        # a bright star near the corner pixel (0, 0) of a 256 x 256 frame, the target at the centre
+        field = custom_field([(0, 0), (115.5 * 0.389, -115.5 * 0.389)], [16.0, 13.0])
+        spec = sim.FrameSpec(shape=(256, 256), seed=2, distortion_pix=3.0)
+        hdul, truth = sim.render_frame(field, spec)
+        header = hdul["SCI"].header
+        assert header["CTYPE1"] == "RA---TAN" and "A_ORDER" not in header
+        linear = np.array(WCS(header).world_to_pixel_values(field.star_ra[1], field.star_dec[1]))
+        assert linear == pytest.approx((12.0, 12.0), abs=0.01)
+        radial = linear - 127.5
+        expected = linear + radial / np.hypot(*radial) * 3.0 * (np.hypot(*radial) / math.hypot(127.5, 127.5)) ** 3
+        assert (truth.x[1], truth.y[1]) == pytest.approx(tuple(expected), abs=1e-6)
+        assert np.hypot(*(expected - linear)) == pytest.approx(2.2, abs=0.05)
+        image = hdul["SCI"].data.astype(np.float64) - spec.sky
+        ix, iy = round(truth.x[1]), round(truth.y[1])
+        ys, xs = np.mgrid[iy - 8:iy + 9, ix - 8:ix + 9]
+        box = image[iy - 8:iy + 9, ix - 8:ix + 9]
+        centroid = np.array([(box * xs).sum(), (box * ys).sum()]) / box.sum()
+        assert centroid == pytest.approx((truth.x[1], truth.y[1]), abs=0.2)
+        assert (truth.x[0], truth.y[0]) == pytest.approx((127.5, 127.5), abs=1e-9)
+
+
+class TestFadingTarget:
+    """With fade_rate, the target is constant before epoch and then fades linearly by fade_rate mag per day
+    in every band (the sine's amplitude is ignored); the frames' truth follows it."""
+
+    def test_target_mag(self):
+        field = small_field(target_mag=16.0, fade_rate=0.5, amplitude=0.3, epoch=61000.0)
+        assert field.fade_rate == 0.5
+        assert field.target_mag("r", 60990.0) == pytest.approx(16.0)
+        assert field.target_mag("r", 61000.0) == pytest.approx(16.0)
+        days = np.array([0.5, 1.0, 4.0, 10.0])
+        assert np.allclose(field.target_mag("r", 61000.0 + days), 16.0 + 0.5 * days)
+        g0 = float(field.mags["g"][0])
+        assert field.target_mag("g", 61004.0) == pytest.approx(g0 + 2.0)
+
+    def test_frames_follow_the_fade(self):
+        field = small_field(target_mag=16.0, fade_rate=0.5, epoch=61000.0)
+        mags = []
+        for day in (0.0, 2.0, 6.0):
+            _, truth = sim.render_frame(field, sim.FrameSpec(shape=(64, 64), mjd_start=61000.2 + day))
+            mags.append(truth.mag[0])
+        assert np.diff(mags) == pytest.approx([1.0, 2.0], abs=1e-6)
+
+
+class TestTargetColour:
+    """make_field's target_gr sets the target's g - r (0.5 by default); its other bands follow the stellar
+    locus, and the other stars are the same as with the default colour."""
+
+    def test_red_target(self):
+        red = small_field(target_gr=1.4)
+        default = small_field()
+        assert red.mags["g"][0] - red.mags["r"][0] == pytest.approx(1.4)
+        assert default.mags["g"][0] - default.mags["r"][0] == pytest.approx(0.5)
+        assert red.mags["r"][0] == default.mags["r"][0] == 15.0
+        # the locus: r - i = 0.43 (g - r) - 0.08 with 0.02 mag of scatter
+        assert red.mags["r"][0] - red.mags["i"][0] == pytest.approx(0.43 * 1.4 - 0.08, abs=0.08)
+        assert red.mags["B"][0] - red.mags["V"][0] > default.mags["B"][0] - default.mags["V"][0] + 0.5
+        for band in sim.ALL_BANDS:
+            assert np.array_equal(red.mags[band][1:], default.mags[band][1:])
+
+
+def series(tmp_path, name: str, **kwargs) -> list[tuple]:
+    """A small fast series (64 x 64, 2 nights x 2 visits, plain FITS) of a small field."""
+    options = {"nights": 2, "frames_per_night": 2, "shape": (64, 64), "seed": 4, "compress": None, **kwargs}
+    return sim.simulate_series(small_field(), tmp_path / name, **options)
+
+
+class TestSeriesDefaults:
+    """A default simulate_series gives the same conditions as before the hazard options existed (values
+    recorded from that version, commit c5791cc): no WCS jitter or distortion, frames numbered from 11, seeing
+    clipped to 1.5-3"."""
+
+    # (file name, mjd_start, fwhm_arcsec, sky, zeropoint, transparency, *offset_pix, rotation_deg, airmass)
+    # of series(tmp_path, ...) with a make_field("SN1", 150.0, -20.0, nstars=20, radius_arcmin=2.0, seed=1)
+    RECORDED: ClassVar[list[tuple]] = [
+        ("cpt1m012-fa06-20251122-0011-e91.fits", 61001.00583247242, 3.0, 386.0920760713595, 23.40387306009972,
+         0.9347167993769782, 9.471417775154471, -3.3471660320801306, -0.37794897001588357, 1.9613),
+        ("cpt1m012-fa06-20251122-0012-e91.fits", 61001.105940475536, 2.4031801350994066, 416.72894900232313,
+         23.48543062693329, 0.9615409617927106, -33.95656432673806, -16.237931286645548, -0.22824912188296498,
+         1.1457),
+        ("cpt1m012-fa06-20251123-0013-e91.fits", 61002.0028716632, 2.618787843771024, 271.3424143150176,
+         23.403470287992537, 0.9776911328850311, -35.89446124747484, -12.103451448206206, 0.2495061288483138,
+         1.9653),
+        ("cpt1m012-fa06-20251123-0014-e91.fits", 61002.103110294534, 2.1634952132363066, 267.3226883121205,
+         23.48539826633165, 0.9871071526591615, 37.124501769224224, 7.412474918442088, 0.49846199120861534,
+         1.146),
+    ]  # fmt: skip
+
+    def test_conditions_are_unchanged(self, tmp_path):
+        field = sim.make_field("SN1", 150.0, -20.0, nstars=20, radius_arcmin=2.0, seed=1)
+        out = sim.simulate_series(field, tmp_path, nights=2, frames_per_night=2, shape=(64, 64), seed=4,
+                                  compress=None)
+        got = [(p.name, s.mjd_start, s.fwhm_arcsec, s.sky, s.zeropoint, s.transparency, *s.offset_pix,
+                s.rotation_deg, s.airmass) for p, s, _ in out]
+        assert len(got) == len(self.RECORDED)
+        for row, recorded in zip(got, self.RECORDED, strict=True):
+            assert row[0] == recorded[0]
+            assert row[1:] == pytest.approx(recorded[1:], rel=1e-12, abs=1e-12)
+        for path, spec, truth in out:
+            assert spec.wcs_jitter_arcsec == 0.0 and spec.distortion_pix == 0.0
+            with fits.open(path) as hdul:
+                assert sim.header_wcs_error_arcsec(hdul, truth) == 0.0
+
+
+class TestSeriesOptions:
+    """simulate_series's options take effect: seeing sets the nightly seeing range (and the clip), wcs_jitter
+    draws each frame's jitter without changing any other condition, sky_scale multiplies the sky,
+    zeropoint_offset shifts the zero points, first_frame_number starts the numbering, and FrameSpec fields
+    (another telescope, distortion, mjd_start) pass through."""
+
+    def test_seeing(self, tmp_path):
+        default = [s.fwhm_arcsec for _, s, _ in series(tmp_path, "a", nights=3)]
+        bad = [s.fwhm_arcsec for _, s, _ in series(tmp_path, "b", nights=3, seeing=(3.5, 4.5))]
+        assert all(1.5 <= f <= 3.0 for f in default)
+        assert all(0.9 * 3.5 <= f <= 1.2 * 4.5 for f in bad)
+        assert min(bad) > max(default)
+
+    def test_wcs_jitter_changes_nothing_else(self, tmp_path):
+        plain = series(tmp_path, "a")
+        jittered = series(tmp_path, "b", wcs_jitter=(0.5, 5.0))
+        jitters = [s.wcs_jitter_arcsec for _, s, _ in jittered]
+        assert all(0.5 <= j <= 5.0 for j in jitters) and len(set(jitters)) == len(jitters)
+        for (_, spec, truth), (path, jittered_spec, jittered_truth) in zip(plain, jittered, strict=True):
+            assert replace(jittered_spec, wcs_jitter_arcsec=0.0) == spec
+            assert np.array_equal(jittered_truth.x, truth.x)
+            with fits.open(path) as hdul:
+                error = sim.header_wcs_error_arcsec(hdul, jittered_truth)
+            assert 0.5 * jittered_spec.wcs_jitter_arcsec <= error <= jittered_spec.wcs_jitter_arcsec
+
+    def test_sky_zeropoint_and_frame_numbers(self, tmp_path):
+        plain = series(tmp_path, "a")
+        changed = series(tmp_path, "a", sky_scale=8.0, zeropoint_offset=-2.0, first_frame_number=500)
+        assert len({p for p, _, _ in plain + changed}) == 8  # one folder, no name reused
+        assert [s.frame_number for _, s, _ in changed] == [500, 501, 502, 503]
+        assert all(p.name.endswith(f"-{s.frame_number:04d}-e91.fits") for p, s, _ in changed)
+        for (_, spec, truth), (_, other, other_truth) in zip(plain, changed, strict=True):
+            assert other.sky == pytest.approx(8.0 * spec.sky, rel=1e-12)
+            assert other.zeropoint == pytest.approx(spec.zeropoint - 2.0, abs=1e-12)
+            assert other_truth.flux == pytest.approx(truth.flux * 10 ** (-0.8), rel=1e-9)
+            assert replace(other, sky=spec.sky, zeropoint=spec.zeropoint, frame_number=spec.frame_number) == spec
+
+    def test_another_telescope_on_the_same_nights(self, tmp_path):
+        one_metre = series(tmp_path, "in", distortion_pix=0.5)
+        sbig = series(tmp_path, "in", site="coj", telescope="0m4-14", instrument="kb29", pixscale=0.571,
+                      color_term=0.08)
+        later = series(tmp_path, "later", mjd_start=61005.2)
+        for _, spec, _ in one_metre:
+            assert spec.distortion_pix == 0.5
+        for path, spec, truth in sbig:
+            assert re.fullmatch(r"coj0m414-kb29-\d{8}-\d{4}-e91\.fits", path.name)
+            assert (spec.pixscale, spec.color_term, spec.telescope) == (0.571, 0.08, "0m4-14")
+            assert truth.fwhm_pix == pytest.approx(spec.fwhm_arcsec / 0.571)
+            with fits.open(path) as hdul:
+                header = hdul["SCI"].header
+                assert (header["SITEID"], header["TELESCOP"], header["INSTRUME"]) == ("coj", "0m4-14", "kb29")
+                assert header["PIXSCALE"] == 0.571
+                assert math.hypot(header["CD1_1"], header["CD2_1"]) * 3600 == pytest.approx(0.571)
+        # both telescopes observe the same two nights (different sites, so within a day of each other)
+        for night in (0, 1):
+            assert abs(sbig[2 * night][1].mjd_start - one_metre[2 * night][1].mjd_start) < 1.0
+        assert later[0][1].mjd_start - one_metre[0][1].mjd_start == pytest.approx(5.0, abs=0.1)
