@@ -94,7 +94,6 @@ class FrameWork:
     photometry: Photometry | None = None
     target_centroid_ref: tuple[np.ndarray, float] | None = None
     new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)
-    ensemble_scatter: np.ndarray | None = None
     points: list[dict[str, object]] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
@@ -288,9 +287,13 @@ def _catalog_band(filter: str) -> str:
     return BAND_OF_FILTER.get(filter, "r")  # any band's positions serve the astrometry
 
 
+def catalog_radius_arcmin(config: Config, shape: tuple[int, int], pixscale: float) -> float:
+    """The catalog query radius: ``catalog.radius_arcmin``, else a little more than the frame's half diagonal."""
+    return config.catalog.radius_arcmin or 0.6 * float(np.hypot(*shape)) * pixscale / 60.0
+
+
 def _radius_arcmin(work: FrameWork) -> float:
-    ny, nx = work.frame.meta.shape
-    return work.config.catalog.radius_arcmin or 0.6 * np.hypot(nx, ny) * work.frame.meta.pixscale / 60.0
+    return catalog_radius_arcmin(work.config, work.frame.meta.shape, work.frame.meta.pixscale)
 
 
 def register_to_template(work: FrameWork, template: Template) -> Registration:
@@ -417,13 +420,8 @@ class DifferentialPhotometry:
         refs = work.store.star_refs(meta.target, meta.filter)
         if not refs:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
-            clean = comparison_stars(phot, 0)
-            refs = work.new_refs = {
-                int(star): (float(mag), float(err))
-                for star, mag, err in zip(
-                    star_ids[1:][clean], phot.inst_mag[1:, 0][clean], phot.inst_err[1:, 0][clean], strict=True
-                )
-            }
+            unset = np.full(len(star_ids) - 1, np.nan)
+            refs = work.new_refs = self._refs_for_new_stars(phot, star_ids, unset, 0.0, 0.0)
         ref_mag = np.array([refs.get(int(star), (np.nan, np.nan))[0] for star in star_ids[1:]])
         ref_err = np.array([refs.get(int(star), (np.nan, np.nan))[1] for star in star_ids[1:]])
         # Light lost to clouds shows against the reference frame only on the same instrument; another
@@ -432,7 +430,6 @@ class DifferentialPhotometry:
             bool(work.new_refs) or work.store.reference_instrument(meta.target, meta.filter) == meta.instrument
         )
         apertures = config.photometry.apertures
-        work.ensemble_scatter = np.zeros(len(apertures))
         for k, aperture in enumerate(apertures):
             # The ensemble is a zero point against the reference magnitudes: the same robust fit (clipping,
             # intrinsic scatter so no few bright stars dominate) as the calibration against a catalog.
@@ -443,9 +440,9 @@ class DifferentialPhotometry:
                     ref_mag[comparison], ref_err[comparison],
                 )  # fmt: skip
                 offset, offset_err, n_used = ensemble.zp, ensemble.zp_err, ensemble.n_used
-                work.ensemble_scatter[k] = ensemble.intrinsic_scatter
+                scatter = ensemble.intrinsic_scatter
             except TooFewStars:
-                offset, offset_err, n_used = np.nan, np.nan, 0
+                offset, offset_err, n_used, scatter = np.nan, np.nan, 0, np.nan
             point_flags = int(phot.flags[0, k]) | work.quality.flags
             if n_used < MIN_COMPARISONS:
                 point_flags |= flags.value("few_comparisons")
@@ -470,7 +467,7 @@ class DifferentialPhotometry:
                     "diff_mag_err": _finite(diff_err) if detected else None,
                     "flux": _finite(flux / meta.exptime), "flux_err": _finite(flux_err / meta.exptime),
                     "snr": _finite(snr), "limit_mag": _finite(limit_mag(flux_err, meta.exptime) + offset),
-                    "ensemble_scatter": float(work.ensemble_scatter[k]),
+                    "ensemble_scatter": _finite(scatter),
                     "n_comparison": n_used, "registration_rms": registration.rms,
                     "n_matched": registration.n_matched, "template": template.file,
                     "flags": point_flags | flags.value("uncalibrated"),
@@ -865,7 +862,7 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
     order = np.concatenate([[0], star_ids])
     apertures = len(config.photometry.apertures)
     frames = store.done_frames(target)
-    radius = config.catalog.radius_arcmin or 0.6 * np.hypot(*reference.shape) * reference.pixscale / 60.0
+    radius = catalog_radius_arcmin(config, reference.shape, reference.pixscale)
     if reference.sky_fix is None and reference.wcs is not None:
         sky_fix = calibrate.fix_reference(store, reference, radius, frames[0]["filter"] if frames else "rp")
         if sky_fix is not None:
@@ -904,9 +901,8 @@ def pin_template(config: Config, conn: sqlite3.Connection, name_or_sha: str, tar
     reference_sources = store.sources(reference.sha256)
     if template.sha256 != reference.sha256:
         guess = None
-        reference_wcs = replace(template, wcs_header=reference.wcs_header).wcs
-        if template.wcs is not None and reference_wcs is not None:
-            guess = wcs_guess(reference_wcs, template.wcs, reference.shape)
+        if template.wcs is not None and reference.wcs is not None:
+            guess = wcs_guess(reference.wcs, template.wcs, reference.shape)
         try:
             template.from_reference = register(
                 reference_sources, template.sources, guess=guess, guess_error=2 * SOLVED_WCS_ERROR_ARCSEC, max_rms=2.0

@@ -40,6 +40,11 @@ from lcowatch.register import (
 )
 
 
+def wcs_from_text(header: str | None) -> WCS | None:
+    """The celestial WCS of a stored header text (None for none)."""
+    return celestial_wcs(fits.Header.fromstring(header)) if header else None
+
+
 def template_score(quality: Quality, config: TemplateConfig) -> float:
     """Higher is better: sharp, dark, deep frames. Undefined (-inf) without a measured FWHM."""
     if not (np.isfinite(quality.fwhm_arcsec) and quality.fwhm_arcsec > 0 and quality.nstars > 0):
@@ -75,7 +80,7 @@ class Template:
 
     @cached_property
     def wcs(self) -> WCS | None:
-        return celestial_wcs(fits.Header.fromstring(self.wcs_header)) if self.wcs_header else None
+        return wcs_from_text(self.wcs_header)
 
 
 @dataclass
@@ -102,7 +107,7 @@ class Reference:
 
     @cached_property
     def wcs(self) -> WCS | None:
-        return celestial_wcs(fits.Header.fromstring(self.wcs_header)) if self.wcs_header else None
+        return wcs_from_text(self.wcs_header)
 
     def pixels_of(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
         """Reference pixels (N, 2) of sky positions (deg), through the corrected header WCS."""
