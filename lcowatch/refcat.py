@@ -153,7 +153,10 @@ class VizierCatalog:
     ``mags`` maps a band to candidate magnitude column names (the first present is used), ``errs`` the
     same for its error; ``fluxes`` gives ``(flux, flux_err)`` columns from which the magnitude error is
     computed when the catalog has no magnitude error; ``flags`` a column whose value 0 marks the band's
-    magnitude as unreliable; ``keep`` column values a row must have (when the column is present).
+    magnitude as unreliable; ``keep`` column values a row must have (when the column is present);
+    ``unreliable`` a test per column marking rows the catalog itself calls doubtful (extended, variable,
+    duplicated; applied when the column is present); ``bright_limit`` the magnitude brighter than which the
+    survey saturated (its magnitudes there are dropped).
     """
 
     key: str
@@ -169,6 +172,8 @@ class VizierCatalog:
     fluxes: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     flags: Mapping[str, str] = field(default_factory=dict)
     keep: Mapping[str, int] = field(default_factory=dict)
+    unreliable: Mapping[str, Callable[[np.ndarray], np.ndarray]] = field(default_factory=dict)
+    bright_limit: float | None = None
 
     @property
     def bands(self) -> frozenset[str]:
@@ -188,6 +193,7 @@ class VizierCatalog:
             if band in self.flags:
                 cols.append(self.flags[band])
         cols.extend(self.keep)
+        cols.extend(self.unreliable)
         return cols
 
 
@@ -202,6 +208,12 @@ _REFCAT2_MAGS, _REFCAT2_ERRS = _simple("griz")
 _PS1_MAGS, _PS1_ERRS = _simple("grizy")
 _SDSS_MAGS, _SDSS_ERRS = _simple("ugriz")
 _GAIA_BANDS = "UBVRIugriz"
+
+
+def _ps1_doubtful(qual: np.ndarray) -> np.ndarray:
+    """PS1 ``Qual`` bits: 1 extended in PS1 (a galaxy), 128 poor-quality stack object."""
+    return (qual.astype(np.int64) & (1 | 128)) != 0
+
 
 #: Known VizieR catalogs, by key (used in preferences).
 CATALOGS: dict[str, VizierCatalog] = {
@@ -228,6 +240,8 @@ CATALOGS: dict[str, VizierCatalog] = {
         dec=("DEJ2000",),
         mags=_PS1_MAGS,
         errs=_PS1_ERRS,
+        unreliable={"Qual": _ps1_doubtful},
+        bright_limit=14.0,  # mean PSF magnitudes of brighter stars are saturated
     ),
     "apass": VizierCatalog(
         key="apass",
@@ -253,6 +267,7 @@ CATALOGS: dict[str, VizierCatalog] = {
             "r": ("e_r'mag", "e_r_mag"),
             "i": ("e_i'mag", "e_i_mag"),
         },
+        bright_limit=10.0,  # APASS saturates near 10 mag
     ),
     "sdss": VizierCatalog(
         key="sdss",
@@ -266,6 +281,7 @@ CATALOGS: dict[str, VizierCatalog] = {
         mags=_SDSS_MAGS,
         errs=_SDSS_ERRS,
         keep={"mode": 1, "class": 6},  # primary detections of stars only
+        bright_limit=14.0,  # SDSS imaging saturates near 14 mag
     ),
     "gaia_synth": VizierCatalog(
         key="gaia_synth",
@@ -751,6 +767,9 @@ def _normalise(raw: Table, spec: VizierCatalog) -> Table:
     for name, value in spec.keep.items():
         if name in raw.colnames:
             keep &= np.ma.filled(np.ma.asarray(raw[name]) == value, False)
+    for name, doubtful in spec.unreliable.items():
+        if name in raw.colnames:
+            keep &= ~np.ma.filled(doubtful(np.ma.filled(np.ma.asarray(raw[name]), 0)), True)
     raw = raw[keep]
 
     out = Table()
@@ -775,6 +794,8 @@ def _normalise(raw: Table, spec: VizierCatalog) -> Table:
         if flag_col is not None and flag_col in raw.colnames:
             bad = np.ma.filled(np.ma.asarray(raw[flag_col]) == 0, False)
             mag = np.where(bad, np.nan, mag)
+        if spec.bright_limit is not None:
+            mag = np.where(mag < spec.bright_limit, np.nan, mag)
         out[band] = mag
         out[f"{band}_err"] = err
     _set_units(out)

@@ -215,9 +215,21 @@ class TestProviders:
         stars = fetch(tmp_path, "rp", preference={"r": ["ps1"]})
         assert stars.meta["catalog"] == "ps1"
         assert {"g", "r", "i", "z", "y", "y_err"} <= set(stars.colnames)
-        assert len(stars) == 12  # 13 in the radius, one without g (no colour)
         raw = recorded("ps1_field.xml")
-        np.testing.assert_allclose(stars["r"][:2], raw["rmag"][:2], atol=1e-6)
+        usable = (raw["_r"] < 10.0) & ~raw["gmag"].mask & (raw["rmag"] >= 14.0) & (raw["Qual"] & 1 == 0)
+        assert len(stars) == usable.sum() == 5  # of 13 in the radius: one without g, 6 saturated, a galaxy
+        np.testing.assert_allclose(stars["r"], raw["rmag"][usable], atol=1e-6)
+
+    def test_ps1_saturation_and_quality_drop_only_the_bad_magnitudes(self):
+        """PS1 is saturated brighter than 14 mag in that band only; extended objects go entirely."""
+        tab = refcat._normalise(
+            Table({"RAJ2000": [1.0, 2.0, 3.0], "DEJ2000": [0.0, 0.0, 0.0], "gmag": [13.5, 15.0, 15.0],
+                   "rmag": [14.5, 13.9, 15.0], "Qual": [52, 52, 53]}),
+            CATALOGS["ps1"],
+        )  # fmt: skip
+        np.testing.assert_allclose(tab["ra"], [1.0, 2.0])
+        np.testing.assert_allclose(tab["g"], [np.nan, 15.0])
+        np.testing.assert_allclose(tab["r"], [14.5, np.nan])
 
     def test_apass_primed_names(self, tmp_path, vizier):
         vizier.answer("II/336/apass9", "apass9_field.xml")
@@ -245,7 +257,11 @@ class TestProviders:
         vizier.answer("V/147/sdss12", "sdss12_field.xml")
         stars = fetch(tmp_path, "up")
         assert stars.meta["catalog"] == "sdss" and stars.meta["color"] == "u-g"
-        assert len(stars) == 11  # 13 within the radius, less a galaxy and a secondary detection
+        raw = recorded("sdss12_field.xml")
+        stellar = (raw["_r"] < 10.0) & (raw["mode"] == 1) & (raw["class"] == 6)
+        assert stellar.sum() == 11  # 13 within the radius, less a galaxy and a secondary detection
+        unsaturated = (raw["umag"] >= 14.0) & (raw["gmag"] >= 14.0)  # u-g needs both
+        assert 0 < len(stars) == (stellar & unsaturated).sum() < 11
 
     def test_missing_columns_is_malformed(self):
         with pytest.raises(CatalogResponseError, match="lacks the expected columns"):
@@ -419,7 +435,7 @@ class TestPreference:
         vizier.answer("II/349/ps1", "ps1_field.xml")
         stars = fetch(tmp_path)
         assert stars.meta["catalog"] == "ps1" and stars.meta["tried"] == ["refcat2", "ps1"]
-        assert len(stars) == 12
+        assert len(stars) == 5  # see TestProviders.test_ps1
         assert vizier.sources == ["J/ApJ/867/105/refcat2", "II/349/ps1"]
 
     def test_catalog_without_band_is_not_asked(self, tmp_path, vizier):
