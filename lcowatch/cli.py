@@ -108,8 +108,7 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
         outcomes.append(pipeline.process_path(path))
         progress.update(outcomes[-1].state)
     # Frames that arrived before any frame could be a template get their turn once one exists.
-    while pipeline.requeued:
-        waiting, pipeline.requeued = pipeline.requeued, []
+    while waiting := pipeline.take_requeued():
         outcomes.extend(pipeline.process_path(path) for path in waiting if path.exists())
     progress.close()
     pipeline.flush_results(force=True)

@@ -48,7 +48,7 @@ from lcowatch.frame import bjd_tdb
 from lcowatch.ledger import TERMINAL_STATES, Ledger, connect
 from lcowatch.notify import Notifier
 from lcowatch.pipeline import Outcome, Pipeline, Stage
-from lcowatch.quarantine import QUARANTINE_DIR, quarantine_file
+from lcowatch.quarantine import quarantine_file, quarantined_names
 from lcowatch.readiness import Result, Tracker, is_wanted
 from lcowatch.watcher import PathSink, Watcher
 
@@ -427,13 +427,12 @@ class Daemon:
     def _recover(self) -> None:
         """Settle ledger rows a crash left pending whose file was already moved into quarantine."""
         assert self._ledger is not None
-        folder = self.config.state_dir / QUARANTINE_DIR
         for record in self._ledger.in_state("pending"):
             path = Path(record.path)
             if path.exists():
                 continue  # the scan finds it and the worker finishes it
             name = path.name
-            for candidate in (folder / name, folder / f"{record.sha256[:16]}-{name}"):
+            for candidate in quarantined_names(name, record.sha256, self.config.state_dir):
                 if candidate.is_file() and _sha256_of(candidate) == record.sha256:
                     note = candidate.with_name(candidate.name + ".reason.json")
                     reason, step = "quarantined (settled after a crash)", record.step
@@ -599,6 +598,8 @@ class Daemon:
                     generation = self.generation
                     pipeline = Pipeline(self.config, conn, self.stages)
                 self._process(pipeline, item)
+                for path in pipeline.take_requeued():
+                    self.sink.add(path)  # a template exists now: admission queues them at once
                 self._wake.set()
         except BaseException as exc:  # a fatal error: the main thread exits non-zero
             self.fatal = exc

@@ -65,6 +65,8 @@ from lcowatch.template import (
 )
 
 MIN_COMPARISONS = 3
+#: Standard deviation of field stars' colours (mag): the error of a colour assumed to be their median.
+ASSUMED_COLOR_SPREAD = 0.3
 FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 
@@ -269,8 +271,14 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
             if abs(t - mjd) > COLOR_WINDOW_DAYS:
                 continue  # its partners may lie outside what was read
             used = own if np.isfinite(own) else (row["comparison_color"] or 0.0)
-            point_flags = row["flags"] & ~assumed | (assumed if c != 0 and not np.isfinite(own) else 0)
-            store.set_point_colour(conn, row["sha256"], aperture, float(m0 + c * used), float(used), point_flags)
+            was_assumed, now_assumed = bool(row["flags"] & assumed), bool(c != 0 and not np.isfinite(own))
+            # An assumed colour may be wrong by a field star's spread of colours, through the colour term.
+            measured_err = np.sqrt(max((row["mag_err"] or 0.0) ** 2 - (was_assumed * c * ASSUMED_COLOR_SPREAD) ** 2, 0))
+            mag_err = float(np.hypot(measured_err, now_assumed * c * ASSUMED_COLOR_SPREAD))
+            point_flags = row["flags"] & ~assumed | (assumed if now_assumed else 0)
+            store.set_point_colour(
+                conn, row["sha256"], aperture, float(m0 + c * used), mag_err, float(used), point_flags
+            )
 
 
 def _wcs_text(frame: Frame) -> str | None:
@@ -455,8 +463,8 @@ class DifferentialPhotometry:
                 point_flags |= flags.value("nondetection")
             if k == 0 and n_used >= MIN_COMPARISONS and point_flags & FRAME_DOUBT == 0:
                 work.new_refs |= self._refs_for_new_stars(phot, star_ids, ref_mag, offset, offset_err)
-            # The comparison stars' scatter beyond their errors (ensemble_scatter) is exported, not added: with
-            # the few stars of a sparse field it is mostly noise of its own.
+            # The comparison stars' scatter beyond their errors (ensemble_scatter) is exported, not added: one
+            # frame's estimate follows its few worst stars (blends) and made constant stars' chi2/dof 0.75.
             diff_err = np.hypot(phot.inst_err[0, k], offset_err)
             work.points.append(
                 {
@@ -473,7 +481,6 @@ class DifferentialPhotometry:
                     "flags": point_flags | flags.value("uncalibrated"),
                 }
             )  # fmt: skip
-
 
     @staticmethod
     def _refs_for_new_stars(
@@ -608,7 +615,7 @@ def calibration_columns(
         "zp": zp.zp, "zp_err": zp.zp_err, "color_term": zp.color_term, "zp_nstars": zp.n_used,
         "zp_scatter": _finite(zp.scatter), "catalog": catalog.meta.get("catalog") if catalog is not None else None,
         "band": band, "color": None, "comparison_color": _finite(calibration.comparison_color),
-        "flags": point_flags & ~flags.value("uncalibrated"),
+        "flags": point_flags & ~flags.value("uncalibrated", "color_assumed"),  # apply_colours decides
         "limit_mag": _finite(limit_mag(flux_err, 1.0) + zp.zp) if flux_err is not None else None,
     }  # fmt: skip
 
@@ -662,9 +669,14 @@ class Pipeline:
         self.store = Store(conn)
         self.stages = list(stages) if stages is not None else default_stages(config)
         self._stale_results: set[str] = set()
-        self.requeued: list[Path] = []  # frames that waited for a template and can go now
+        self._requeued: list[Path] = []  # frames that waited for a template and can go now
         self._results_written: dict[str, float] = {}
         self.log = get_logger()
+
+    def take_requeued(self) -> list[Path]:
+        """Frames that waited for their target's first template and can be processed now (each once)."""
+        waiting, self._requeued = self._requeued, []
+        return waiting
 
     def flush_results(self, *, force: bool = False) -> None:
         """Rewrite the stale result files (and plots), each at most every ``processing.results_interval``.
@@ -832,7 +844,7 @@ class Pipeline:
 
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
-        self.requeued.extend(requeued)
+        self._requeued.extend(requeued)
         if state == "done" and meta.target is not None:
             self._stale_results.add(meta.target)
             self.flush_results()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -66,6 +67,15 @@ def find_quarantined(name_or_path: str, state_dir: Path) -> Path | None:
             return path
     matches = sorted(folder.glob(f"*-{candidate.name}")) if folder.is_dir() else []
     return matches[-1] if matches else None
+
+
+def quarantined_names(name: str, sha256: str, state_dir: Path) -> list[Path]:
+    """Where :func:`quarantine_file` may have put a file called ``name`` with content ``sha256``: its own
+    name, or the hash-prefixed name it gets when that is taken."""
+    folder = state_dir / QUARANTINE_DIR
+    if not folder.is_dir():
+        return []
+    return [folder / name, *sorted(folder.glob(f"{glob.escape(sha256[:16])}-*-{glob.escape(name)}"))]
 
 
 def release(quarantined: Path, fallback_folder: Path) -> tuple[Path, str | None]:

@@ -171,6 +171,7 @@ CREATE TABLE IF NOT EXISTS points (
 CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 """
 
+
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Forward migration of a database made by an earlier release: add the columns it lacks (all such
     columns are nullable)."""
@@ -415,19 +416,25 @@ class Store:
     def calibrated_points_near(conn: sqlite3.Connection, target: str, mjd: float, days: float) -> list[sqlite3.Row]:
         """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture."""
         return conn.execute(
-            "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.color, p.color_term, p.comparison_color, "
-            "p.flags, f.mjd FROM points p JOIN frames f USING (sha256) WHERE p.target = ? AND p.mag IS NOT NULL "
-            "AND f.mjd BETWEEN ? AND ?",
+            "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.mag_err, p.color, p.color_term, "
+            "p.comparison_color, p.flags, f.mjd FROM points p JOIN frames f USING (sha256) "
+            "WHERE p.target = ? AND p.mag IS NOT NULL AND f.mjd BETWEEN ? AND ?",
             (target, mjd - days, mjd + days),
         ).fetchall()
 
     @staticmethod
     def set_point_colour(
-        conn: sqlite3.Connection, sha256: str, aperture: int, mag: float, color: float, point_flags: int
+        conn: sqlite3.Connection,
+        sha256: str,
+        aperture: int,
+        mag: float,
+        mag_err: float,
+        color: float,
+        point_flags: int,
     ) -> None:
         conn.execute(
-            "UPDATE points SET mag = ?, color = ?, flags = ? WHERE sha256 = ? AND aperture = ?",
-            (mag, color, point_flags, sha256, aperture),
+            "UPDATE points SET mag = ?, mag_err = ?, color = ?, flags = ? WHERE sha256 = ? AND aperture = ?",
+            (mag, mag_err, color, point_flags, sha256, aperture),
         )
 
     def instrument_history(self, target: str, instrument: str | None) -> InstrumentHistory | None:

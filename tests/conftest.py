@@ -85,3 +85,11 @@ def hazards(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from simulated import build_hazard_campaign
 
     return build_hazard_campaign(tmp_path_factory.mktemp("hazards"))
+
+
+@pytest.fixture(scope="session")
+def constant(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Constant fields under a dark and a bright sky (see ``simulated.build_constant_campaign``)."""
+    from simulated import build_constant_campaign
+
+    return build_constant_campaign(tmp_path_factory.mktemp("constant"))

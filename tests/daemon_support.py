@@ -65,21 +65,28 @@ class FrameFactory:
         self.field = make_field(TARGET, RA, DEC, nstars=120, seed=1, box_arcmin=1.8, n_bright=1, min_sep_arcsec=3.0)
         self.refcat = folder / "refcat.csv"
         write_refcat(self.field, self.refcat)
-        self._made: dict[tuple[int, str | None, int | None, str | None], SimFrame] = {}
+        self._made: dict[tuple[int, str | None, int | None, str | None, bool], SimFrame] = {}
 
     def frame(
-        self, index: int, compress: str | None = "default", *, number: int | None = None, object_name: str | None = None
+        self,
+        index: int,
+        compress: str | None = "default",
+        *,
+        number: int | None = None,
+        object_name: str | None = None,
+        wcs_error: bool = False,
     ) -> SimFrame:
         """Frame ``index``: observed at MJD 61000.2 + index/1000; ``number`` sets the name's frame number,
-        ``object_name`` the OBJECT keyword (default: the target)."""
+        ``object_name`` the OBJECT keyword (default: the target); ``wcs_error`` a failed WCS (WCSERR=4)."""
         if compress == "default":
             compress = self.COMPRESSIONS[index % 3]
-        key = (index, compress, number, object_name)
+        key = (index, compress, number, object_name, wcs_error)
         if key not in self._made:
             mjd = 61000.2 + index * 0.001
             spec = FrameSpec(
                 filter="rp", mjd_start=mjd, shape=(256, 256), seed=index, exptime=60.0,
                 frame_number=number if number is not None else index + 1, object_name=object_name,
+                wcs_error=wcs_error,
             )  # fmt: skip
             folder = self.folder / hashlib.sha1(repr(key).encode()).hexdigest()[:12]
             folder.mkdir(exist_ok=True)

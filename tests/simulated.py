@@ -161,3 +161,69 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
     config = write_config(folder, targets, catalog={"source": "file", "color_terms": terms})
     assert main(["process", "--config", str(config), str(incoming)]) == 0
     return Campaign(folder, config, fields, truth)
+
+
+def build_constant_campaign(folder: Path, *, frames: int = 30) -> Campaign:
+    """Two constant fields from the 1 m, one under a dark sky and one under 8x the sky (moonlight): every
+    star's scatter is noise alone, so it measures how honest the errors are."""
+    fields = {
+        "DARK": make_field("DARK", 30.0, 10.0, nstars=FIELD_STARS, radius_arcmin=FIELD_RADIUS_ARCMIN, seed=51,
+                           min_sep_arcsec=15.0, amplitude=0.0),
+        "BRIGHT": make_field("BRIGHT", 60.0, 10.0, nstars=FIELD_STARS, radius_arcmin=FIELD_RADIUS_ARCMIN, seed=52,
+                             min_sep_arcsec=15.0, amplitude=0.0),
+    }  # fmt: skip
+    incoming = folder / "in"
+    series = []
+    for number, (name, sky_scale) in enumerate([("DARK", 1.0), ("BRIGHT", 8.0)]):
+        series += simulate_series(
+            fields[name], incoming, nights=frames // 2, frames_per_night=2, shape=SHAPE, seed=61 + number,
+            sky_scale=sky_scale, first_frame_number=100 * (number + 1),
+        )  # fmt: skip
+    truth = {path.name: (spec, frame_truth) for path, spec, frame_truth in series}
+    targets: dict[str, dict[str, object]] = {name: {"ra": f.ra, "dec": f.dec} for name, f in fields.items()}
+    config = write_config(folder, targets)
+    assert main(["process", "--config", str(config), str(incoming)]) == 0
+    return Campaign(folder, config, fields, truth)
+
+
+def isolated_star_residuals(
+    campaign: Campaign, target: str, *, clear_fwhm: float = 3.0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per isolated star of a target's field (the target too): its magnitudes on the target's diff_mag
+    scale, frame by frame, and their errors as the target's are made (own error and ensemble offset error).
+
+    A star counts as isolated when, in the truth of every frame, no other star brighter than 4 mag fainter
+    than it lies within ``clear_fwhm`` FWHM: the light of an unresolved neighbour changes with the seeing.
+    Stars that weigh in the ensemble (own error under twice the offset's) are left out: the offset follows
+    them, so their scatter about it is smaller than their errors.
+    """
+    per_star: dict[int, list[tuple[float, float]]] = {}
+    blended: set[int] = set()
+    with campaign.connect() as conn:
+        for point in campaign.points(target, "rp"):
+            if point["diff_mag"] is None:
+                continue
+            truth = campaign.truth[point["file"]][1]
+            rows = conn.execute(
+                "SELECT star_id, x, y, inst_mag, inst_err, flags FROM photometry WHERE sha256 = ? AND aperture = 0",
+                (point["sha256"],),
+            ).fetchall()
+            target_row = next(r for r in rows if r["star_id"] == 0)
+            offset = point["diff_mag"] - target_row["inst_mag"]
+            offset_err = np.sqrt(max(point["diff_mag_err"] ** 2 - target_row["inst_err"] ** 2, 0.0))
+            for row in rows:
+                if row["inst_mag"] is None or row["flags"]:
+                    continue
+                distance = np.hypot(truth.x - row["x"], truth.y - row["y"])
+                star = int(np.argmin(distance))
+                crowd = (distance < clear_fwhm * truth.fwhm_pix) & (truth.mag < truth.mag[star] + 4.0)
+                if distance[star] > 1.0 or crowd.sum() > 1 or row["inst_err"] < 2.0 * offset_err:
+                    blended.add(row["star_id"])
+                per_star.setdefault(row["star_id"], []).append(
+                    (row["inst_mag"] + offset, float(np.hypot(row["inst_err"], offset_err)))
+                )
+    return [
+        (np.array([m for m, _ in values]), np.array([e for _, e in values]))
+        for star, values in per_star.items()
+        if star not in blended
+    ]

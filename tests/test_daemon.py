@@ -581,3 +581,48 @@ def test_sim_frames_pass_quality(factory: FrameFactory, tmp_path: Path) -> None:
         conn.close()
     assert outcome.state == "done", outcome.reason
     assert TARGET in config.targets
+
+
+def test_a_crash_between_quarantine_move_and_ledger_write_is_settled_at_start(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A file moved into quarantine under its hash-prefixed name (its own name was taken) whose ledger row
+    was still pending when the daemon died is recorded as quarantined, with the reason of its note."""
+    from lcowatch.ledger import Ledger, connect
+    from lcowatch.quarantine import quarantine_file
+
+    config = factory.config(tmp_path)
+    watch, state = tmp_path / "in", tmp_path / "state"
+    frame = factory.frame(60, None)
+    taken = state / "quarantine" / frame.name
+    taken.parent.mkdir(parents=True)
+    taken.write_bytes(b"another file of the same name")
+    path, sha256 = drop(frame, watch), sha256_of(frame.path)
+    conn = connect(state)
+    Ledger(conn).record(sha256, path, len(frame.content), "pending")
+    conn.close()
+    moved = quarantine_file(path, state, sha256=sha256, reason="bad header", step="read")
+    assert moved.name != frame.name  # the crash came before the ledger heard of the move
+
+    daemon = daemons(config).start()
+    daemon.wait_event("recovered_quarantine", sha256=sha256)
+    assert LedgerView(state).file(sha256) == {
+        "state": "quarantined", "attempts": 0, "step": "read", "error": "bad header", "path": str(path)
+    }  # fmt: skip
+    assert daemon.stop() == 0
+
+
+def test_frames_waiting_for_a_first_template_go_as_soon_as_there_is_one(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A frame without a solved WCS cannot start a target; it waits and is processed as soon as a frame
+    with one has made the first template, not at the next rescan (an hour here)."""
+    config = factory.config(tmp_path, watch={"rescan_seconds": 3600.0})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    blind, solved = factory.frame(70, "fz", wcs_error=True), factory.frame(71, "fz")
+    daemon = daemons(config).start()
+    drop(blind, watch)
+    wait_for(lambda: ledger.count("rejected") == 1, what="the frame without WCS to wait")
+    drop(solved, watch)
+    wait_for(_done(ledger, 2), timeout=30.0, what="both frames done")
+    assert daemon.stop() == 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lcowatch import flags
-from simulated import Campaign
+from simulated import Campaign, isolated_star_residuals
 
 
 class TestRegistration:
@@ -131,3 +131,19 @@ class TestReprocessing:
         assert str(table["mjd"].unit) == "d"
         assert len(table) == len(campaign.points("SN2026A", "rp")) * 3 + len(campaign.points("SN2026A", "gp")) * 3
         assert np.all(np.diff(table["mjd"]) >= 0)
+
+
+class TestHonestErrors:
+    """Constant isolated stars scatter as their errors say (chi2/dof near 1), under a dark and a bright sky."""
+
+    @pytest.mark.parametrize("target", ["DARK", "BRIGHT"])
+    def test_chi2_of_constant_stars(self, constant: Campaign, target: str) -> None:
+        chi2, dof = 0.0, 0
+        for mags, errors in isolated_star_residuals(constant, target):
+            weights = errors**-2.0
+            mean = np.sum(weights * mags) / np.sum(weights)
+            chi2 += float(np.sum(weights * (mags - mean) ** 2))
+            dof += len(mags) - 1
+        assert dof >= 100
+        # Measured: 1.08 (dark sky), 0.80 (8x the sky); the range allows the statistic's own spread (~0.12).
+        assert 0.75 < chi2 / dof < 1.3
