@@ -319,17 +319,23 @@ def register_to_template(work: FrameWork, template: Template) -> Registration:
 def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template, Registration, Affine]:
     """Register the frame to the first template that takes it, and chain that to the reference frame.
 
-    Tried in order: the filter's template, the target's other templates (same instrument first: a
-    0.4 m frame matches a 0.4 m template best), then ``fallbacks``. Returns the template, the registration
-    and the map from reference pixels to this frame's pixels.
+    Tried in order: the filter's template, the latest templates from the frame's own instrument (current
+    or replaced: a 0.4 m frame with a dozen stars matches a 0.4 m template, not a 1 m one), the target's
+    other templates, then ``fallbacks``. Returns the template, the registration and the map from reference
+    pixels to this frame's pixels.
     """
     meta = work.frame.meta
     assert meta.target is not None
-    others = work.store.active_templates(meta.target)
-    ordered = [t for t in others if t.filter == meta.filter]
-    ordered += sorted((t for t in others if t.filter != meta.filter), key=lambda t: t.shape != meta.shape)
+    active = work.store.active_templates(meta.target)
+    ordered = [t for t in active if t.filter == meta.filter]
+    ordered += work.store.instrument_templates(meta.target, meta.instrument)
+    ordered += sorted((t for t in active if t.filter != meta.filter), key=lambda t: t.shape != meta.shape)
     failure: Reject | None = None
+    tried: set[int | None] = set()
     for template in [*ordered, *fallbacks]:
+        if template.id in tried and template.id is not None:
+            continue
+        tried.add(template.id)
         try:
             registration = register_to_template(work, template)
         except Reject as exc:

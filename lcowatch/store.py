@@ -290,6 +290,20 @@ class Store:
             f"AND {ANY_FILTER.format(column='filter')} ORDER BY id",
             (target, filter, filter),
         ).fetchall()
+        return self._load_templates(target, rows)
+
+    def instrument_templates(self, target: str, instrument: str | None, limit: int = 3) -> list[Template]:
+        """The target's latest templates, current or replaced, made from frames of ``instrument``: a frame
+        matches its own instrument's stars best (pixel scale, depth, field of view)."""
+        columns = ", ".join(f"t.{name.strip()}" for name in TEMPLATE_ROW.split(","))
+        rows = self.conn.execute(
+            f"SELECT {columns} FROM templates t JOIN frames f USING (sha256) WHERE t.target = ? "
+            "AND f.instrument IS ? ORDER BY t.id DESC LIMIT ?",
+            (target, instrument, limit),
+        ).fetchall()
+        return self._load_templates(target, rows)
+
+    def _load_templates(self, target: str, rows: list[sqlite3.Row]) -> list[Template]:
         templates = []
         for row in rows:
             key = (row["id"], bool(row["pinned"]))  # unpinning changes the row in place

@@ -15,15 +15,13 @@ def _detected(campaign: Campaign, target: str, filter: str) -> list:
 
 
 class TestEveryFrameGivesAPoint:
-    """Frames give points whatever their WCS, telescope or seeing; only a few 0.4 m frames with a handful
-    of stars cannot be registered."""
+    """Frames give points whatever their WCS, telescope or seeing: a 0.4 m frame with a dozen stars
+    registers to a 0.4 m template even when the filter's template is from the 1 m."""
 
     def test_frames_done(self, hazards: Campaign) -> None:
         with hazards.connect() as conn:
             states = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
-            rejected = [row[0] for row in conn.execute("SELECT error FROM files WHERE state = 'rejected'")]
-        assert states.get("done", 0) >= 0.9 * len(hazards.truth), states
-        assert all(reason.startswith("registration failed") for reason in rejected)
+        assert states == {"done": len(hazards.truth)}
 
     def test_filter_whose_wcs_always_failed_gets_every_point(self, hazards: Campaign) -> None:
         failed = [name for name, (spec, _) in hazards.truth.items() if spec.filter == "ip"]
