@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from lcowatch.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
+from lcowatch.simulation.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
 
 TARGET, RA, DEC = "BENCHFIELD", 150.0, 2.0
 

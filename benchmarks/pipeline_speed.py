@@ -5,7 +5,7 @@ A plain script (no test runner). It simulates LCO Sinistro frames (fpack ``.fits
 FWHM ~2", pointing offsets of tens of pixels, a reference catalog for the field), then measures:
 
 1. the read+decompress floor: astropy open + ``.data`` of the SCI plane of the ``.fits.fz`` file, nothing else;
-2. lcowatch's own read (``lcowatch.frame.read_content`` + ``read_frame``, the functions ``process_path``
+2. lcowatch's own read (``lcowatch.science.frame.read_content`` + ``read_frame``, the functions ``process_path``
    calls before the stages), called by this script on every file before processing it;
 3. every frame through ``Pipeline.process_path`` (the daemon's code path), one worker, in this process, fresh
    state_dir: seconds per stage (``Outcome.seconds``) and wall clock per frame; the first frame becomes the
@@ -50,10 +50,10 @@ from astropy.io import fits
 
 from lcowatch import log
 from lcowatch.config import Config, parse
-from lcowatch.frame import bjd_tdb, read_content, read_frame, site_location
-from lcowatch.ledger import LEDGER_NAME, connect
-from lcowatch.pipeline import Outcome, Pipeline
-from lcowatch.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
+from lcowatch.pipeline.runner import Outcome, Pipeline
+from lcowatch.science.frame import bjd_tdb, read_content, read_frame, site_location
+from lcowatch.simulation.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
+from lcowatch.state.ledger import LEDGER_NAME, connect
 
 TARGET = "BENCH1"
 RA, DEC = 150.0, 2.0

@@ -19,16 +19,17 @@ import numpy as np
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError
-from lcowatch.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
-from lcowatch.export import write_table as export_table
-from lcowatch.frame import read_content
-from lcowatch.ledger import Ledger, connect
+from lcowatch.intake.discovery import find_files
+from lcowatch.intake.quarantine import QUARANTINE_DIR, find_quarantined, release
 from lcowatch.log import get_logger
-from lcowatch.pipeline import Pipeline, find_files, pin_template, recalibrate
-from lcowatch.plot import PLOTS_DIR, plot_lightcurve
-from lcowatch.quarantine import QUARANTINE_DIR, find_quarantined, release
-from lcowatch.refcat import FieldCatalogs, standard_band
-from lcowatch.store import FRAME_COLUMNS, Store
+from lcowatch.outputs.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
+from lcowatch.outputs.export import write_table as export_table
+from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
+from lcowatch.science.frame import read_content
+from lcowatch.science.refcat import FieldCatalogs, standard_band
+from lcowatch.state.ledger import Ledger, connect
+from lcowatch.state.store import FRAME_COLUMNS, Store
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FINISHED_STATES = {"done", "rejected", "quarantined", "ignored", "skipped"}
@@ -67,7 +68,7 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    from lcowatch.daemon import run  # the daemon's threads and signal handlers only when asked for
+    from lcowatch.intake.daemon import run  # the daemon's threads and signal handlers only when asked for
 
     return run(config)
 
@@ -279,7 +280,7 @@ def cmd_retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lcowatch.demo import run_demo  # the simulator is only needed here
+    from lcowatch.simulation.demo import run_demo  # the simulator is only needed here
 
     return run_demo(Path(args.workdir) if args.workdir else None)
 

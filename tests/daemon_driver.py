@@ -15,9 +15,9 @@ import time
 
 from lcowatch import log
 from lcowatch.config import load
-from lcowatch.daemon import run
 from lcowatch.errors import RetryLater, Stop
-from lcowatch.pipeline import FrameWork, Stage, default_stages
+from lcowatch.intake.daemon import run
+from lcowatch.pipeline.stages import FrameWork, Stage, default_stages
 
 
 class Sleep:

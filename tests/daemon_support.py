@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from lcowatch.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
+from lcowatch.simulation.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
 
 TARGET = "SIMFIELD"
 RA, DEC = 150.0, 2.0

@@ -11,7 +11,7 @@ import numpy as np
 
 from conftest import write_config
 from lcowatch.cli import main
-from lcowatch.simulate import (
+from lcowatch.simulation.simulate import (
     Field,
     FrameSpec,
     FrameTruth,

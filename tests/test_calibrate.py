@@ -1,4 +1,4 @@
-"""Tests for lcowatch.calibrate: zero point and colour-term fit (synthetic and real BANZAI catalogs)."""
+"""Tests for lcowatch.science.calibrate: zero point and colour-term fit (synthetic and real BANZAI catalogs)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lcowatch.calibrate import (
+from lcowatch.science.calibrate import (
     MIN_STARS,
     TooFewStars,
     ZeroPoint,

@@ -37,8 +37,8 @@ from daemon_support import (
     wait_for,
 )
 
-from lcowatch.readiness import FITS_BLOCK
-from lcowatch.watcher import PathSink, Watcher
+from lcowatch.intake.readiness import FITS_BLOCK
+from lcowatch.intake.watcher import PathSink, Watcher
 
 
 @pytest.fixture(scope="session")
@@ -568,8 +568,8 @@ def test_a_dead_observer_is_noticed_and_replaced(tmp_path: Path) -> None:
 def test_sim_frames_pass_quality(factory: FrameFactory, tmp_path: Path) -> None:
     """Guard for the other tests: the simulated frames are good frames of the configured target."""
     from lcowatch.config import load
-    from lcowatch.ledger import connect
-    from lcowatch.pipeline import Pipeline
+    from lcowatch.pipeline.runner import Pipeline
+    from lcowatch.state.ledger import connect
 
     config = load(factory.config(tmp_path))
     frame: SimFrame = factory.frame(0)
@@ -588,8 +588,8 @@ def test_a_crash_between_quarantine_move_and_ledger_write_is_settled_at_start(
 ) -> None:
     """A file moved into quarantine under its hash-prefixed name (its own name was taken) whose ledger row
     was still pending when the daemon died is recorded as quarantined, with the reason of its note."""
-    from lcowatch.ledger import Ledger, connect
-    from lcowatch.quarantine import quarantine_file
+    from lcowatch.intake.quarantine import quarantine_file
+    from lcowatch.state.ledger import Ledger, connect
 
     config = factory.config(tmp_path)
     watch, state = tmp_path / "in", tmp_path / "state"

@@ -12,7 +12,7 @@ import pytest
 from astropy.table import Table
 
 from lcowatch.cli import main
-from lcowatch.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS
+from lcowatch.outputs.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS
 from simulated import Campaign
 
 

@@ -11,9 +11,9 @@ from astropy.time import Time
 from conftest import REAL_TARGETS, ROME_FRAME, SBIG_FRAME
 from lcowatch.config import parse
 from lcowatch.errors import Quarantine
-from lcowatch.frame import bjd_tdb, read_content, read_frame, site_location
-from lcowatch.preprocess import preprocess
-from lcowatch.quality import detect_sources, measure_quality
+from lcowatch.science.frame import bjd_tdb, read_content, read_frame, site_location
+from lcowatch.science.preprocess import preprocess
+from lcowatch.science.quality import detect_sources, measure_quality
 
 CONFIG = parse({"watch": {"paths": ["in"]}, "state_dir": "state", "targets": REAL_TARGETS}, Path("/tmp"))
 

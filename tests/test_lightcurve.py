@@ -107,7 +107,7 @@ class TestReprocessing:
         import yaml
 
         from lcowatch.cli import main
-        from lcowatch.simulate import write_refcat
+        from lcowatch.simulation.simulate import write_refcat
 
         write_refcat(campaign.fields["V1"], campaign.folder / "v1-stars.csv")
         document = yaml.safe_load(campaign.config.read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lcowatch.notify import Notifier, socket_address
+from lcowatch.intake.notify import Notifier, socket_address
 
 
 @pytest.fixture

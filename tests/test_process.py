@@ -12,7 +12,7 @@ import yaml
 
 from conftest import REAL_TARGETS, write_config
 from lcowatch.cli import main
-from lcowatch.simulate import FrameSpec, make_field, write_frame
+from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
 
 FIELD = make_field("PTEST", 80.0, 5.0, nstars=800, radius_arcmin=3.0, seed=9)
 TARGETS = {"PTEST": {"ra": 80.0, "dec": 5.0}}

@@ -9,10 +9,10 @@ import pytest
 
 from lcowatch import flags
 from lcowatch.config import parse
-from lcowatch.frame import read_content, read_frame
-from lcowatch.preprocess import preprocess
-from lcowatch.quality import InstrumentHistory, Quality, detect_sources, measure_quality
-from lcowatch.simulate import FrameSpec, make_field, write_frame
+from lcowatch.science.frame import read_content, read_frame
+from lcowatch.science.preprocess import preprocess
+from lcowatch.science.quality import InstrumentHistory, Quality, detect_sources, measure_quality
+from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
 
 FIELD = make_field("QTEST", 30.0, -10.0, nstars=1000, radius_arcmin=3.0, seed=4)
 CONFIG = parse(

@@ -13,8 +13,8 @@ from astropy.io import fits
 from astropy.time import Time
 
 from conftest import ROME_FRAME, SBIG_FRAME
-from lcowatch.readiness import FITS_BLOCK, Tracker, check_complete, is_wanted
-from lcowatch.simulate import FrameSpec, make_field, write_frame
+from lcowatch.intake.readiness import FITS_BLOCK, Tracker, check_complete, is_wanted
+from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
 
 MAX_PIXELS = 50_000_000
 MJD = 61000.25

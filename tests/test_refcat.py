@@ -1,4 +1,4 @@
-"""Tests for lcowatch.refcat: reference catalogs, VizieR answers replayed below astroquery, the cache.
+"""Tests for lcowatch.science.refcat: reference catalogs, VizieR answers replayed below astroquery, the cache.
 
 No test touches the network: VizieR answers are hand-crafted VOTables in ``tests/data/vizier/`` (see its
 README), served by replacing ``requests.adapters.HTTPAdapter.send`` (the transport under astroquery and
@@ -22,9 +22,9 @@ from astropy.utils import iers
 
 from conftest import NetworkAccessError
 from lcowatch import log as lcowatch_log
-from lcowatch import refcat
 from lcowatch.errors import RetryLater
-from lcowatch.refcat import (
+from lcowatch.science import refcat
+from lcowatch.science.refcat import (
     CATALOGS,
     REFCAT_BAND,
     CatalogFileError,

@@ -11,10 +11,10 @@ from scipy import ndimage
 from conftest import REAL_TARGETS, SBIG_FRAME
 from lcowatch.config import parse
 from lcowatch.errors import Reject
-from lcowatch.frame import Frame, read_content, read_frame
-from lcowatch.preprocess import preprocess
-from lcowatch.quality import detect_sources, measure_quality
-from lcowatch.register import register
+from lcowatch.science.frame import Frame, read_content, read_frame
+from lcowatch.science.preprocess import preprocess
+from lcowatch.science.quality import detect_sources, measure_quality
+from lcowatch.science.register import register
 
 CONFIG = parse({"watch": {"paths": ["in"]}, "state_dir": "s", "targets": REAL_TARGETS}, Path("/"))
 

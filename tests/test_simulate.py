@@ -1,4 +1,4 @@
-"""Tests of lcowatch.simulate: the synthetic frames are the ground truth of every accuracy test, so the
+"""Tests of lcowatch.simulation.simulate: the synthetic frames are the ground truth of every accuracy test, so the
 pixels must carry exactly the fluxes, positions, PSF and flags the truth claims."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from astropy.table import Table
 from astropy.time import Time
 from astropy.wcs import WCS
 
-from lcowatch import simulate as sim
+from lcowatch.simulation import simulate as sim
 
 RA0, DEC0 = 150.0, -20.0
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_config
 from lcowatch.cli import main
-from lcowatch.simulate import FrameSpec, FrameTruth, lco_filename, make_field, write_frame
+from lcowatch.simulation.simulate import FrameSpec, FrameTruth, lco_filename, make_field, write_frame
 
 FIELD = make_field("TPL", 120.0, 10.0, nstars=900, radius_arcmin=3.5, seed=21, min_sep_arcsec=15.0)
 

@@ -16,7 +16,7 @@ import numpy as np
 from astropy.table import MaskedColumn, Table
 
 from lcowatch import __version__, flags
-from lcowatch.store import Store
+from lcowatch.state.store import Store
 
 RESULTS_DIR = "results"
 

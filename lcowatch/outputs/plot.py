@@ -15,7 +15,7 @@ PLOTS_DIR = "plots"  # under state_dir
 
 
 def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | None = None) -> int:
-    """Write a PNG of the light curve in ``table`` (see :func:`lcowatch.export.lightcurve_table`).
+    """Write a PNG of the light curve in ``table`` (see :func:`lcowatch.outputs.export.lightcurve_table`).
 
     Uses the calibrated magnitude where a filter has one, the differential magnitude otherwise; points
     with any flag are drawn hollow. Only ``aperture`` (default: the first listed) is shown. Returns the

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lcowatch.frame import FrameMeta
-from lcowatch.photometry import Photometry
-from lcowatch.quality import SOURCE_DTYPE, InstrumentHistory, Quality
-from lcowatch.register import IDENTITY, Affine
-from lcowatch.template import Reference, Template, weighted_centroid
+from lcowatch.science.frame import FrameMeta
+from lcowatch.science.photometry import Photometry
+from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
+from lcowatch.science.register import IDENTITY, Affine
+from lcowatch.science.template import Reference, Template, weighted_centroid
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -269,7 +269,7 @@ class Store:
         return [dict(row) | {"reasons": "; ".join(json.loads(row["reasons"]))} for row in rows]
 
     def sources(self, sha256: str) -> np.ndarray:
-        """The frame's source list as an array of :data:`~lcowatch.quality.SOURCE_DTYPE`."""
+        """The frame's source list as an array of :data:`~lcowatch.science.quality.SOURCE_DTYPE`."""
         names = SOURCE_DTYPE.names
         assert names is not None
         rows = self.conn.execute(

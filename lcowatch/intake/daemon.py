@@ -4,11 +4,11 @@ Threads and what they own:
 
 - the **main thread** handles signals, drains watch events, runs the scans (a full one at start-up, a
   reconcile scan every ``watch.rescan_seconds``), tracks files until they are complete
-  (:mod:`lcowatch.readiness`), quarantines files that never will be, keeps the observer alive and talks
-  to systemd (:mod:`lcowatch.notify`);
+  (:mod:`lcowatch.intake.readiness`), quarantines files that never will be, keeps the observer alive and talks
+  to systemd (:mod:`lcowatch.intake.notify`);
 - one **worker thread** pops the queue (earliest observation first) and runs
-  :meth:`lcowatch.pipeline.Pipeline.process_path` on one path at a time;
-- watchdog's observer threads only record paths (:mod:`lcowatch.watcher`).
+  :meth:`lcowatch.pipeline.runner.Pipeline.process_path` on one path at a time;
+- watchdog's observer threads only record paths (:mod:`lcowatch.intake.watcher`).
 
 The ledger is the source of truth: nothing in memory needs to survive a crash. The queue holds paths
 (and their size, mtime and observation time), never frames, so memory stays flat with the backlog.
@@ -44,13 +44,14 @@ from typing import Any
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError, Stop
-from lcowatch.frame import bjd_tdb
-from lcowatch.ledger import TERMINAL_STATES, Ledger, connect
-from lcowatch.notify import Notifier
-from lcowatch.pipeline import Outcome, Pipeline, Stage
-from lcowatch.quarantine import quarantine_file, quarantined_names
-from lcowatch.readiness import Result, Tracker, is_wanted
-from lcowatch.watcher import PathSink, Watcher
+from lcowatch.intake.notify import Notifier
+from lcowatch.intake.quarantine import quarantine_file, quarantined_names
+from lcowatch.intake.readiness import Result, Tracker, is_wanted
+from lcowatch.intake.watcher import PathSink, Watcher
+from lcowatch.pipeline.runner import Outcome, Pipeline
+from lcowatch.pipeline.stages import Stage
+from lcowatch.science.frame import bjd_tdb
+from lcowatch.state.ledger import TERMINAL_STATES, Ledger, connect
 
 EXIT_OK, EXIT_FATAL = 0, 1
 TICK = 0.1  # seconds between looks of the main loop when nothing wakes it

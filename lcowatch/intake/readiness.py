@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from lcowatch.pipeline import is_candidate
+from lcowatch.intake.discovery import is_candidate
 
 FITS_BLOCK = 2880
 CARD = 80

@@ -1,6 +1,6 @@
-"""The worker's pipeline: one frame from its file to its results and ledger state.
+"""The science stages of one frame, in order: an ordered list of small stages with one signature,
+``stage(work) -> None``, in the manner of BANZAI.
 
-An ordered list of small stages with one signature, ``stage(work) -> None``, in the manner of BANZAI.
 A stage that decides the frame cannot give a point sets ``work.rejection``; that is a normal outcome,
 recorded with its reasons, not an exception. Exceptions are kept for what the daemon must act on
 (:mod:`lcowatch.errors`).
@@ -8,12 +8,7 @@ recorded with its reasons, not an exception. Exceptions are kept for what the da
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,27 +17,20 @@ from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
-from lcowatch.calibrate import (
-    COLOR_WINDOW_DAYS,
+from lcowatch.config import Config
+from lcowatch.errors import Reject
+from lcowatch.science.calibrate import (
     Calibration,
     TooFewStars,
     calibrate_apertures,
     fit_zeropoint,
-    solve_colours,
 )
-from lcowatch.config import Config
-from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
-from lcowatch.export import lightcurve_table, write_result_file
-from lcowatch.frame import Frame, read_content, read_frame, read_observation_time
-from lcowatch.ledger import TERMINAL_STATES, Ledger, transaction
-from lcowatch.log import frame_logger, get_logger
-from lcowatch.photometry import Photometry, comparison_mask, comparison_stars, measure
-from lcowatch.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
-from lcowatch.preprocess import Preprocessed, preprocess
-from lcowatch.quality import Quality, detect_sources, measure_quality
-from lcowatch.quarantine import quarantine_file
-from lcowatch.refcat import FieldCatalogs, color_for_band
-from lcowatch.register import (
+from lcowatch.science.frame import Frame
+from lcowatch.science.photometry import Photometry, comparison_mask, comparison_stars, measure
+from lcowatch.science.preprocess import Preprocessed, preprocess
+from lcowatch.science.quality import Quality, detect_sources, measure_quality
+from lcowatch.science.refcat import FieldCatalogs
+from lcowatch.science.register import (
     IDENTITY,
     MAX_RMS,
     Affine,
@@ -54,8 +42,7 @@ from lcowatch.register import (
     register,
     wcs_guess,
 )
-from lcowatch.store import Store
-from lcowatch.template import (
+from lcowatch.science.template import (
     SOLVED_WCS_ERROR_ARCSEC,
     Reference,
     Template,
@@ -63,11 +50,9 @@ from lcowatch.template import (
     fit_sky_fix,
     template_score,
 )
+from lcowatch.state.store import Store
 
 MIN_COMPARISONS = 3
-#: Standard deviation of field stars' colours (mag): the error of a colour assumed to be their median.
-ASSUMED_COLOR_SPREAD = 0.3
-FITS_SUFFIXES = (".fits", ".fits.fz", ".fits.gz", ".fit", ".fts")
 
 
 @dataclass
@@ -182,7 +167,7 @@ class SelectTemplate:
         assert frame.meta.target is not None and work.sources is not None
         return Template(
             id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.path.name,
-            score=score, pinned=False, shape=frame.meta.shape, wcs_header=_wcs_text(frame),
+            score=score, pinned=False, shape=frame.meta.shape, wcs_header=wcs_text(frame),
             sources=work.sources, from_reference=from_reference,
         )  # fmt: skip
 
@@ -204,7 +189,7 @@ class SelectTemplate:
             raise Reject("no template yet, and this frame has no solved WCS to place the target", step=self.name)
         reference = Reference(
             target=frame.meta.target, sha256=frame.sha256, file=frame.path.name, shape=frame.meta.shape,
-            pixscale=frame.meta.pixscale, wcs_header=_wcs_text(frame), sky_fix=None,
+            pixscale=frame.meta.pixscale, wcs_header=wcs_text(frame), sky_fix=None,
             target_xy=np.array([target_config.x, target_config.y], dtype=float), target_origin="config",
         )  # fmt: skip
         if target_config.ra is not None:
@@ -252,36 +237,8 @@ def place_target(reference: Reference, config: Config) -> Reference:
     return replace(reference, target_xy=xy, target_origin="catalog" if reference.sky_fix is not None else "wcs")
 
 
-def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
-    """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that night.
-
-    Where the colour's bands were not both measured that night, the comparison stars' median colour
-    stands in and the point is flagged ``color_assumed`` (when a colour term applies at all).
-    """
-    rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
-    assumed = flags.value("color_assumed")
-    for aperture in {row["aperture"] for row in rows}:
-        group = [row for row in rows if row["aperture"] == aperture]
-        term = np.array([row["color_term"] or 0.0 for row in group])
-        mag0 = np.array([row["mag"] - (row["color_term"] or 0.0) * (row["color"] or 0.0) for row in group])
-        times = np.array([row["mjd"] for row in group])
-        bands = [row["band"] if row["filter"] in STANDARD_FILTERS else None for row in group]
-        colour = solve_colours(bands, times, mag0, term, color_for_band)
-        for row, m0, c, own, t in zip(group, mag0, term, colour, times, strict=True):
-            if abs(t - mjd) > COLOR_WINDOW_DAYS:
-                continue  # its partners may lie outside what was read
-            used = own if np.isfinite(own) else (row["comparison_color"] or 0.0)
-            was_assumed, now_assumed = bool(row["flags"] & assumed), bool(c != 0 and not np.isfinite(own))
-            # An assumed colour may be wrong by a field star's spread of colours, through the colour term.
-            measured_err = np.sqrt(max((row["mag_err"] or 0.0) ** 2 - (was_assumed * c * ASSUMED_COLOR_SPREAD) ** 2, 0))
-            mag_err = float(np.hypot(measured_err, now_assumed * c * ASSUMED_COLOR_SPREAD))
-            point_flags = row["flags"] & ~assumed | (assumed if now_assumed else 0)
-            store.set_point_colour(
-                conn, row["sha256"], aperture, float(m0 + c * used), mag_err, float(used), point_flags
-            )
-
-
-def _wcs_text(frame: Frame) -> str | None:
+def wcs_text(frame: Frame) -> str | None:
+    """The frame's header WCS as header text, for the store."""
     return frame.wcs.to_header(relax=True).tostring() if frame.wcs is not None else None
 
 
@@ -632,301 +589,3 @@ def default_stages(config: Config) -> list[Stage]:
         Preprocess(), MeasureQuality(), SelectTemplate(catalogs), Register(), MeasurePhotometry(),
         DifferentialPhotometry(), Calibrate(catalogs),
     ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one file ended: ``state`` is a ledger state, or ``skipped`` (already seen) or ``retry``."""
-
-    path: Path
-    state: str
-    sha256: str | None = None
-    reason: str | None = None
-    seconds: dict[str, float] = field(default_factory=dict)
-
-
-def is_candidate(path: Path) -> bool:
-    """A file name the pipeline looks at: FITS suffixes, no hidden or temporary names."""
-    name = path.name
-    return not name.startswith(".") and name.lower().endswith(FITS_SUFFIXES)
-
-
-def find_files(paths: Iterable[Path]) -> list[Path]:
-    """Candidate files under ``paths`` (files or folders, recursively), without duplicates."""
-    found: dict[Path, None] = {}
-    for root in paths:
-        if root.is_dir():
-            for dirpath, dirnames, filenames in os.walk(root):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for name in sorted(filenames):
-                    if is_candidate(Path(name)):
-                        found[Path(dirpath) / name] = None
-        elif root.is_file():
-            found[root] = None
-    return list(found)
-
-
-class Pipeline:
-    """Runs files through the stages and records every outcome in the ledger and store."""
-
-    def __init__(self, config: Config, conn: sqlite3.Connection, stages: Sequence[Stage] | None = None):
-        self.config = config
-        self.ledger = Ledger(conn)
-        self.store = Store(conn)
-        self.stages = list(stages) if stages is not None else default_stages(config)
-        self._stale_results: set[str] = set()
-        self._requeued: list[Path] = []  # frames that waited for a template and can go now
-        self._results_written: dict[str, float] = {}
-        self.log = get_logger()
-
-    def take_requeued(self) -> list[Path]:
-        """Frames that waited for their target's first template and can be processed now (each once)."""
-        waiting, self._requeued = self._requeued, []
-        return waiting
-
-    def flush_results(self, *, force: bool = False) -> None:
-        """Rewrite the stale result files (and plots), each at most every ``processing.results_interval``.
-
-        The store holds every point already; the files are views of it. Rewriting a target's file after
-        every frame would make a backlog cost grow with the light curve's length, so a burst is
-        written at its first frame and then at most once per interval; ``force`` (the daemon when its
-        queue is empty, ``process`` at its end) brings every file up to date.
-        """
-        now = time.monotonic()
-        for target in sorted(self._stale_results):
-            if not force and now - self._results_written.get(target, -np.inf) < self.config.processing.results_interval:
-                continue
-            try:
-                table = lightcurve_table(self.store, target)
-                write_result_file(table, target, self.config.state_dir)
-                if self.config.plot_after_each_frame:
-                    plot_lightcurve(table, self.config.state_dir / PLOTS_DIR / f"{target}.png", title=target)
-            except OSError as exc:
-                self.log.warning("result_file_not_written", target=target, reason=str(exc))
-                continue
-            self._results_written[target] = now
-            self._stale_results.discard(target)
-
-    def _preview(self, work: FrameWork, kind: str) -> None:
-        """A diagnostic PNG (the old ``verbose 2``): a poor frame, or a new template, with its apertures."""
-        frame, quality = work.frame, work.quality
-        phot = work.photometry
-        radius = float(phot.radii[0]) if phot is not None else 2.0 * (quality.fwhm_pix if quality else 3.0)
-        target_xy = (float(phot.x[0]), float(phot.y[0])) if phot is not None else None
-        stars = np.column_stack([phot.x[1:], phot.y[1:]]) if phot is not None else np.empty((0, 2))
-        reasons = "; ".join(quality.reasons) if quality and quality.reasons else "new template"
-        path = self.config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
-        try:
-            plot_frame_preview(
-                frame.data, path, title=f"{frame.path.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
-                target_xy=target_xy, star_xy=stars, radius=radius,
-            )  # fmt: skip
-        except (OSError, ValueError) as exc:
-            work.log.warning("diagnostic_not_written", reason=str(exc))
-            return
-        work.log.info("diagnostic_written", path=str(path), kind=kind)
-
-    def unseen(self, paths: Iterable[Path]) -> list[Path]:
-        """Files not already finished (by path, size and mtime), in observation-time order."""
-        pending = []
-        for path in paths:
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            sha = self.ledger.known_path(path, stat.st_size, stat.st_mtime_ns)
-            record = self.ledger.get(sha) if sha else None
-            if record is None or record.state not in TERMINAL_STATES:
-                pending.append(path)
-        times = {path: read_observation_time(path) for path in pending}
-        return sorted(pending, key=lambda p: (times[p] is not None, times[p] or 0.0, str(p)))
-
-    def process_path(self, path: Path) -> Outcome:
-        """Process one file; never raises for bad input (see :class:`Outcome`)."""
-        try:
-            stat = path.stat()
-            content, sha256 = read_content(path)
-        except FileNotFoundError:
-            return Outcome(path, "skipped", reason="file vanished")
-        except OSError as exc:  # unreadable (permissions, I/O error): nothing recorded, try again later
-            self.log.error("file_unreadable", file=path.name, path=str(path), error=str(exc))
-            return Outcome(path, "failed", reason=str(exc))
-        self.ledger.remember_path(path, stat.st_size, stat.st_mtime_ns, sha256)
-        record = self.ledger.get(sha256)
-        if record is not None and record.state in TERMINAL_STATES:
-            self.log.debug("already_seen", file=path.name, sha256=sha256, state=record.state)
-            return Outcome(path, "skipped", sha256, f"already {record.state}")
-        max_attempts = self.config.processing.max_attempts
-        if record is not None and record.attempts >= max_attempts:
-            reason = f"gave up after {record.attempts} attempts; last error: {record.error}"
-            return self._quarantine(path, sha256, Quarantine(reason, step=record.step))
-        self.ledger.start_attempt(sha256, path, stat.st_size)
-        try:
-            frame = read_frame(path, content, sha256, self.config)
-        except Quarantine as exc:
-            return self._quarantine(path, sha256, exc)
-        del content
-        return self._run_stages(frame)
-
-    def _quarantine(self, path: Path, sha256: str, exc: Quarantine) -> Outcome:
-        destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
-        self.ledger.finish(sha256, "quarantined", step=exc.step, error=str(exc))
-        self.log.warning(
-            "frame_quarantined", file=path.name, sha256=sha256, step=exc.step, reason=str(exc),
-            moved_to=str(destination),
-        )  # fmt: skip
-        return Outcome(path, "quarantined", sha256, str(exc))
-
-    def _run_stages(self, frame: Frame) -> Outcome:
-        meta = frame.meta
-        log = frame_logger(frame.path.name, frame.sha256, meta.target, meta.filter)
-        identity = {"object": meta.object, "target": meta.target, "filter": meta.filter, "mjd": meta.mjd_mid}
-        for note in frame.warnings:
-            log.warning("frame_warning", message=note)
-        if meta.target is None:
-            unmatched = f"OBJECT {meta.object!r} matches no configured target"
-            self.ledger.finish(frame.sha256, "ignored", step="read", error=unmatched, identity=identity)
-            log.info("frame_ignored", reason=unmatched)
-            return Outcome(frame.path, "ignored", frame.sha256, unmatched)
-
-        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
-        seconds: dict[str, float] = {}
-        step = "read"
-        try:
-            for stage in self.stages:
-                step = stage.name
-                started = time.perf_counter()
-                stage(work)
-                seconds[stage.name] = round(time.perf_counter() - started, 4)
-                if work.rejection:
-                    break
-        except RetryLater as exc:
-            log.warning("frame_retry_later", step=step, reason=str(exc))
-            self.ledger.uncount_attempt(frame.sha256)
-            return Outcome(frame.path, "retry", frame.sha256, str(exc), seconds)
-        except Reject as exc:
-            work.rejection.append(str(exc))
-        except Quarantine as exc:
-            exc.step = exc.step or step
-            return self._quarantine(frame.path, frame.sha256, exc)
-        except Stop:
-            raise  # fatal for the daemon (which exits non-zero), not a fault of this frame
-        except Exception as exc:  # a bug, not bad input: keep the file pending; attempts bound the retries
-            log.exception("frame_failed", step=step)
-            self.ledger.note_error(frame.sha256, step, f"{type(exc).__name__}: {exc}")
-            return Outcome(frame.path, "failed", frame.sha256, str(exc), seconds)
-
-        state = "rejected" if work.rejection else "done"
-        reason: str | None = "; ".join(work.rejection) or None
-        quality, sources = work.quality, work.sources
-
-        requeued: list[Path] = []
-
-        def write(conn: sqlite3.Connection) -> None:
-            if quality is None or sources is None:
-                return
-            score = template_score(quality, self.config.template)
-            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, _wcs_text(frame), score)
-            if state != "done":
-                self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
-                return
-            assert meta.target is not None and work.star_ids is not None and work.photometry is not None
-            if work.reference_changed and work.reference is not None:
-                self.store.write_reference(conn, work.reference)
-            if work.new_reference:
-                requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
-            if work.template_reason is not None and work.template is not None:
-                self.store.write_template(conn, work.template, work.template_reason)
-            if work.new_field_ids is not None and work.new_field_ref is not None:
-                origin = f"template {frame.path.name}"
-                self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)
-            if work.new_refs:
-                self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
-            if work.target_centroid_ref is not None:
-                self.store.add_target_centroid(conn, meta.target, frame.sha256, *work.target_centroid_ref)
-            self.store.write_photometry(conn, frame.sha256, work.star_ids, work.photometry)
-            self.store.write_points(conn, work.points)
-            apply_colours(conn, self.store, meta.target, meta.mjd_mid)
-
-        started = time.perf_counter()
-        self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
-        self._requeued.extend(requeued)
-        if state == "done" and meta.target is not None:
-            self._stale_results.add(meta.target)
-            self.flush_results()
-        if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
-            self._preview(work, "template" if work.template_reason is not None and state == "done" else "poor")
-        seconds["store"] = round(time.perf_counter() - started, 4)
-        log.info(
-            "frame_processed", outcome=state, reason=reason, seconds=seconds,
-            quality=quality.verdict if quality else None,
-            fwhm_arcsec=round(quality.fwhm_arcsec, 3) if quality else None,
-            nstars=quality.nstars if quality else None,
-        )  # fmt: skip
-        return Outcome(frame.path, state, frame.sha256, reason, seconds)
-
-
-def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[int, int]:
-    """Calibrate a target's stored points again from the stored star photometry, reading no image.
-
-    Returns (frames examined, frames calibrated).
-    """
-    store = Store(conn)
-    calibrate = Calibrate(FieldCatalogs(config))
-    reference = store.reference(target)
-    if reference is None:
-        return 0, 0
-    star_ids, field_ref = store.field_stars(target)
-    order = np.concatenate([[0], star_ids])
-    apertures = len(config.photometry.apertures)
-    frames = store.done_frames(target)
-    radius = catalog_radius_arcmin(config, reference.shape, reference.pixscale)
-    if reference.sky_fix is None and reference.wcs is not None:
-        sky_fix = calibrate.fix_reference(store, reference, radius, frames[0]["filter"] if frames else "rp")
-        if sky_fix is not None:
-            reference = place_target(replace(reference, sky_fix=sky_fix), config)
-    calibrated = 0
-    with transaction(conn):
-        store.write_reference(conn, reference)
-        for frame in frames:
-            sha256, filter = frame["sha256"], frame["filter"]
-            inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
-            points = store.point_rows(sha256)
-            calibrations, catalog = calibrate.calibrate(
-                config, reference, filter, frame["instrument"], field_ref, inst_mag, inst_err, star_flags, radius
-            )
-            if catalog is None:
-                continue  # nothing to calibrate against: keep what is stored
-            store.update_points(
-                conn, sha256,
-                [calibration_columns(c, catalog, filter, p["flags"], p["flux_err"])
-                 for c, p in zip(calibrations, points, strict=False)],
-            )  # fmt: skip
-            calibrated += any(c is not None for c in calibrations)
-        for frame in frames:
-            apply_colours(conn, store, target, frame["mjd"])
-    return len(frames), calibrated
-
-
-def pin_template(config: Config, conn: sqlite3.Connection, name_or_sha: str, target: str) -> Template:
-    """Make a processed frame the pinned template of its target and filter, placed in the target's reference
-    frame by its stars. Raises ``LookupError`` or ``ValueError`` with the reason when it cannot be."""
-    store = Store(conn)
-    template = store.processed_frame_as_template(name_or_sha, target)
-    reference = store.reference(target)
-    if reference is None:
-        raise ValueError(f"{target} has no reference frame yet: process a frame first")
-    reference_sources = store.sources(reference.sha256)
-    if template.sha256 != reference.sha256:
-        guess = None
-        if template.wcs is not None and reference.wcs is not None:
-            guess = wcs_guess(reference.wcs, template.wcs, reference.shape)
-        try:
-            template.from_reference = register(
-                reference_sources, template.sources, guess=guess, guess_error=2 * SOLVED_WCS_ERROR_ARCSEC, max_rms=2.0
-            ).matrix
-        except Reject as exc:
-            raise ValueError(f"{template.file} cannot be placed in the reference frame: {exc}") from None
-    with transaction(conn):
-        store.write_template(conn, template, "pinned by hand")
-    return template

@@ -22,11 +22,11 @@ from typing import IO
 import numpy as np
 import yaml
 
-from lcowatch.export import RESULTS_DIR, lightcurve_table
-from lcowatch.ledger import LEDGER_NAME, TERMINAL_STATES, connect
-from lcowatch.plot import PLOTS_DIR, plot_lightcurve
-from lcowatch.simulate import FrameTruth, make_field, simulate_series, write_refcat
-from lcowatch.store import Store
+from lcowatch.outputs.export import RESULTS_DIR, lightcurve_table
+from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.simulation.simulate import FrameTruth, make_field, simulate_series, write_refcat
+from lcowatch.state.ledger import LEDGER_NAME, TERMINAL_STATES, connect
+from lcowatch.state.store import Store
 
 TARGET = "DEMO-VAR"
 WAIT_LIMIT = 600.0  # seconds for the daemon to work through the night

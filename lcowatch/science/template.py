@@ -27,9 +27,9 @@ from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 from lcowatch.config import TemplateConfig
-from lcowatch.frame import celestial_wcs
-from lcowatch.quality import Quality
-from lcowatch.register import (
+from lcowatch.science.frame import celestial_wcs
+from lcowatch.science.quality import Quality
+from lcowatch.science.register import (
     IDENTITY,
     MIN_MATCHES,
     REFINE_SNR,

@@ -13,8 +13,8 @@ from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.config import QualityConfig
-from lcowatch.frame import Frame
-from lcowatch.preprocess import Preprocessed
+from lcowatch.science.frame import Frame
+from lcowatch.science.preprocess import Preprocessed
 
 SOURCE_DTYPE = np.dtype(
     [

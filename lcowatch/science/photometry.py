@@ -16,9 +16,9 @@ from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.config import Aperture
-from lcowatch.frame import Frame
-from lcowatch.preprocess import Preprocessed
-from lcowatch.quality import recentre
+from lcowatch.science.frame import Frame
+from lcowatch.science.preprocess import Preprocessed
+from lcowatch.science.quality import recentre
 
 MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: magnitude error per unit relative flux error
 MIN_ANNULUS_PIXELS = 20

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import sep
 
-from lcowatch.frame import Frame
+from lcowatch.science.frame import Frame
 
 BPM_SATURATED = 2
 SATURATION_MARGIN = 0.9999

@@ -1,0 +1,2 @@
+"""Outputs: light-curve tables and AAVSO files (:mod:`.export`) and plots (:mod:`.plot`).
+"""
