@@ -48,9 +48,8 @@ from lcowatch.intake.notify import Notifier
 from lcowatch.intake.quarantine import quarantine_file, quarantined_names
 from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink, Watcher
-from lcowatch.pipeline.runner import Outcome, Pipeline
+from lcowatch.pipeline.runner import Outcome, Pipeline, warm_up
 from lcowatch.pipeline.stages import Stage
-from lcowatch.science.frame import bjd_tdb
 from lcowatch.state.ledger import TERMINAL_STATES, Ledger, connect
 
 EXIT_OK, EXIT_FATAL = 0, 1
@@ -581,9 +580,7 @@ class Daemon:
             return
         pipeline: Pipeline | None = None
         generation = -1
-        # astropy parses its Earth-orientation tables at the first barycentric time (~0.8 s): pay that now,
-        # not in the first frame's latency.
-        bjd_tdb(60000.0, 0.0, 0.0, None)
+        warm_up()  # not in the first frame's latency
         try:
             while not self._stopping.is_set():
                 pause = self._pause_until - time.monotonic()

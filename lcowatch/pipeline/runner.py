@@ -35,7 +35,7 @@ from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
 )
-from lcowatch.science.frame import Frame, read_content, read_frame, read_observation_time
+from lcowatch.science.frame import Frame, bjd_tdb, read_content, read_frame, read_observation_time
 from lcowatch.science.refcat import FieldCatalogs, color_for_band
 from lcowatch.science.register import (
     register,
@@ -292,6 +292,12 @@ class Pipeline:
             nstars=quality.nstars if quality else None,
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def warm_up() -> None:
+    """Load what the first frame would otherwise wait for: astropy parses its Earth-orientation tables at
+    the first barycentric time (~0.8 s)."""
+    bjd_tdb(60000.0, 0.0, 0.0, None)
 
 
 def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[int, int]:
