@@ -18,7 +18,7 @@ import numpy as np
 
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
-from lcowatch.errors import ConfigError
+from lcowatch.errors import ConfigError, Stop
 from lcowatch.intake.discovery import find_files
 from lcowatch.intake.quarantine import QUARANTINE_DIR, find_quarantined, release
 from lcowatch.log import get_logger
@@ -378,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(log_stream, level=config.log_level)
     try:
         return int(args.handler(args, config))
+    except Stop as exc:  # e.g. a state folder written by a newer lcowatch
+        print(f"lcowatch: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:
         # The reader (e.g. `| head`) has gone: stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -16,34 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcowatch.state.schema import migrate
+
 STATES = ("pending", "done", "rejected", "ignored", "quarantined")
 TERMINAL_STATES = frozenset(STATES) - {"pending"}
 LEDGER_NAME = "lcowatch.sqlite"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    sha256 TEXT PRIMARY KEY,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'done', 'rejected', 'ignored', 'quarantined')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    object TEXT,
-    target TEXT,
-    filter TEXT,
-    mjd REAL,
-    step TEXT,
-    error TEXT,
-    first_seen REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS files_state ON files (state);
-CREATE TABLE IF NOT EXISTS paths (
-    path TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    sha256 TEXT NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -71,6 +48,7 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute("PRAGMA foreign_keys=ON")
+    migrate(conn)
     return conn
 
 
@@ -91,7 +69,6 @@ class Ledger:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        conn.executescript(SCHEMA)
 
     def get(self, sha256: str) -> FileRecord | None:
         row = self.conn.execute(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sqlite3
 import time
 from pathlib import Path
@@ -15,173 +14,6 @@ from lcowatch.science.photometry import Photometry
 from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
 from lcowatch.science.register import IDENTITY, Affine
 from lcowatch.science.template import Reference, Template, weighted_centroid
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-    sha256 TEXT PRIMARY KEY REFERENCES files (sha256),
-    file TEXT NOT NULL,
-    object TEXT NOT NULL,
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    date_obs TEXT NOT NULL,
-    mjd REAL NOT NULL,
-    bjd_tdb REAL,
-    exptime REAL NOT NULL,
-    airmass REAL,
-    site TEXT,
-    telescope TEXT,
-    instrument TEXT,
-    pixscale REAL NOT NULL,
-    nx INTEGER NOT NULL,
-    ny INTEGER NOT NULL,
-    wcs_usable INTEGER NOT NULL,
-    wcs_header TEXT,
-    template_score REAL,
-    background REAL,
-    background_rms REAL,
-    fwhm REAL,
-    fwhm_pix REAL,
-    ellipticity REAL,
-    nstars INTEGER,
-    quality TEXT NOT NULL,
-    reasons TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS frames_target ON frames (target, filter, mjd);
-CREATE TABLE IF NOT EXISTS sources (
-    sha256 TEXT NOT NULL REFERENCES frames (sha256),
-    id INTEGER NOT NULL,
-    x REAL NOT NULL,
-    y REAL NOT NULL,
-    flux REAL NOT NULL,
-    peak REAL NOT NULL,
-    a REAL NOT NULL,
-    b REAL NOT NULL,
-    theta REAL NOT NULL,
-    npix INTEGER NOT NULL,
-    snr REAL NOT NULL,
-    fwhm REAL,
-    saturated INTEGER NOT NULL,
-    sharp INTEGER NOT NULL,
-    sep_flag INTEGER NOT NULL,
-    PRIMARY KEY (sha256, id)
-);
-CREATE TABLE IF NOT EXISTS templates (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    sha256 TEXT NOT NULL REFERENCES frames (sha256),
-    file TEXT NOT NULL,
-    score REAL NOT NULL,
-    pinned INTEGER NOT NULL,
-    active INTEGER NOT NULL,
-    created REAL NOT NULL,
-    reason TEXT NOT NULL,
-    nx INTEGER NOT NULL,
-    ny INTEGER NOT NULL,
-    wcs_header TEXT NOT NULL,
-    from_reference TEXT
-);
-CREATE INDEX IF NOT EXISTS templates_active ON templates (target, filter, active);
-CREATE TABLE IF NOT EXISTS reference_frames (
-    target TEXT PRIMARY KEY,
-    sha256 TEXT NOT NULL REFERENCES frames (sha256),
-    file TEXT NOT NULL,
-    nx INTEGER NOT NULL,
-    ny INTEGER NOT NULL,
-    pixscale REAL NOT NULL,
-    wcs_header TEXT,
-    sky_fix TEXT,
-    target_x REAL NOT NULL,
-    target_y REAL NOT NULL,
-    target_origin TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS target_centroids (
-    target TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    x REAL NOT NULL,
-    y REAL NOT NULL,
-    snr REAL NOT NULL,
-    PRIMARY KEY (target, sha256)
-);
-CREATE TABLE IF NOT EXISTS comparison_stars (
-    target TEXT NOT NULL,
-    star_id INTEGER NOT NULL,
-    x REAL NOT NULL,
-    y REAL NOT NULL,
-    origin TEXT NOT NULL,
-    PRIMARY KEY (target, star_id)
-);
-CREATE TABLE IF NOT EXISTS star_refs (
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    star_id INTEGER NOT NULL,
-    ref_mag REAL NOT NULL,
-    ref_err REAL,
-    PRIMARY KEY (target, filter, star_id)
-);
-CREATE TABLE IF NOT EXISTS photometry (
-    sha256 TEXT NOT NULL REFERENCES frames (sha256),
-    star_id INTEGER NOT NULL,
-    aperture INTEGER NOT NULL,
-    x REAL,
-    y REAL,
-    radius REAL NOT NULL,
-    flux REAL,
-    flux_err REAL,
-    inst_mag REAL,
-    inst_err REAL,
-    background REAL,
-    flags INTEGER NOT NULL,
-    PRIMARY KEY (sha256, star_id, aperture)
-);
-CREATE TABLE IF NOT EXISTS points (
-    sha256 TEXT NOT NULL REFERENCES frames (sha256),
-    aperture INTEGER NOT NULL,
-    aperture_text TEXT NOT NULL,
-    target TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    x REAL,
-    y REAL,
-    diff_mag REAL,
-    diff_mag_err REAL,
-    flux REAL,
-    flux_err REAL,
-    snr REAL,
-    limit_mag REAL,
-    ensemble_scatter REAL,
-    n_comparison INTEGER NOT NULL,
-    registration_rms REAL NOT NULL,
-    n_matched INTEGER NOT NULL,
-    template TEXT NOT NULL,
-    mag REAL,
-    mag_err REAL,
-    zp REAL,
-    zp_err REAL,
-    color_term REAL,
-    color REAL,
-    comparison_color REAL,
-    zp_nstars INTEGER,
-    zp_scatter REAL,
-    catalog TEXT,
-    band TEXT,
-    flags INTEGER NOT NULL,
-    PRIMARY KEY (sha256, aperture)
-);
-CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
-"""
-
-
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Forward migration of a database made by an earlier release: add the columns it lacks (all such
-    columns are nullable)."""
-    for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", SCHEMA, re.S):
-        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        for line in body.strip().splitlines():
-            name, kind = line.strip().rstrip(",").split()[:2]
-            if name.isidentifier() and name.upper() not in ("PRIMARY", "FOREIGN") and name not in have:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
-
 
 ANY_FILTER = "(? IS NULL OR {column} = ?)"  # bound twice to the filter: None matches every filter
 TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header, from_reference"
@@ -209,8 +41,6 @@ class Store:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        conn.executescript(SCHEMA)
-        _add_missing_columns(conn)
         self._templates: dict[tuple[int, bool], Template] = {}
 
     @staticmethod

@@ -1,0 +1,65 @@
+"""The state layer's schema: versioned, and brought forward from older releases with nothing lost."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from lcowatch.cli import main
+from lcowatch.state.ledger import LEDGER_NAME, connect
+from lcowatch.state.schema import SCHEMA_VERSION, SchemaTooNew
+
+#: A state folder written by release 0.1 (before schema versions): 4 frames of target V9 processed.
+RELEASE_0_1 = Path(__file__).parent / "data" / "release-0.1" / LEDGER_NAME
+
+
+def rows(path: Path, table: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+        return [tuple(r) for r in conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2")]
+
+
+class TestSchemaVersion:
+    """A database of an earlier release opens under this code with every row kept; a newer one is refused."""
+
+    def test_release_0_1_database_is_brought_forward(self, tmp_path: Path) -> None:
+        state = tmp_path / "state"
+        state.mkdir()
+        shutil.copyfile(RELEASE_0_1, state / LEDGER_NAME)
+        before = {table: rows(state / LEDGER_NAME, table) for table in ("files", "frames", "points", "templates")}
+        with sqlite3.connect(state / LEDGER_NAME) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+        connect(state).close()
+        with sqlite3.connect(state / LEDGER_NAME) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        for table, old in before.items():
+            assert rows(state / LEDGER_NAME, table)[: len(old)] == old, table
+        assert len(before["points"]) == 12 and sum(1 for r in before["files"] if r[3] == "done") == 4
+
+    def test_the_old_points_export_under_this_code(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, {"V9": {"ra": 120.0, "dec": 5.0}})
+        (tmp_path / "state").mkdir()
+        shutil.copyfile(RELEASE_0_1, tmp_path / "state" / LEDGER_NAME)
+        assert main(["export", "--config", str(config), "V9", "--format", "csv"]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1 + len(rows(RELEASE_0_1, "points"))  # a header and every stored point
+
+    def test_a_new_database_starts_at_the_current_version(self, tmp_path: Path) -> None:
+        connect(tmp_path).close()
+        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+    def test_a_newer_database_is_refused(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        state = tmp_path / "state"
+        connect(state).close()
+        with sqlite3.connect(state / LEDGER_NAME) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with pytest.raises(SchemaTooNew, match="upgrade lcowatch"):
+            connect(state)
+        config = write_config(tmp_path, {"V9": {"ra": 120.0, "dec": 5.0}})
+        assert main(["status", "--config", str(config)]) == 1
+        assert "newer than this lcowatch" in capsys.readouterr().err
