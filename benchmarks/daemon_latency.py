@@ -49,9 +49,7 @@ def simulate(folder: Path, count: int, start: int = 0) -> list[Path]:
         write_refcat(field, refcat)
     paths = []
     for i in range(start, start + count):
-        spec = FrameSpec(
-            filter="rp", mjd_start=61000.2 + i / 1440.0, shape=(256, 256), seed=i, frame_number=i % 10000
-        )
+        spec = FrameSpec(filter="rp", mjd_start=61000.2 + i / 1440.0, shape=(256, 256), seed=i, frame_number=i % 10000)
         path = folder / f"{i:06d}" / lco_filename(spec, "fz")
         if not path.exists():
             path.parent.mkdir(exist_ok=True)

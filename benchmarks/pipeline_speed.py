@@ -162,8 +162,12 @@ def print_table(rows: list[list[str]], header: list[str], indent: str = "  ", al
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     align = align or "l" + "r" * (len(header) - 1)
     for k, row in enumerate(cells):
-        print(indent + "  ".join(cell.ljust(w) if a == "l" else cell.rjust(w) for cell, w, a in
-                                 zip(row, widths, align, strict=True)).rstrip())
+        print(
+            indent
+            + "  ".join(
+                cell.ljust(w) if a == "l" else cell.rjust(w) for cell, w, a in zip(row, widths, align, strict=True)
+            ).rstrip()
+        )
         if k == 0:
             print(indent + "  ".join("-" * w for w in widths))
 
@@ -190,14 +194,24 @@ class Setup:
     seed: int
 
     def as_dict(self) -> dict[str, int]:
-        return {"frames": self.frames, "size": self.size, "stars": self.stars, "seed": self.seed,
-                "version": MANIFEST_VERSION}
+        return {
+            "frames": self.frames,
+            "size": self.size,
+            "stars": self.stars,
+            "seed": self.seed,
+            "version": MANIFEST_VERSION,
+        }
 
 
 def make_bench_field(setup: Setup) -> Any:
     # The stars fill a square the size of the frame; the target is kept clear of neighbours.
     return make_field(
-        TARGET, RA, DEC, nstars=setup.stars, box_arcmin=setup.size * PIXSCALE / 60.0, seed=FIELD_SEED,
+        TARGET,
+        RA,
+        DEC,
+        nstars=setup.stars,
+        box_arcmin=setup.size * PIXSCALE / 60.0,
+        seed=FIELD_SEED,
         min_sep_arcsec=15.0,
     )
 
@@ -257,8 +271,10 @@ def prepare_frames(setup: Setup, workdir: Path) -> tuple[list[Path], Path, list[
     with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
         done = list(pool.map(_render, [(setup, spec, str(p)) for spec, p in zip(specs, paths, strict=True)]))
     on_frame = [n for _, n, _ in done]
-    print(f"simulated {len(paths)} frames in {time.perf_counter() - started:.1f} s "
-          f"({median([s for *_, s in done]):.1f} s each, 2 processes)")
+    print(
+        f"simulated {len(paths)} frames in {time.perf_counter() - started:.1f} s "
+        f"({median([s for *_, s in done]):.1f} s each, 2 processes)"
+    )
     manifest_path.write_text(json.dumps({"setup": setup.as_dict(), "on_frame": on_frame}, indent=1))
     return paths, refcat, on_frame, specs
 
@@ -453,8 +469,9 @@ class Throughput:
         return self.frames / self.seconds
 
 
-def run_throughput(workers: int, paths: Sequence[Path], seed_dir: Path, workdir: Path, incoming: Path,
-                   refcat: Path) -> Throughput:
+def run_throughput(
+    workers: int, paths: Sequence[Path], seed_dir: Path, workdir: Path, incoming: Path, refcat: Path
+) -> Throughput:
     """``workers`` spawned processes, each its own Pipeline and connection on one shared state_dir (a fresh copy
     of the seed state); frames dealt round-robin. The clock starts when every worker is warm and ready."""
     ctx = mp.get_context("spawn")
@@ -483,8 +500,15 @@ def run_throughput(workers: int, paths: Sequence[Path], seed_dir: Path, workdir:
     for name, end_state, reason, *_ in runs:
         if end_state != "done":
             print(f"  WARNING (throughput): {name} ended {end_state}: {reason}")
-    return Throughput(workers, len(runs), seconds, [g["rss_mb"] for g in got], [r[3] for r in runs],
-                      [r[4] for r in runs], [g["warm"] for g in got])
+    return Throughput(
+        workers,
+        len(runs),
+        seconds,
+        [g["rss_mb"] for g in got],
+        [r[3] for r in runs],
+        [r[4] for r in runs],
+        [g["warm"] for g in got],
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -511,8 +535,7 @@ def add_history(state_dir: Path, template_sha: str, n_frames: int) -> dict[str, 
             for i in range(n_frames):
                 sha = hashlib.sha256(f"history {i}".encode()).hexdigest()
                 name = f"history-{i:05d}-e91.fits.fz"
-                changes = {"sha256": sha, "file": name, "path": f"/nowhere/{name}",
-                           "mjd": mjd - (n_frames - i) * 0.01}
+                changes = {"sha256": sha, "file": name, "path": f"/nowhere/{name}", "mjd": mjd - (n_frames - i) * 0.01}
                 for row in rows:
                     values = list(row)
                     for key, value in changes.items():
@@ -558,8 +581,9 @@ def print_profile(profiler: cProfile.Profile, top: int) -> None:
         print_table(rows, ["cumtime", "tottime", "ncalls", "function"], indent="    ", align="rrrl")
 
     show(f"top {top} by own time (tottime)", lambda item: item[1][2], lambda loc: True)
-    show(f"top {top} lcowatch functions by cumulative time", lambda item: item[1][3],
-         lambda loc: "/lcowatch/" in loc[0])
+    show(
+        f"top {top} lcowatch functions by cumulative time", lambda item: item[1][3], lambda loc: "/lcowatch/" in loc[0]
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -588,8 +612,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-scale", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also cProfile one non-template frame's process_path")
     parser.add_argument("--top", type=int, default=15, help="rows of the profile (default 15)")
-    parser.add_argument("--wait-idle", type=float, help="before each timed section wait up to this many seconds for "
-                        "other processes to leave the CPUs alone (default 120; --quick 0)")
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        help="before each timed section wait up to this many seconds for "
+        "other processes to leave the CPUs alone (default 120; --quick 0)",
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -607,11 +635,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("lcowatch pipeline speed benchmark")
     mode = "QUICK (smaller and fewer frames: figures are NOT comparable to the 4096x4096 targets)" if quick else "full"
     print(f"mode: {mode}")
-    print(f"frames: {setup.frames} x {setup.size}x{setup.size} fpack (.fits.fz, RICE, SCI+BPM+ERR), "
-          f"{setup.stars} stars in a square of the frame's size, FWHM 1.9-2.15\", offsets of tens of px; "
-          f"frame 1 is the template")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"numpy {np.__version__}")
+    print(
+        f"frames: {setup.frames} x {setup.size}x{setup.size} fpack (.fits.fz, RICE, SCI+BPM+ERR), "
+        f"{setup.stars} stars in a square of the frame's size, FWHM 1.9-2.15\", offsets of tens of px; "
+        f"frame 1 is the template"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"numpy {np.__version__}"
+    )
 
     own_tmp = None
     if args.workdir is not None:
@@ -637,6 +669,7 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
         section(title)
         wait_for_quiet(args.wait_idle)
         load.start()
+
     paths, refcat, on_frame, _ = prepare_frames(setup, workdir)
     incoming = paths[0].parent
     print(f"stars on each frame: {', '.join(str(n) for n in on_frame)}; reference catalog {refcat.name}")
@@ -649,8 +682,10 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     config = make_config(workdir / "state", incoming, refcat)
     reads = [time_lcowatch_read(p, config) for p in paths]
     print_table(
-        [[p.name, fmt_s(f), fmt_s(fa), fmt_s(r.content), fmt_s(r.decode), fmt_s(r.bjd)]
-         for p, f, fa, r in zip(paths, floor, floor_all, reads, strict=True)],
+        [
+            [p.name, fmt_s(f), fmt_s(fa), fmt_s(r.content), fmt_s(r.decode), fmt_s(r.bjd)]
+            for p, f, fa, r in zip(paths, floor, floor_all, reads, strict=True)
+        ],
         ["file", "floor SCI", "astropy SCI+BPM+ERR", "read+sha256", "read_frame", "(of which BJD)"],
     )
     floor_med = median(floor)
@@ -658,8 +693,10 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     print(f"  floor (astropy open + SCI .data): median {floor_med:.3f} s; all three planes {median(floor_all):.3f} s")
     print(f"  lcowatch read (read_content + read_frame): median {read_med:.3f} s = {read_med / floor_med:.1f}x floor")
     cold = reads[0].decode - median([r.decode for r in reads[1:]])
-    print(f"  the first read_frame of the process took {cold:.2f} s more than the others: a one-time cost "
-          "(astropy parses its IERS tables for the first BJD_TDB)")
+    print(
+        f"  the first read_frame of the process took {cold:.2f} s more than the others: a one-time cost "
+        "(astropy parses its IERS tables for the first BJD_TDB)"
+    )
     load.stop("read")
 
     # ---- lcowatch, in process, one worker, fresh state
@@ -672,9 +709,19 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     rows = []
     for k, (r, rd) in enumerate(zip(runs, reads, strict=True)):
         role = "template" if k == 0 else "frame"
-        rows.append([r.path.name, role, r.state, fmt_s(r.wall), fmt_s(r.cpu), fmt_s(r.sys),
-                     fmt_s(rd.content + rd.decode), fmt_s(r.wall - r.stages),
-                     *(fmt_s(r.seconds.get(s, float("nan"))) for s in steps)])
+        rows.append(
+            [
+                r.path.name,
+                role,
+                r.state,
+                fmt_s(r.wall),
+                fmt_s(r.cpu),
+                fmt_s(r.sys),
+                fmt_s(rd.content + rd.decode),
+                fmt_s(r.wall - r.stages),
+                *(fmt_s(r.seconds.get(s, float("nan"))) for s in steps),
+            ]
+        )
     print_table(rows, ["file", "role", "state", "end-to-end", "cpu", "sys", "read*", "wall-stages", *steps])
     print("  read* = read_content + read_frame timed separately before processing (process_path repeats it);")
     print("  wall-stages = end-to-end minus the stages' own seconds: read, hash, ledger bookkeeping, logging;")
@@ -685,10 +732,11 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     e2e = median([r.wall for r in done_rest])
     template_wall = runs[0].wall
     print("\n  median seconds per step over the non-template frames:")
-    step_rows = [["read (read_content + read_frame)", fmt_s(median([r.content + r.decode for r in reads[1:]]))],
-                 ["  of which read bytes + sha256", fmt_s(median([r.content for r in reads[1:]]))],
-                 ["  of which read_frame (decompress SCI/BPM/ERR, header, BJD)",
-                  fmt_s(median([r.decode for r in reads[1:]]))]]
+    step_rows = [
+        ["read (read_content + read_frame)", fmt_s(median([r.content + r.decode for r in reads[1:]]))],
+        ["  of which read bytes + sha256", fmt_s(median([r.content for r in reads[1:]]))],
+        ["  of which read_frame (decompress SCI/BPM/ERR, header, BJD)", fmt_s(median([r.decode for r in reads[1:]]))],
+    ]
     step_rows += [[s, fmt_s(median([r.seconds[s] for r in done_rest if s in r.seconds]))] for s in steps]
     step_rows.append(["wall - stages (read, hash, ledger, log)", fmt_s(median([r.wall - r.stages for r in done_rest]))])
     step_rows.append(["end to end (wall clock around process_path)", fmt_s(e2e)])
@@ -702,32 +750,49 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     summary.add("read+decompress floor: astropy open + SCI .data", f"{floor_med:.3f} s")
     summary.add("lcowatch read: read_content + read_frame", f"{read_med:.3f} s")
     summary.add("lcowatch end to end, template frame", f"{template_wall:.3f} s")
-    summary.add("lcowatch end to end, median other frames", f"{e2e:.3f} s", f"<= {TARGET_SECONDS:g} s",
-                e2e <= TARGET_SECONDS if not args.quick else None)
+    summary.add(
+        "lcowatch end to end, median other frames",
+        f"{e2e:.3f} s",
+        f"<= {TARGET_SECONDS:g} s",
+        e2e <= TARGET_SECONDS if not args.quick else None,
+    )
     summary.add("  CPU seconds, median other frames", f"{median([r.cpu for r in done_rest]):.3f} s")
     summary.add("    of which kernel (sys)", f"{median([r.sys for r in done_rest]):.3f} s")
-    summary.add("  end to end / floor", f"{e2e / floor_med:.1f}x", f"<= {TARGET_FLOOR_RATIO:g}x",
-                e2e / floor_med <= TARGET_FLOOR_RATIO if not args.quick else None)
+    summary.add(
+        "  end to end / floor",
+        f"{e2e / floor_med:.1f}x",
+        f"<= {TARGET_FLOOR_RATIO:g}x",
+        e2e / floor_med <= TARGET_FLOOR_RATIO if not args.quick else None,
+    )
     for s in steps:
         summary.add(f"  step {s} (median)", f"{median([r.seconds[s] for r in done_rest if s in r.seconds]):.3f} s")
-    summary.add("peak RSS, in-process run (ru_maxrss)", f"{rss_lcowatch:.0f} MB", f"<= {TARGET_RSS_MB:.0f} MB",
-                rss_lcowatch <= TARGET_RSS_MB if not args.quick else None)
+    summary.add(
+        "peak RSS, in-process run (ru_maxrss)",
+        f"{rss_lcowatch:.0f} MB",
+        f"<= {TARGET_RSS_MB:.0f} MB",
+        rss_lcowatch <= TARGET_RSS_MB if not args.quick else None,
+    )
 
     # ---- baseline
     if not args.no_baseline:
         begin("plain baseline, same process, same files: astropy + sep + photutils ApertureStats annulus median")
         base = [baseline_frame(p) for p in paths]
         print_table(
-            [[p.name, fmt_s(b.read), fmt_s(b.extract), fmt_s(b.photometry), fmt_s(b.total), str(b.positions)]
-             for p, b in zip(paths, base, strict=True)],
+            [
+                [p.name, fmt_s(b.read), fmt_s(b.extract), fmt_s(b.photometry), fmt_s(b.total), str(b.positions)]
+                for p, b in zip(paths, base, strict=True)
+            ],
             ["file", "astropy read", "sep bkg+extract", "photutils 3 ap + annulus", "total", "positions"],
         )
         base_med = median([b.total for b in base[1:]])
         sep_floor = median([b.read + b.extract for b in base[1:]])
-        print(f"  baseline median (frames 2..): {base_med:.3f} s; "
-              f"read + sep background + extract alone {sep_floor:.3f} s")
-        print(f"  lcowatch / baseline: {e2e / base_med:.2f}x (lcowatch measures the target and up to "
-              f"{config.photometry.max_field_stars} field stars; the baseline every detection)")
+        print(
+            f"  baseline median (frames 2..): {base_med:.3f} s; read + sep background + extract alone {sep_floor:.3f} s"
+        )
+        print(
+            f"  lcowatch / baseline: {e2e / base_med:.2f}x (lcowatch measures the target and up to "
+            f"{config.photometry.max_field_stars} field stars; the baseline every detection)"
+        )
         summary.add("baseline s/frame (astropy+sep+photutils)", f"{base_med:.3f} s")
         summary.add("  baseline read + sep bkg + extract alone", f"{sep_floor:.3f} s")
         summary.add("  lcowatch end to end / (read + sep bkg + extract)", f"{e2e / sep_floor:.2f}x")
@@ -749,20 +814,29 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
         if len(tp_paths) < 2:
             print("  skipped: needs at least 3 frames")
         else:
-            print(f"  {len(tp_paths)} non-template frames; each run starts from a copy of a state_dir holding only "
-                  f"the template; frames dealt round-robin; clock from the moment all workers are ready")
+            print(
+                f"  {len(tp_paths)} non-template frames; each run starts from a copy of a state_dir holding only "
+                f"the template; frames dealt round-robin; clock from the moment all workers are ready"
+            )
             results: dict[int, Throughput] = {}
             for workers in (1, 2):
                 results[workers] = tp = run_throughput(workers, tp_paths, seed_dir, workdir, incoming, refcat)
-                print(f"  {workers} worker(s): {tp.frames} frames in {tp.seconds:.2f} s = {tp.fps:.3f} frames/s; "
-                      f"median {median(tp.per_frame):.3f} s per frame; peak RSS per worker "
-                      f"{', '.join(f'{m:.0f}' for m in tp.rss_mb)} MB; warm-up frame "
-                      f"{', '.join(f'{w:.2f}' for w in tp.warm)} s (untimed, first frame of a fresh process)")
+                print(
+                    f"  {workers} worker(s): {tp.frames} frames in {tp.seconds:.2f} s = {tp.fps:.3f} frames/s; "
+                    f"median {median(tp.per_frame):.3f} s per frame; peak RSS per worker "
+                    f"{', '.join(f'{m:.0f}' for m in tp.rss_mb)} MB; warm-up frame "
+                    f"{', '.join(f'{w:.2f}' for w in tp.warm)} s (untimed, first frame of a fresh process)"
+                )
             tp_steps = ordered_steps({n for tp in results.values() for sec in tp.steps for n in sec})
             print_table(
-                [[f"{w} worker(s)", fmt_s(median(tp.per_frame)),
-                  *(fmt_s(median([sec.get(s, float("nan")) for sec in tp.steps])) for s in tp_steps)]
-                 for w, tp in results.items()],
+                [
+                    [
+                        f"{w} worker(s)",
+                        fmt_s(median(tp.per_frame)),
+                        *(fmt_s(median([sec.get(s, float("nan")) for sec in tp.steps])) for s in tp_steps),
+                    ]
+                    for w, tp in results.items()
+                ],
                 ["median per frame", "end-to-end", *tp_steps],
             )
             ratio = results[2].fps / results[1].fps
@@ -770,11 +844,19 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
             load.stop("throughput")
             summary.add("throughput, 1 worker", f"{results[1].fps:.3f} frames/s")
             summary.add("throughput, 2 workers", f"{results[2].fps:.3f} frames/s")
-            summary.add("  2 workers / 1 worker", f"{ratio:.2f}x", f">= {TARGET_2W_RATIO:g}x",
-                        ratio >= TARGET_2W_RATIO if not args.quick else None)
+            summary.add(
+                "  2 workers / 1 worker",
+                f"{ratio:.2f}x",
+                f">= {TARGET_2W_RATIO:g}x",
+                ratio >= TARGET_2W_RATIO if not args.quick else None,
+            )
             worker_rss = max(results[1].rss_mb + results[2].rss_mb)
-            summary.add("peak RSS per worker process (ru_maxrss)", f"{worker_rss:.0f} MB",
-                        f"<= {TARGET_RSS_MB:.0f} MB", worker_rss <= TARGET_RSS_MB if not args.quick else None)
+            summary.add(
+                "peak RSS per worker process (ru_maxrss)",
+                f"{worker_rss:.0f} MB",
+                f"<= {TARGET_RSS_MB:.0f} MB",
+                worker_rss <= TARGET_RSS_MB if not args.quick else None,
+            )
 
     # ---- scale
     if not args.no_scale:
@@ -787,10 +869,12 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
         template_sha = hashlib.sha256(paths[0].read_bytes()).hexdigest()
         started = time.perf_counter()
         counts = add_history(full_dir, template_sha, SCALE_FRAMES)
-        print(f"  inserted rows by SQL in {time.perf_counter() - started:.1f} s: "
-              + ", ".join(f"{t} {n:,}" for t, n in counts.items())
-              + " (copies of the template's rows, earlier times; sources and photometry rows are left out:"
-              " they are only touched by the new frame's own key)")
+        print(
+            f"  inserted rows by SQL in {time.perf_counter() - started:.1f} s: "
+            + ", ".join(f"{t} {n:,}" for t, n in counts.items())
+            + " (copies of the template's rows, earlier times; sources and photometry rows are left out:"
+            " they are only touched by the new frame's own key)"
+        )
         scale: dict[str, list[FrameRun]] = {}
         for label, state in (("empty", empty_dir), ("10k", full_dir)):
             scale[label] = run_pipeline(make_config(state, incoming, refcat), sc_paths)
@@ -798,18 +882,29 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
         sc_steps = ordered_steps({n for rs in scale.values() for r in rs for n in r.seconds})
         rows = []
         for label, rs in scale.items():
-            rows.append([label, fmt_s(median([r.wall for r in rs])),
-                         *(fmt_s(median([r.seconds.get(s, float("nan")) for r in rs])) for s in sc_steps)])
+            rows.append(
+                [
+                    label,
+                    fmt_s(median([r.wall for r in rs])),
+                    *(fmt_s(median([r.seconds.get(s, float("nan")) for r in rs])) for s in sc_steps),
+                ]
+            )
         print_table(rows, ["light curve", "end-to-end", *sc_steps])
         e_empty, e_full = (median([r.wall for r in scale[k]]) for k in ("empty", "10k"))
         s_empty, s_full = (median([r.seconds.get("store", 0.0) for r in scale[k]]) for k in ("empty", "10k"))
-        print(f"  {len(sc_paths)} frames each; end to end {e_full / e_empty:.2f}x; store step {s_empty:.3f} -> "
-              f"{s_full:.3f} s")
+        print(
+            f"  {len(sc_paths)} frames each; end to end {e_full / e_empty:.2f}x; store step {s_empty:.3f} -> "
+            f"{s_full:.3f} s"
+        )
         load.stop("scale")
         summary.add("scale: s/frame, empty light curve", f"{e_empty:.3f} s")
         summary.add(f"scale: s/frame, {SCALE_FRAMES:,} frames stored", f"{e_full:.3f} s")
-        summary.add("  with history / empty", f"{e_full / e_empty:.2f}x", f"<= {TARGET_SCALE_RATIO:g}x",
-                    e_full / e_empty <= TARGET_SCALE_RATIO)
+        summary.add(
+            "  with history / empty",
+            f"{e_full / e_empty:.2f}x",
+            f"<= {TARGET_SCALE_RATIO:g}x",
+            e_full / e_empty <= TARGET_SCALE_RATIO,
+        )
         summary.add("  store step, empty -> with history", f"{s_empty:.3f} -> {s_full:.3f} s")
 
     # ---- profile
@@ -830,11 +925,14 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
 
     # ---- summary
     section("summary" + (" (QUICK mode: smaller frames, targets not judged)" if args.quick else ""))
-    print(f"  {setup.frames} frames of {setup.size}x{setup.size}, {setup.stars} stars; medians over the "
-          f"non-template frames unless said")
+    print(
+        f"  {setup.frames} frames of {setup.size}x{setup.size}, {setup.stars} stars; medians over the "
+        f"non-template frames unless said"
+    )
     busiest = max(load.sections, key=lambda item: item[1], default=("-", 0.0))
-    summary.add("other processes' CPU use, busiest section", f"{busiest[1]:.2f} cores ({busiest[0]})", "< 0.2",
-                busiest[1] < 0.2)
+    summary.add(
+        "other processes' CPU use, busiest section", f"{busiest[1]:.2f} cores ({busiest[0]})", "< 0.2", busiest[1] < 0.2
+    )
     print_table(summary.rows, ["figure", "value", "target", "met"])
     print("load average at end: " + " ".join(f"{v:.2f}" for v in os.getloadavg()))
     return 0

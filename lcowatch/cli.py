@@ -30,9 +30,10 @@ from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import FieldCatalogs, standard_band
 from lcowatch.state.ledger import Ledger, connect
 from lcowatch.state.store import FRAME_COLUMNS, Store
+from lcowatch.states import State
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-FINISHED_STATES = {"done", "rejected", "quarantined", "ignored", "skipped"}
+FINISHED_STATES = {State.DONE, State.REJECTED, State.QUARANTINED, State.IGNORED, State.SKIPPED}
 
 
 def _open_output(path: str | None) -> AbstractContextManager[IO[str]]:

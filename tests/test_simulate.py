@@ -22,10 +22,45 @@ from lcowatch.simulation import simulate as sim
 RA0, DEC0 = 150.0, -20.0
 
 REQUIRED_SCI_KEYS = [
-    "OBJECT", "FILTER", "EXPTIME", "DATE-OBS", "MJD-OBS", "AIRMASS", "SITEID", "TELESCOP", "INSTRUME",
-    "GAIN", "RDNOISE", "SATURATE", "MAXLIN", "PIXSCALE", "CCDSUM", "LATITUDE", "LONGITUD", "HEIGHT",
-    "L1FWHM", "L1MEDIAN", "L1SIGMA", "L1ELLIP", "WCSERR", "PIPEVER", "RLEVEL", "REQNUM", "BLKUID", "RA",
-    "DEC", "CTYPE1", "CTYPE2", "CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
+    "OBJECT",
+    "FILTER",
+    "EXPTIME",
+    "DATE-OBS",
+    "MJD-OBS",
+    "AIRMASS",
+    "SITEID",
+    "TELESCOP",
+    "INSTRUME",
+    "GAIN",
+    "RDNOISE",
+    "SATURATE",
+    "MAXLIN",
+    "PIXSCALE",
+    "CCDSUM",
+    "LATITUDE",
+    "LONGITUD",
+    "HEIGHT",
+    "L1FWHM",
+    "L1MEDIAN",
+    "L1SIGMA",
+    "L1ELLIP",
+    "WCSERR",
+    "PIPEVER",
+    "RLEVEL",
+    "REQNUM",
+    "BLKUID",
+    "RA",
+    "DEC",
+    "CTYPE1",
+    "CTYPE2",
+    "CRPIX1",
+    "CRPIX2",
+    "CRVAL1",
+    "CRVAL2",
+    "CD1_1",
+    "CD1_2",
+    "CD2_1",
+    "CD2_2",
 ]
 
 
@@ -44,7 +79,7 @@ def custom_field(offsets_arcsec, r_mags, *, amplitude: float = 0.0, gr=None) -> 
 def box_flux(image: np.ndarray, x: float, y: float, half: int, sky: float) -> tuple[float, int]:
     """Sum of a (2 half + 1)^2 box around (x, y) minus sky; also the number of pixels."""
     ix, iy = round(x), round(y)
-    box = image[iy - half:iy + half + 1, ix - half:ix + half + 1].astype(np.float64)
+    box = image[iy - half : iy + half + 1, ix - half : ix + half + 1].astype(np.float64)
     return float(box.sum() - sky * box.size), box.size
 
 
@@ -122,9 +157,15 @@ class TestFileLayout:
 class TestInputValidation:
     """Unknown filters, sites and impossible PSFs are refused with a message naming the bad value."""
 
-    @pytest.mark.parametrize(("change", "word"), [({"filter": "Y"}, "filter"), ({"site": "xyz"}, "site"),
-                                                   ({"ellipticity": 1.0}, "ellipticity"),
-                                                   ({"moffat_beta": 1.0}, "beta")])
+    @pytest.mark.parametrize(
+        ("change", "word"),
+        [
+            ({"filter": "Y"}, "filter"),
+            ({"site": "xyz"}, "site"),
+            ({"ellipticity": 1.0}, "ellipticity"),
+            ({"moffat_beta": 1.0}, "beta"),
+        ],
+    )
     def test_refused(self, change, word):
         with pytest.raises(ValueError, match=word):
             sim.render_frame(custom_field([(0, 0)], [14.0]), replace(sim.FrameSpec(shape=(32, 32)), **change))
@@ -142,8 +183,7 @@ class TestLcoFilename:
         assert sim.lco_filename(spec, "gz").endswith("-0102-e91.fits.gz")
 
     def test_other_telescope(self):
-        spec = sim.FrameSpec(site="tfn", telescope="0m4-14", instrument="kb29", frame_number=7,
-                             mjd_start=57564.8861535)
+        spec = sim.FrameSpec(site="tfn", telescope="0m4-14", instrument="kb29", frame_number=7, mjd_start=57564.8861535)
         assert sim.lco_filename(spec, None) == "tfn0m414-kb29-20160625-0007-e91.fits"
 
 
@@ -154,8 +194,9 @@ class TestStarFlux:
     @pytest.mark.parametrize("ellipticity", [0.0, 0.5])
     def test_box_sum_matches_truth(self, ellipticity):
         field = custom_field([(0, 0), (-60, 40), (50, -45)], [13.0, 14.5, 12.5])
-        spec = sim.FrameSpec(shape=(384, 384), ellipticity=ellipticity, psf_angle_deg=25.0, seed=11,
-                             offset_pix=(0.31, -0.22))
+        spec = sim.FrameSpec(
+            shape=(384, 384), ellipticity=ellipticity, psf_angle_deg=25.0, seed=11, offset_pix=(0.31, -0.22)
+        )
         hdul, truth = sim.render_frame(field, spec)
         assert not truth.saturated.any()
         image = hdul["SCI"].data
@@ -187,7 +228,7 @@ class TestStarFlux:
         # no light beyond the target's: everything except the target box is sky
         mask = np.ones(image.shape, bool)
         ix, iy = round(truth.x[0]), round(truth.y[0])
-        mask[iy - 35:iy + 36, ix - 35:ix + 36] = False
+        mask[iy - 35 : iy + 36, ix - 35 : ix + 36] = False
         assert np.mean(image[mask]) == pytest.approx(spec.sky, abs=0.5)
 
 
@@ -198,8 +239,14 @@ class TestPsfWidth:
     @pytest.mark.parametrize(("fwhm", "ellipticity"), [(2.5, 0.0), (3.0, 0.0), (3.0, 0.5)])
     def test_half_max_area(self, fwhm, ellipticity):
         field = custom_field([(0, 0)], [12.0])
-        spec = sim.FrameSpec(shape=(128, 128), fwhm_arcsec=fwhm, ellipticity=ellipticity, psf_angle_deg=40,
-                             offset_pix=(0.27, 0.41), seed=5)
+        spec = sim.FrameSpec(
+            shape=(128, 128),
+            fwhm_arcsec=fwhm,
+            ellipticity=ellipticity,
+            psf_angle_deg=40,
+            offset_pix=(0.27, 0.41),
+            seed=5,
+        )
         hdul, truth = sim.render_frame(field, spec)
         assert not truth.saturated[0]
         image = hdul["SCI"].data - spec.sky
@@ -314,9 +361,11 @@ class TestWcs:
         _, truth = sim.render_frame(field, sim.FrameSpec(shape=(200, 200), rotation_deg=rotation))
         step = 20.0 / 0.389
         assert (truth.x[1] - truth.x[0], truth.y[1] - truth.y[0]) == pytest.approx(
-            (east[0] * step, east[1] * step), abs=0.01)
+            (east[0] * step, east[1] * step), abs=0.01
+        )
         assert (truth.x[2] - truth.x[0], truth.y[2] - truth.y[0]) == pytest.approx(
-            (north[0] * step, north[1] * step), abs=0.01)
+            (north[0] * step, north[1] * step), abs=0.01
+        )
 
 
 class TestNoiseAndDeterminism:
@@ -392,8 +441,22 @@ class TestWriteRefcat:
         path = tmp_path / f"cat.{suffix}"
         sim.write_refcat(field, path, mag_err=0.02, faint_limit=18.5)
         table = Table.read(path, format="ascii.ecsv" if suffix == "ecsv" else "ascii.csv")
-        assert table.colnames == ["ra", "dec", "g", "g_err", "r", "r_err", "i", "i_err", "z", "z_err",
-                                  "B", "B_err", "V", "V_err"]
+        assert table.colnames == [
+            "ra",
+            "dec",
+            "g",
+            "g_err",
+            "r",
+            "r_err",
+            "i",
+            "i_err",
+            "z",
+            "z_err",
+            "B",
+            "B_err",
+            "V",
+            "V_err",
+        ]
         wanted = np.flatnonzero(field.mags["r"] < 18.5)
         wanted = wanted[wanted != 0]
         assert len(table) == len(wanted)
@@ -411,8 +474,16 @@ class TestSimulateSeries:
 
     def test_series(self, tmp_path):
         field = sim.make_field("SN1", 150.0, -20.0, nstars=150, radius_arcmin=3.0, seed=1)
-        out = sim.simulate_series(field, tmp_path / "in", nights=2, frames_per_night=3, filters=("gp", "rp"),
-                                  shape=(128, 128), seed=4, exptime=30.0)
+        out = sim.simulate_series(
+            field,
+            tmp_path / "in",
+            nights=2,
+            frames_per_night=3,
+            filters=("gp", "rp"),
+            shape=(128, 128),
+            seed=4,
+            exptime=30.0,
+        )
         assert len(out) == 12
         names = [p.name for p, _, _ in out]
         assert len(set(names)) == 12
@@ -469,8 +540,9 @@ class TestWcsJitter:
         assert (header["CRPIX1"], header["CRPIX2"]) == (exact_header["CRPIX1"], exact_header["CRPIX2"])
         assert (header["CRVAL1"], header["CRVAL2"]) != (exact_header["CRVAL1"], exact_header["CRVAL2"])
         cd = np.array([[header["CD1_1"], header["CD1_2"]], [header["CD2_1"], header["CD2_2"]]])
-        exact_cd = np.array([[exact_header["CD1_1"], exact_header["CD1_2"]],
-                             [exact_header["CD2_1"], exact_header["CD2_2"]]])
+        exact_cd = np.array(
+            [[exact_header["CD1_1"], exact_header["CD1_2"]], [exact_header["CD2_1"], exact_header["CD2_2"]]]
+        )
         assert np.linalg.det(cd) != pytest.approx(np.linalg.det(exact_cd), rel=1e-9)  # scale error
         assert cd[0, 1] != pytest.approx(exact_cd[0, 1], abs=1e-12)  # rotation error
         assert sim.header_wcs_error_arcsec(exact_hdul, exact) == 0.0
@@ -525,8 +597,8 @@ class TestDistortion:
         assert np.hypot(*(expected - linear)) == pytest.approx(2.2, abs=0.05)
         image = hdul["SCI"].data.astype(np.float64) - spec.sky
         ix, iy = round(truth.x[1]), round(truth.y[1])
-        ys, xs = np.mgrid[iy - 8:iy + 9, ix - 8:ix + 9]
-        box = image[iy - 8:iy + 9, ix - 8:ix + 9]
+        ys, xs = np.mgrid[iy - 8 : iy + 9, ix - 8 : ix + 9]
+        box = image[iy - 8 : iy + 9, ix - 8 : ix + 9]
         centroid = np.array([(box * xs).sum(), (box * ys).sum()]) / box.sum()
         assert centroid == pytest.approx((truth.x[1], truth.y[1]), abs=0.2)
         assert (truth.x[0], truth.y[0]) == pytest.approx((127.5, 127.5), abs=1e-9)
@@ -601,10 +673,21 @@ class TestSeriesDefaults:
 
     def test_conditions_are_unchanged(self, tmp_path):
         field = sim.make_field("SN1", 150.0, -20.0, nstars=20, radius_arcmin=2.0, seed=1)
-        out = sim.simulate_series(field, tmp_path, nights=2, frames_per_night=2, shape=(64, 64), seed=4,
-                                  compress=None)
-        got = [(p.name, s.mjd_start, s.fwhm_arcsec, s.sky, s.zeropoint, s.transparency, *s.offset_pix,
-                s.rotation_deg, s.airmass) for p, s, _ in out]
+        out = sim.simulate_series(field, tmp_path, nights=2, frames_per_night=2, shape=(64, 64), seed=4, compress=None)
+        got = [
+            (
+                p.name,
+                s.mjd_start,
+                s.fwhm_arcsec,
+                s.sky,
+                s.zeropoint,
+                s.transparency,
+                *s.offset_pix,
+                s.rotation_deg,
+                s.airmass,
+            )
+            for p, s, _ in out
+        ]
         assert len(got) == len(self.RECORDED)
         for row, recorded in zip(got, self.RECORDED, strict=True):
             assert row[0] == recorded[0]
@@ -654,8 +737,9 @@ class TestSeriesOptions:
 
     def test_another_telescope_on_the_same_nights(self, tmp_path):
         one_metre = series(tmp_path, "in", distortion_pix=0.5)
-        sbig = series(tmp_path, "in", site="coj", telescope="0m4-14", instrument="kb29", pixscale=0.571,
-                      color_term=0.08)
+        sbig = series(
+            tmp_path, "in", site="coj", telescope="0m4-14", instrument="kb29", pixscale=0.571, color_term=0.08
+        )
         later = series(tmp_path, "later", mjd_start=61005.2)
         for _, spec, _ in one_metre:
             assert spec.distortion_pix == 0.5

@@ -50,7 +50,8 @@ from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink, Watcher
 from lcowatch.pipeline.runner import Outcome, Pipeline, warm_up
 from lcowatch.pipeline.stages import Stage
-from lcowatch.state.ledger import TERMINAL_STATES, Ledger, connect
+from lcowatch.state.ledger import Ledger, connect
+from lcowatch.states import TERMINAL_STATES, State, Step
 
 EXIT_OK, EXIT_FATAL = 0, 1
 TICK = 0.1  # seconds between looks of the main loop when nothing wakes it
@@ -398,7 +399,7 @@ class Daemon:
                 self._ledger.remember_path(path, st.st_size, st.st_mtime_ns, sha256)
                 flog.info("already_seen", sha256=sha256, state=record.state)
                 return
-            step = "readiness"
+            step = Step.READINESS
             reason = result.reason or result.kind
             try:
                 destination: Path | None = quarantine_file(
@@ -412,13 +413,13 @@ class Daemon:
                 reason = f"{reason} (left in place: {exc.strerror or exc})"
                 st = path.stat()
                 self._ledger.remember_path(path, st.st_size, st.st_mtime_ns, sha256)
-            self._ledger.record(sha256, path, result.size, "quarantined", step=step, error=reason)
+            self._ledger.record(sha256, path, result.size, State.QUARANTINED, step=step, error=reason)
         except FileNotFoundError:
             return
         except OSError as exc:
             flog.error("quarantine_failed", reason=result.reason, error=str(exc))
             return
-        self._count("quarantined")
+        self._count(State.QUARANTINED)
         flog.warning(
             "file_quarantined", sha256=sha256, step=step, reason=reason,
             moved_to=str(destination) if destination else None,
@@ -427,7 +428,7 @@ class Daemon:
     def _recover(self) -> None:
         """Settle ledger rows a crash left pending whose file was already moved into quarantine."""
         assert self._ledger is not None
-        for record in self._ledger.in_state("pending"):
+        for record in self._ledger.in_state(State.PENDING):
             path = Path(record.path)
             if path.exists():
                 continue  # the scan finds it and the worker finishes it
@@ -439,7 +440,7 @@ class Daemon:
                     with contextlib.suppress(OSError, ValueError):
                         details = json.loads(note.read_text())
                         reason, step = details.get("reason") or reason, details.get("step") or step
-                    self._ledger.finish(record.sha256, "quarantined", step=step, error=reason)
+                    self._ledger.finish(record.sha256, State.QUARANTINED, step=step, error=reason)
                     self.log.warning("recovered_quarantine", file=name, sha256=record.sha256, reason=reason)
                     break
             else:
@@ -539,7 +540,7 @@ class Daemon:
                 ledger = Ledger(conn)
                 sha = ledger.known_path(hand.path, st.st_size, st.st_mtime_ns)
                 record = ledger.get(sha) if sha else None
-                if record is not None and record.state == "pending":
+                if record is not None and record.state == State.PENDING:
                     ledger.uncount_attempt(record.sha256)
             finally:
                 conn.close()
@@ -661,11 +662,11 @@ class Daemon:
         self._after(outcome, item, flog)
 
     def _after(self, outcome: Outcome, item: QueueItem, flog: Any) -> None:
-        if outcome.state == "retry":
+        if outcome.state == State.RETRY:
             self._back_off(item, flog, outcome.reason)
             return
         self._backoff = 0.0
-        if outcome.state == "failed":
+        if outcome.state == State.FAILED:
             self._defer(item.path)
             return
         self._count(outcome.state)

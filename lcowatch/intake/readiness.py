@@ -27,7 +27,7 @@ import os
 import stat
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -358,9 +358,6 @@ class Tracker:
         now = self._clock()
         self._tracks[path] = _Track(first_seen=now, size=-1, mtime_ns=-1, quiet_since=now, next_check=0.0)
 
-    def discard(self, path: Path) -> None:
-        self._tracks.pop(path, None)
-
     def poll(self, *, tick: Callable[[], None] | None = None) -> list[Result]:
         """Look at every file that is due; return (and stop tracking) those decided.
 
@@ -415,6 +412,3 @@ class Tracker:
             return Result(path, "incomplete", reason, size=st.st_size, mtime_ns=st.st_mtime_ns)
         track.next_check = now + recheck
         return None
-
-    def paths(self) -> Iterable[Path]:
-        return self._tracks.keys()

@@ -77,11 +77,6 @@ class Watcher:
         self._watched: list[Path] = []
         self.restarts = 0
 
-    @property
-    def watched(self) -> list[Path]:
-        """The folders currently watched (a folder that does not exist yet is not)."""
-        return list(self._watched)
-
     def _new_observer(self, polling: bool) -> Any:
         if polling:
             return PollingObserver(timeout=self.poll_interval)

@@ -1,2 +1,1 @@
-"""Outputs: light-curve tables and AAVSO files (:mod:`.export`) and plots (:mod:`.plot`).
-"""
+"""Outputs: light-curve tables and AAVSO files (:mod:`.export`) and plots (:mod:`.plot`)."""

@@ -46,8 +46,9 @@ from lcowatch.science.template import (
     Template,
     template_score,
 )
-from lcowatch.state.ledger import TERMINAL_STATES, Ledger, transaction
+from lcowatch.state.ledger import Ledger, transaction
 from lcowatch.state.store import Store
+from lcowatch.states import TERMINAL_STATES, State, Step
 
 
 @dataclass(frozen=True)
@@ -175,15 +176,15 @@ class Pipeline:
             stat = path.stat()
             content, sha256 = read_content(path)
         except FileNotFoundError:
-            return Outcome(path, "skipped", reason="file vanished")
+            return Outcome(path, State.SKIPPED, reason="file vanished")
         except OSError as exc:  # unreadable (permissions, I/O error): nothing recorded, try again later
             self.log.error("file_unreadable", file=path.name, path=str(path), error=str(exc))
-            return Outcome(path, "failed", reason=str(exc))
+            return Outcome(path, State.FAILED, reason=str(exc))
         self.ledger.remember_path(path, stat.st_size, stat.st_mtime_ns, sha256)
         record = self.ledger.get(sha256)
         if record is not None and record.state in TERMINAL_STATES:
             self.log.debug("already_seen", file=path.name, sha256=sha256, state=record.state)
-            return Outcome(path, "skipped", sha256, f"already {record.state}")
+            return Outcome(path, State.SKIPPED, sha256, f"already {record.state}")
         max_attempts = self.config.processing.max_attempts
         if record is not None and record.attempts >= max_attempts:
             reason = f"gave up after {record.attempts} attempts; last error: {record.error}"
@@ -198,12 +199,12 @@ class Pipeline:
 
     def _quarantine(self, path: Path, sha256: str, exc: Quarantine) -> Outcome:
         destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
-        self.ledger.finish(sha256, "quarantined", step=exc.step, error=str(exc))
+        self.ledger.finish(sha256, State.QUARANTINED, step=exc.step, error=str(exc))
         self.log.warning(
             "frame_quarantined", file=path.name, sha256=sha256, step=exc.step, reason=str(exc),
             moved_to=str(destination),
         )  # fmt: skip
-        return Outcome(path, "quarantined", sha256, str(exc))
+        return Outcome(path, State.QUARANTINED, sha256, str(exc))
 
     def _run_stages(self, frame: Frame) -> Outcome:
         meta = frame.meta
@@ -213,13 +214,13 @@ class Pipeline:
             log.warning("frame_warning", message=note)
         if meta.target is None:
             unmatched = f"OBJECT {meta.object!r} matches no configured target"
-            self.ledger.finish(frame.sha256, "ignored", step="read", error=unmatched, identity=identity)
+            self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=unmatched, identity=identity)
             log.info("frame_ignored", reason=unmatched)
-            return Outcome(frame.path, "ignored", frame.sha256, unmatched)
+            return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
         seconds: dict[str, float] = {}
-        step = "read"
+        step: str = Step.READ
         try:
             for stage in self.stages:
                 step = stage.name
@@ -231,7 +232,7 @@ class Pipeline:
         except RetryLater as exc:
             log.warning("frame_retry_later", step=step, reason=str(exc))
             self.ledger.uncount_attempt(frame.sha256)
-            return Outcome(frame.path, "retry", frame.sha256, str(exc), seconds)
+            return Outcome(frame.path, State.RETRY, frame.sha256, str(exc), seconds)
         except Reject as exc:
             work.rejection.append(str(exc))
         except Quarantine as exc:
@@ -242,9 +243,9 @@ class Pipeline:
         except Exception as exc:  # a bug, not bad input: keep the file pending; attempts bound the retries
             log.exception("frame_failed", step=step)
             self.ledger.note_error(frame.sha256, step, f"{type(exc).__name__}: {exc}")
-            return Outcome(frame.path, "failed", frame.sha256, str(exc), seconds)
+            return Outcome(frame.path, State.FAILED, frame.sha256, str(exc), seconds)
 
-        state = "rejected" if work.rejection else "done"
+        state = State.REJECTED if work.rejection else State.DONE
         reason: str | None = "; ".join(work.rejection) or None
         quality, sources = work.quality, work.sources
 
@@ -255,7 +256,7 @@ class Pipeline:
                 return
             score = template_score(quality, self.config.template)
             self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_text(frame), score)
-            if state != "done":
+            if state != State.DONE:
                 self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
                 return
             assert meta.target is not None and work.star_ids is not None and work.photometry is not None
@@ -279,11 +280,11 @@ class Pipeline:
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
         self._requeued.extend(requeued)
-        if state == "done" and meta.target is not None:
+        if state == State.DONE and meta.target is not None:
             self._stale_results.add(meta.target)
             self.flush_results()
         if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
-            self._preview(work, "template" if work.template_reason is not None and state == "done" else "poor")
+            self._preview(work, "template" if work.template_reason is not None and state == State.DONE else "poor")
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,

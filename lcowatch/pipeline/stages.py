@@ -51,6 +51,7 @@ from lcowatch.science.template import (
     template_score,
 )
 from lcowatch.state.store import Store
+from lcowatch.states import Step
 
 MIN_COMPARISONS = 3
 
@@ -86,7 +87,8 @@ class FrameWork:
 
 
 class Stage(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def __call__(self, work: FrameWork) -> None: ...
 
@@ -94,7 +96,7 @@ class Stage(Protocol):
 class Preprocess:
     """Mask bad and saturated pixels; model and subtract the background."""
 
-    name = "preprocess"
+    name = Step.PREPROCESS
 
     def __call__(self, work: FrameWork) -> None:
         work.pre = preprocess(work.frame)
@@ -106,7 +108,7 @@ class MeasureQuality:
     A poor frame still gives points, flagged; only a frame whose FWHM cannot be measured is rejected here.
     """
 
-    name = "quality"
+    name = Step.QUALITY
 
     def __call__(self, work: FrameWork) -> None:
         meta = work.frame.meta
@@ -127,7 +129,7 @@ class SelectTemplate:
     need no WCS.
     """
 
-    name = "template"
+    name = Step.TEMPLATE
 
     def __init__(self, catalogs: FieldCatalogs) -> None:
         self.catalogs = catalogs
@@ -299,13 +301,13 @@ def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template,
             failure = failure or exc
             continue
         return template, registration, compose(registration.matrix, template.from_reference)
-    raise failure or Reject("registration failed: no template to register to", step="register")
+    raise failure or Reject("registration failed: no template to register to", step=Step.REGISTER)
 
 
 class Register:
     """Find the transform from reference pixels to this frame's pixels, through a template."""
 
-    name = "register"
+    name = Step.REGISTER
 
     def __call__(self, work: FrameWork) -> None:
         assert work.template is not None and work.sources is not None
@@ -334,7 +336,7 @@ class MeasurePhotometry:
     when it is faint, are measured where the registration puts them (forced photometry).
     """
 
-    name = "photometry"
+    name = Step.PHOTOMETRY
 
     def __call__(self, work: FrameWork) -> None:
         reference, to_frame, quality, pre = work.reference, work.to_frame, work.quality, work.pre
@@ -380,7 +382,7 @@ class MeasurePhotometry:
 class DifferentialPhotometry:
     """The target against a weighted ensemble of the comparison stars; a limit where it is not detected."""
 
-    name = "differential"
+    name = Step.DIFFERENTIAL
 
     def __call__(self, work: FrameWork) -> None:
         phot, star_ids, template, registration = work.photometry, work.star_ids, work.template, work.registration
@@ -482,7 +484,7 @@ class Calibrate:
     :func:`Pipeline._apply_colours`).
     """
 
-    name = "calibrate"
+    name = Step.CALIBRATE
 
     def __init__(self, catalogs: FieldCatalogs) -> None:
         self.catalogs = catalogs

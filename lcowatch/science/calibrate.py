@@ -46,7 +46,7 @@ __all__ = [
 #: Fewest usable stars for a zero point (with a fitted colour term, ``min_stars_color`` applies as well).
 MIN_STARS = 3
 
-_MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: d(mag) = 1.0857 * d(flux) / flux
+MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: d(mag) = 1.0857 * d(flux) / flux
 _MAD_TO_STD = 1.4826
 _VAR_FLOOR = 1e-3**2  # mag**2; keeps weights finite when every quoted error is 0
 _THEIL_SEN_MAX_STARS = 200  # bound the O(n**2) pairwise slopes of the robust start
@@ -130,7 +130,7 @@ def instrumental_mag(
     safe = np.where(good, f, 1.0)
     with np.errstate(invalid="ignore"):
         mag = np.where(good, -2.5 * np.log10(safe / exptime), np.nan)
-        err = np.where(good & np.isfinite(fe) & (fe >= 0), _MAG_PER_LN * fe / safe, np.nan)
+        err = np.where(good & np.isfinite(fe) & (fe >= 0), MAG_PER_LN * fe / safe, np.nan)
     return mag, err
 
 

@@ -16,11 +16,11 @@ from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.config import Aperture
+from lcowatch.science.calibrate import instrumental_mag
 from lcowatch.science.frame import Frame
 from lcowatch.science.preprocess import Preprocessed
 from lcowatch.science.quality import recentre
 
-MAG_PER_LN = 2.5 / np.log(10.0)  # 1.0857: magnitude error per unit relative flux error
 MIN_ANNULUS_PIXELS = 20
 MAX_ANNULUS_PIXELS = 1500
 
@@ -167,9 +167,7 @@ def measure(
     for k, radius in enumerate(radii):
         # subpix=0: exact pixel overlaps, so the summed area is pi r^2 and the background subtracted with it
         # is the one under the aperture (a sampled area is off by up to ~20 % at small radii and high sky).
-        total, total_err, sep_flags = sep.sum_circle(
-            frame.data, px, py, radius, err=error_map, mask=pre.bad, subpix=0
-        )
+        total, total_err, sep_flags = sep.sum_circle(frame.data, px, py, radius, err=error_map, mask=pre.bad, subpix=0)
         _, _, saturated = sep.sum_circle(frame.data, px, py, radius, mask=pre.saturated, subpix=0)
         area = np.pi * radius**2
         used = n_annulus >= MIN_ANNULUS_PIXELS
@@ -196,10 +194,7 @@ def measure(
     star_flags[off_frame] = flags.value("off_frame")
     flux[off_frame] = np.nan
     flux_err[off_frame] = np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        positive = flux > 0
-        inst_mag = np.where(positive, -2.5 * np.log10(np.where(positive, flux, 1.0) / frame.meta.exptime), np.nan)
-        inst_err = np.where(positive, MAG_PER_LN * flux_err / np.where(positive, flux, 1.0), np.nan)
+    inst_mag, inst_err = instrumental_mag(flux, flux_err, frame.meta.exptime)
     return Photometry(
         x=np.where(off_frame, x, px), y=np.where(off_frame, y, py), radii=radii, flux=flux, flux_err=flux_err,
         inst_mag=inst_mag, inst_err=inst_err, background=local, flags=star_flags,

@@ -55,6 +55,8 @@ from lcowatch.bands import BAND_OF_FILTER
 from lcowatch.config import Config
 from lcowatch.errors import LcowatchError, RetryLater
 from lcowatch.log import get_logger
+from lcowatch.science.calibrate import MAG_PER_LN
+from lcowatch.states import Step
 
 # The data host may be offline: astropy must never try to download IERS tables (nothing here needs them).
 iers.conf.auto_download = False
@@ -105,7 +107,6 @@ CACHE_DIR = "catalogs"  # under state_dir
 _ROW_LIMIT = 100_000  # rows per VizieR query; answers are sorted by distance, so a cut loses the edge
 _CENTRE_DECIMALS = 3  # cache key: centre rounded to 0.001 deg
 _RADIUS_STEP = 0.1  # arcmin; query radius rounded up to this step
-_MAG_PER_LN = 2.5 / math.log(10.0)
 
 # Test seam: the retry back-off sleeps through this name.
 _sleep: Callable[[float], None] = time.sleep
@@ -669,7 +670,7 @@ def _query_vizier(
             status = exc.response.status_code if exc.response is not None else 0
             if status < 500 and status != 429:
                 raise CatalogResponseError(
-                    f"{spec.name} ({spec.table}): VizieR refused the query with HTTP {status}", step="refcat"
+                    f"{spec.name} ({spec.table}): VizieR refused the query with HTTP {status}", step=Step.CATALOG
                 ) from exc
             last = exc
         else:
@@ -701,7 +702,7 @@ def _query_vizier(
     raise RetryLater(
         f"catalog unreachable: {spec.name} ({spec.table}) failed {attempts} time(s); last error: "
         f"{type(last).__name__}: {last}",
-        step="refcat",
+        step=Step.CATALOG,
     )
 
 
@@ -713,7 +714,7 @@ def _parse_votable(content: bytes, spec: VizierCatalog) -> Table:
     if not (head.startswith(b"<?xml") or head.startswith(b"<VOTABLE")) or b"<VOTABLE" not in content[:4096]:
         raise CatalogResponseError(
             f"{spec.name} ({spec.table}): answer is not a VOTable (starts with {content[:80]!r})",
-            step="refcat",
+            step=Step.CATALOG,
         )
     try:
         with warnings.catch_warnings():
@@ -727,7 +728,7 @@ def _parse_votable(content: bytes, spec: VizierCatalog) -> Table:
             infos = list(vot.iter_info())
     except Exception as exc:  # expat, value and spec errors of a broken document
         raise CatalogResponseError(
-            f"{spec.name} ({spec.table}): malformed VOTable: {type(exc).__name__}: {exc}", step="refcat"
+            f"{spec.name} ({spec.table}): malformed VOTable: {type(exc).__name__}: {exc}", step=Step.CATALOG
         ) from exc
 
     for info in infos:
@@ -735,7 +736,7 @@ def _parse_votable(content: bytes, spec: VizierCatalog) -> Table:
             text = (info.content or "").strip()
             raise CatalogResponseError(
                 f"{spec.name} ({spec.table}): VizieR reported an error: {text or 'QUERY_STATUS=ERROR'}",
-                step="refcat",
+                step=Step.CATALOG,
             )
         if info.name == "QUERY_STATUS" and str(info.value).upper() == "OVERFLOW":
             log.warning("refcat.truncated", catalog=spec.key, limit=_ROW_LIMIT)
@@ -761,7 +762,7 @@ def _normalise(raw: Table, spec: VizierCatalog) -> Table:
         raise CatalogResponseError(
             f"{spec.name} ({spec.table}): answer lacks the expected columns "
             f"(ra {spec.ra}, dec {spec.dec}, magnitudes); it has {raw.colnames}",
-            step="refcat",
+            step=Step.CATALOG,
         )
     keep = np.ones(len(raw), bool)
     for name, value in spec.keep.items():
@@ -787,7 +788,7 @@ def _normalise(raw: Table, spec: VizierCatalog) -> Table:
             flux = _as_float(raw[flux_col], raw[flux_col].unit or u.one)
             ferr = _as_float(raw[ferr_col], raw[flux_col].unit or u.one)
             with np.errstate(divide="ignore", invalid="ignore"):
-                err = np.where(flux > 0, _MAG_PER_LN * ferr / flux, np.nan)
+                err = np.where(flux > 0, MAG_PER_LN * ferr / flux, np.nan)
         else:
             err = np.full(len(raw), np.nan)
         flag_col = spec.flags.get(band)

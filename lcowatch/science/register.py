@@ -15,6 +15,7 @@ from astropy.wcs import WCS
 from scipy.spatial import cKDTree
 
 from lcowatch.errors import Reject
+from lcowatch.states import Step
 
 CONTROL_STARS = 40  # brightest unsaturated stars per side for asterism matching: bounded work and memory
 REFINE_STARS = 400  # template stars used to refine and measure the residual
@@ -109,7 +110,7 @@ def _asterism_guess(template_xy: np.ndarray, frame_xy: np.ndarray) -> np.ndarray
     try:
         transform, _ = astroalign.find_transform(template_xy[:CONTROL_STARS], frame_xy[:CONTROL_STARS])
     except (astroalign.MaxIterError, ValueError, TypeError) as exc:
-        raise Reject(f"registration failed: no asterism match ({exc})", step="register") from None
+        raise Reject(f"registration failed: no asterism match ({exc})", step=Step.REGISTER) from None
     return np.asarray(transform.params[:2, :], dtype=float)
 
 
@@ -169,7 +170,7 @@ def register(
     if len(template_xy) < MIN_MATCHES or len(frame_xy) < MIN_MATCHES:
         raise Reject(
             f"registration failed: too few stars (template {len(template_xy)}, frame {len(frame_xy)})",
-            step="register",
+            step=Step.REGISTER,
         )
     # Faint stars' centroids would only add noise to the fit and to the residual it reports.
     precise_xy = usable_stars(template_sources, REFINE_SNR)
@@ -193,7 +194,7 @@ def register(
             best = (matrix, n_matched, rms, method)
     raise Reject(
         f"registration failed: {best[1]} matched stars, rms {best[2]:.2f} px (need >= {MIN_MATCHES}, <= {max_rms:.2f})",
-        step="register",
+        step=Step.REGISTER,
     )
 
 

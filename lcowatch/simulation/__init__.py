@@ -1,2 +1,1 @@
-"""Simulated LCO frames with known truth (:mod:`.simulate`) and the demo that runs on them (:mod:`.demo`).
-"""
+"""Simulated LCO frames with known truth (:mod:`.simulate`) and the demo that runs on them (:mod:`.demo`)."""

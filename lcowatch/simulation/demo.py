@@ -25,8 +25,9 @@ import yaml
 from lcowatch.outputs.export import RESULTS_DIR, lightcurve_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.simulation.simulate import FrameTruth, make_field, simulate_series, write_refcat
-from lcowatch.state.ledger import LEDGER_NAME, TERMINAL_STATES, connect
+from lcowatch.state.ledger import LEDGER_NAME, connect
 from lcowatch.state.store import Store
+from lcowatch.states import TERMINAL_STATES, State
 
 TARGET = "DEMO-VAR"
 WAIT_LIMIT = 600.0  # seconds for the daemon to work through the night
@@ -128,4 +129,4 @@ def run_demo(
     say("look further:")
     for command in ("status", "frames", f"export {TARGET}", f"template {TARGET}", f"plot {TARGET}"):
         say(f"  lcowatch {command} --config {config}")
-    return 0 if counts.get("done", 0) > 0 else 1
+    return 0 if counts.get(State.DONE, 0) > 0 else 1

@@ -82,12 +82,42 @@ ALL_BANDS = ("u", "g", "r", "i", "z", "B", "V", "R", "I")
 
 # Typical 1 m zero points (mag giving 1 e-/s at airmass 1), extinction (mag/airmass) and dark-sky rate
 # (e-/s/pixel at 0.389"/pix), per filter. Used by simulate_series only.
-_ZP_OF_FILTER = {"up": 20.8, "gp": 23.3, "rp": 23.5, "ip": 23.1, "zs": 22.3,
-                 "B": 22.6, "V": 23.1, "R": 23.4, "I": 22.6, "w": 24.2}
-_EXTINCTION_OF_FILTER = {"up": 0.50, "gp": 0.18, "rp": 0.10, "ip": 0.07, "zs": 0.05,
-                         "B": 0.25, "V": 0.15, "R": 0.10, "I": 0.07, "w": 0.12}
-_SKY_RATE_OF_FILTER = {"up": 0.5, "gp": 3.0, "rp": 5.0, "ip": 8.0, "zs": 12.0,
-                       "B": 2.0, "V": 4.0, "R": 6.0, "I": 10.0, "w": 15.0}
+_ZP_OF_FILTER = {
+    "up": 20.8,
+    "gp": 23.3,
+    "rp": 23.5,
+    "ip": 23.1,
+    "zs": 22.3,
+    "B": 22.6,
+    "V": 23.1,
+    "R": 23.4,
+    "I": 22.6,
+    "w": 24.2,
+}
+_EXTINCTION_OF_FILTER = {
+    "up": 0.50,
+    "gp": 0.18,
+    "rp": 0.10,
+    "ip": 0.07,
+    "zs": 0.05,
+    "B": 0.25,
+    "V": 0.15,
+    "R": 0.10,
+    "I": 0.07,
+    "w": 0.12,
+}
+_SKY_RATE_OF_FILTER = {
+    "up": 0.5,
+    "gp": 3.0,
+    "rp": 5.0,
+    "ip": 8.0,
+    "zs": 12.0,
+    "B": 2.0,
+    "V": 4.0,
+    "R": 6.0,
+    "I": 10.0,
+    "w": 15.0,
+}
 
 _MJD_EPOCH = datetime(1858, 11, 17)
 _BPM_BAD = 1
@@ -186,9 +216,7 @@ class Field:
         return mags
 
 
-def _tangent_to_sky(
-    ra0: float, dec0: float, xi: np.ndarray, eta: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+def _tangent_to_sky(ra0: float, dec0: float, xi: np.ndarray, eta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inverse gnomonic projection: standard coordinates (radians) around (ra0, dec0) -> ra, dec degrees."""
     a0, d0 = math.radians(ra0), math.radians(dec0)
     denom = math.cos(d0) - eta * math.sin(d0)
@@ -520,8 +548,9 @@ class FrameSpec:
         try:
             return BAND_OF_FILTER[self.filter]
         except KeyError:
-            raise ValueError(f"filter {self.filter!r} has no standard band; use one of "
-                             f"{sorted(BAND_OF_FILTER)}") from None
+            raise ValueError(
+                f"filter {self.filter!r} has no standard band; use one of {sorted(BAND_OF_FILTER)}"
+            ) from None
 
     @property
     def fwhm_pix(self) -> float:
@@ -579,8 +608,12 @@ class FrameTruth:
     def on_frame(self, shape: tuple[int, int], margin: float = 0.0) -> np.ndarray:
         """Boolean mask of stars whose centre lies at least ``margin`` pixels inside a frame of ``shape``."""
         ny, nx = shape
-        return ((self.x >= margin - 0.5) & (self.x <= nx - 0.5 - margin)
-                & (self.y >= margin - 0.5) & (self.y <= ny - 0.5 - margin))
+        return (
+            (self.x >= margin - 0.5)
+            & (self.x <= nx - 0.5 - margin)
+            & (self.y >= margin - 0.5)
+            & (self.y <= ny - 0.5 - margin)
+        )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -618,8 +651,9 @@ def _sexagesimal(value: float, *, hours: bool) -> str:
     return f"{sign}{d:02d}:{m:02d}:{rem / 100.0:05.2f}"
 
 
-def _wcs_cards(crval: tuple[float, float], crpix1: float, crpix2: float, pixscale: float,
-               rotation_deg: float) -> list[tuple[str, object, str]]:
+def _wcs_cards(
+    crval: tuple[float, float], crpix1: float, crpix2: float, pixscale: float, rotation_deg: float
+) -> list[tuple[str, object, str]]:
     """Header cards of a TAN WCS: east left / north up, rotated so +y points at PA ``rotation_deg``."""
     s = pixscale / 3600.0
     c, sn = math.cos(math.radians(rotation_deg)), math.sin(math.radians(rotation_deg))
@@ -682,8 +716,13 @@ def _wrong_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
     pa = rng.uniform(0.0, 2.0 * np.pi)
     ra1, dec1 = _tangent_to_sky(ra0, dec0, np.array([dist * math.sin(pa)]), np.array([dist * math.cos(pa)]))
     drot = rng.uniform(2.0, 5.0) * rng.choice([-1.0, 1.0])
-    return _wcs_cards((float(ra1[0]), float(dec1[0])), float(values["CRPIX1"]),  # type: ignore[arg-type]
-                      float(values["CRPIX2"]), spec.pixscale, spec.rotation_deg + drot)  # type: ignore[arg-type]
+    return _wcs_cards(
+        (float(ra1[0]), float(dec1[0])),
+        float(values["CRPIX1"]),  # type: ignore[arg-type]
+        float(values["CRPIX2"]),
+        spec.pixscale,
+        spec.rotation_deg + drot,
+    )  # type: ignore[arg-type]
 
 
 def _sky_offset_arcsec(wcs_a: WCS, wcs_b: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -703,8 +742,11 @@ def _jittered_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
     """A solved-looking WCS off like BANZAI's: reference point shifted, slightly rotated and scaled, so that
     its worst position error over the frame is 0.5-1 x ``wcs_jitter_arcsec``."""
     rng = np.random.default_rng([spec.seed, 104729])
-    values = {key: float(value)  # type: ignore[arg-type]
-              for key, value, _ in true_cards if key.startswith(("CRVAL", "CRPIX"))}
+    values = {
+        key: float(value)  # type: ignore[arg-type]
+        for key, value, _ in true_cards
+        if key.startswith(("CRVAL", "CRPIX"))
+    }
     worst = spec.wcs_jitter_arcsec * rng.uniform(0.5, 1.0)
     # Shape of the error: a shift at position angle pa, and a rotation and scale error whose quadrature sum
     # (at the corner) is split by phi; the shift takes `share` of the corner error before rescaling.
@@ -715,17 +757,23 @@ def _jittered_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
 
     def cards(k: float) -> _Cards:
         shift = math.radians(k * share * worst / 3600.0)
-        ra1, dec1 = _tangent_to_sky(values["CRVAL1"], values["CRVAL2"], np.array([shift * math.sin(pa)]),
-                                    np.array([shift * math.cos(pa)]))
-        return _wcs_cards((float(ra1[0]), float(dec1[0])), values["CRPIX1"], values["CRPIX2"],
-                          spec.pixscale * (1.0 + k * twist * math.sin(phi)),
-                          spec.rotation_deg + math.degrees(k * twist * math.cos(phi)))
+        ra1, dec1 = _tangent_to_sky(
+            values["CRVAL1"], values["CRVAL2"], np.array([shift * math.sin(pa)]), np.array([shift * math.cos(pa)])
+        )
+        return _wcs_cards(
+            (float(ra1[0]), float(dec1[0])),
+            values["CRPIX1"],
+            values["CRPIX2"],
+            spec.pixscale * (1.0 + k * twist * math.sin(phi)),
+            spec.rotation_deg + math.degrees(k * twist * math.cos(phi)),
+        )
 
     # The error is (very nearly) affine in the pixel position, so largest at a corner, and linear in the
     # parameters: rescaling a trial once puts the worst corner off by `worst` to ~1e-5 of it.
     corners = (np.array([0.0, nx - 1.0, 0.0, nx - 1.0]), np.array([0.0, 0.0, ny - 1.0, ny - 1.0]))
-    trial = _sky_offset_arcsec(_wcs_from_cards(cards(1.0), spec.shape), _wcs_from_cards(true_cards, spec.shape),
-                               *corners).max()
+    trial = _sky_offset_arcsec(
+        _wcs_from_cards(cards(1.0), spec.shape), _wcs_from_cards(true_cards, spec.shape), *corners
+    ).max()
     return cards(worst / trial)
 
 
@@ -754,8 +802,15 @@ class _MoffatRenderer:
     so that its sum is exactly the star's flux.
     """
 
-    def __init__(self, fwhm_pix: float, beta: float, ellipticity: float, angle_deg: float,
-                 stamp_fwhm: float = 6.0, core_fwhm: float = 2.5) -> None:
+    def __init__(
+        self,
+        fwhm_pix: float,
+        beta: float,
+        ellipticity: float,
+        angle_deg: float,
+        stamp_fwhm: float = 6.0,
+        core_fwhm: float = 2.5,
+    ) -> None:
         if not 0.0 <= ellipticity < 1.0:
             raise ValueError(f"ellipticity must be in [0, 1), got {ellipticity}")
         if beta <= 1.0:
@@ -799,8 +854,11 @@ class _MoffatRenderer:
         if self.round:
             u = self.a * (dy * dy)[:, :, None] + self.a * (dx * dx)[:, None, :]
         else:
-            u = (self.c * (dy * dy)[:, :, None] + self.a * (dx * dx)[:, None, :]
-                 + 2.0 * self.b * dy[:, :, None] * dx[:, None, :])
+            u = (
+                self.c * (dy * dy)[:, :, None]
+                + self.a * (dx * dx)[:, None, :]
+                + 2.0 * self.b * dy[:, :, None] * dx[:, None, :]
+            )
         u = u.astype(np.float32)
         u += np.float32(1.0)
         return np.power(u, np.float32(-self.beta))
@@ -831,8 +889,14 @@ def _star_fluxes(field_: Field, spec: FrameSpec, mjd_mid: float) -> tuple[np.nda
     return mags, flux
 
 
-def _sci_header(field_: Field, spec: FrameSpec, wcs_cards: list[tuple[str, object, str]],
-                iso: str, mjd_obs: float, pointing: tuple[float, float]) -> fits.Header:
+def _sci_header(
+    field_: Field,
+    spec: FrameSpec,
+    wcs_cards: list[tuple[str, object, str]],
+    iso: str,
+    mjd_obs: float,
+    pointing: tuple[float, float],
+) -> fits.Header:
     lat, lon, height = _site(spec.site)
     end = _MJD_EPOCH + timedelta(days=mjd_obs) + timedelta(seconds=spec.exptime)
     h = fits.Header()
@@ -870,8 +934,7 @@ def _sci_header(field_: Field, spec: FrameSpec, wcs_cards: list[tuple[str, objec
         ("AIRMASS", float(spec.airmass), "Effective mean airmass"),
         *wcs_cards,
         ("L1MEDIAN", float(spec.sky), "[counts] Median of frame background"),
-        ("L1SIGMA", math.sqrt(max(spec.sky, 0.0) + spec.read_noise**2),
-         "[counts] Robust std dev of frame background"),
+        ("L1SIGMA", math.sqrt(max(spec.sky, 0.0) + spec.read_noise**2), "[counts] Robust std dev of frame background"),
         ("L1FWHM", float(spec.fwhm_arcsec), "[arcsec] Frame FWHM in arcsec"),
         ("L1ELLIP", float(spec.ellipticity), "Mean image ellipticity (1-B/A)"),
         ("L1ELLIPA", float(spec.psf_angle_deg), "[deg] PA of mean image ellipticity"),
@@ -913,8 +976,11 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     true_cards = _true_wcs_cards(field, spec)
     wcs_true = _wcs_from_cards(true_cards, (ny, nx))
     header_cards = (
-        _wrong_wcs_cards(true_cards, spec) if spec.wcs_error
-        else _jittered_wcs_cards(true_cards, spec) if spec.wcs_jitter_arcsec > 0 else true_cards
+        _wrong_wcs_cards(true_cards, spec)
+        if spec.wcs_error
+        else _jittered_wcs_cards(true_cards, spec)
+        if spec.wcs_jitter_arcsec > 0
+        else true_cards
     )
     hvals = {k: v for k, v, _ in header_cards}
     pointing = (float(hvals["CRVAL1"]), float(hvals["CRVAL2"]))  # type: ignore[arg-type]
@@ -933,14 +999,14 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     peak = np.zeros(len(x))
     batch = 64
     for lo in range(0, len(visible), batch):
-        idx = visible[lo:lo + batch]
+        idx = visible[lo : lo + batch]
         stamps = renderer.stamps(x[idx] - ix[idx], y[idx] - iy[idx])
         peak[idx] = stamps.max(axis=(1, 2)) * flux[idx]
         for k, i in enumerate(idx):
             x0, y0 = ix[i] - hx, iy[i] - hy
             xa, ya = max(x0, 0), max(y0, 0)
             xb, yb = min(x0 + 2 * hx + 1, nx), min(y0 + 2 * hy + 1, ny)
-            model[ya:yb, xa:xb] += np.float32(flux[i]) * stamps[k, ya - y0:yb - y0, xa - x0:xb - x0]
+            model[ya:yb, xa:xb] += np.float32(flux[i]) * stamps[k, ya - y0 : yb - y0, xa - x0 : xb - x0]
     # stars off the frame: peak from a centred stamp
     hidden = np.setdiff1d(np.arange(len(x)), visible)
     if len(hidden):
@@ -1087,20 +1153,32 @@ def _to_fpack(hdul: fits.HDUList, seed: int) -> fits.HDUList:
             # Smooth image: a fixed quantisation step (0.1 % of its smallest value) is precise and twice as
             # fast as estimating the noise tile by tile.
             step = max(float(np.min(hdu.data)) / 1000.0, 1e-4)
-            comp = fits.CompImageHDU(hdu.data, hdu.header, name=hdu.name, compression_type="RICE_1",
-                                     quantize_level=-step, quantize_method=1, dither_seed=dither_seed)
+            comp = fits.CompImageHDU(
+                hdu.data,
+                hdu.header,
+                name=hdu.name,
+                compression_type="RICE_1",
+                quantize_level=-step,
+                quantize_method=1,
+                dither_seed=dither_seed,
+            )
         elif hdu.data.dtype.kind == "f":
-            comp = fits.CompImageHDU(hdu.data, hdu.header, name=hdu.name, compression_type="RICE_1",
-                                     quantize_level=64.0, quantize_method=1, dither_seed=dither_seed)
+            comp = fits.CompImageHDU(
+                hdu.data,
+                hdu.header,
+                name=hdu.name,
+                compression_type="RICE_1",
+                quantize_level=64.0,
+                quantize_method=1,
+                dither_seed=dither_seed,
+            )
         else:
             comp = fits.CompImageHDU(hdu.data, hdu.header, name=hdu.name, compression_type="RICE_1")
         out.append(comp)
     return out
 
 
-def write_frame(
-    path: str | Path, field: Field, spec: FrameSpec, *, compress: str | None = None
-) -> FrameTruth:
+def write_frame(path: str | Path, field: Field, spec: FrameSpec, *, compress: str | None = None) -> FrameTruth:
     """Render a frame and write it to ``path``.
 
     Parameters
@@ -1129,8 +1207,10 @@ def write_frame(
     elif compress == "gz":
         buffer = io.BytesIO()
         hdul.writeto(buffer)
-        with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0,
-                                                    filename="") as gz:
+        with (
+            open(path, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0, filename="") as gz,
+        ):
             gz.write(buffer.getbuffer())
     else:
         hdul.writeto(path, overwrite=True)
@@ -1178,8 +1258,7 @@ def _airmass(mjd: np.ndarray, ra: float, dec: float, lat: float, lon: float) -> 
     # Young (1994) airmass; low altitudes clipped to 3.
     zen = np.radians(90.0 - np.clip(alt, 19.0, 90.0))
     cz = np.cos(zen)
-    x = (1.002432 * cz**2 + 0.148386 * cz + 0.0096467) / (cz**3 + 0.149864 * cz**2 + 0.0102963 * cz
-                                                         + 0.000303978)
+    x = (1.002432 * cz**2 + 0.148386 * cz + 0.0096467) / (cz**3 + 0.149864 * cz**2 + 0.0102963 * cz + 0.000303978)
     return np.minimum(x, 3.0)
 
 
@@ -1298,14 +1377,16 @@ def simulate_series(
                     "mjd_start": t,
                     "exptime": exptime,
                     "shape": tuple(shape),
-                    "fwhm_arcsec": float(np.clip(night_seeing * airmass**0.6 + rng.normal(0.0, 0.12),
-                                                 *fwhm_range)),
+                    "fwhm_arcsec": float(np.clip(night_seeing * airmass**0.6 + rng.normal(0.0, 0.12), *fwhm_range)),
                     "sky": _SKY_RATE_OF_FILTER[filt] * exptime * night_sky * rng.uniform(0.9, 1.1) * sky_scale,
-                    "zeropoint": (_ZP_OF_FILTER[filt] - _EXTINCTION_OF_FILTER[filt] * (airmass - 1.0)
-                                  + zeropoint_offset),
+                    "zeropoint": (
+                        _ZP_OF_FILTER[filt] - _EXTINCTION_OF_FILTER[filt] * (airmass - 1.0) + zeropoint_offset
+                    ),
                     "transparency": float(rng.uniform(0.85, 1.0)),
-                    "offset_pix": (float(np.clip(rng.normal(0.0, 20.0), -60, 60)),
-                                   float(np.clip(rng.normal(0.0, 20.0), -60, 60))),
+                    "offset_pix": (
+                        float(np.clip(rng.normal(0.0, 20.0), -60, 60)),
+                        float(np.clip(rng.normal(0.0, 20.0), -60, 60)),
+                    ),
                     "rotation_deg": float(rng.uniform(-0.5, 0.5)),
                     "n_cosmics": int(rng.poisson(100.0 * area * exptime / 60.0)),
                     "airmass": round(airmass, 4),

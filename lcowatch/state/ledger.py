@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcowatch.state.schema import migrate
+from lcowatch.states import LEDGER_STATES, State, Step
 
-STATES = ("pending", "done", "rejected", "ignored", "quarantined")
-TERMINAL_STATES = frozenset(STATES) - {"pending"}
 LEDGER_NAME = "lcowatch.sqlite"
 
 
@@ -125,7 +124,7 @@ class Ledger:
 
         ``identity`` may carry ``object``, ``target``, ``filter`` and ``mjd`` for the file row.
         """
-        if state not in STATES:
+        if state not in LEDGER_STATES:
             raise ValueError(f"unknown state {state!r}")
         fields = {k: v for k, v in (identity or {}).items() if k in ("object", "target", "filter", "mjd")}
         assignments = "".join(f", {k} = :{k}" for k in fields)
@@ -152,7 +151,7 @@ class Ledger:
 
         The daemon uses it for files it quarantines because they never became complete.
         """
-        if state not in STATES:
+        if state not in LEDGER_STATES:
             raise ValueError(f"unknown state {state!r}")
         now = time.time()
         with transaction(self.conn):
@@ -170,7 +169,7 @@ class Ledger:
 
         Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
         """
-        where = "state = 'rejected' AND step = 'template' AND target = ?"
+        where = f"state = '{State.REJECTED}' AND step = '{Step.TEMPLATE}' AND target = ?"
         paths = [Path(row[0]) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
         conn.execute(
             f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)
@@ -200,7 +199,7 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT state, COUNT(*) AS n FROM files GROUP BY state").fetchall()
-        return {state: 0 for state in STATES} | {row["state"]: row["n"] for row in rows}
+        return {str(state): 0 for state in LEDGER_STATES} | {row["state"]: row["n"] for row in rows}
 
     def in_state(self, state: str) -> list[FileRecord]:
         rows = self.conn.execute(
