@@ -719,10 +719,10 @@ def _wrong_wcs_cards(true_cards: _Cards, spec: FrameSpec) -> _Cards:
     return _wcs_cards(
         (float(ra1[0]), float(dec1[0])),
         float(values["CRPIX1"]),  # type: ignore[arg-type]
-        float(values["CRPIX2"]),
+        float(values["CRPIX2"]),  # type: ignore[arg-type]
         spec.pixscale,
         spec.rotation_deg + drot,
-    )  # type: ignore[arg-type]
+    )
 
 
 def _sky_offset_arcsec(wcs_a: WCS, wcs_b: WCS, x: np.ndarray, y: np.ndarray) -> np.ndarray:
