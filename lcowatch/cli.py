@@ -6,15 +6,12 @@ import argparse
 import csv
 import json
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import IO
-
-import numpy as np
 
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
@@ -136,39 +133,10 @@ STATUS_COLUMNS = ["target", "filter", "frames", "rejected", "template", "last_mj
                   "zp_median", "zp_recent"]  # fmt: skip
 
 
-def status_rows(conn: sqlite3.Connection) -> list[dict[str, object]]:
-    """Per target and filter: frames, rejected, template, last point, and the zero point's trend (median of
-    all frames against the median of the last five)."""
-    rows = [
-        dict(row)
-        for row in conn.execute(
-            "SELECT fr.target, fr.filter, COUNT(*) AS frames, SUM(fi.state = 'rejected') AS rejected "
-            "FROM frames fr JOIN files fi USING (sha256) GROUP BY fr.target, fr.filter ORDER BY fr.target, fr.filter"
-        )
-    ]
-    for row in rows:
-        key = (row["target"], row["filter"])
-        template = conn.execute(
-            "SELECT file FROM templates WHERE target = ? AND filter = ? AND active = 1", key
-        ).fetchone()
-        row["template"] = template[0] if template else None
-        points = conn.execute(
-            "SELECT f.mjd, p.mag, p.diff_mag, p.zp FROM points p JOIN frames f USING (sha256) "
-            "WHERE p.target = ? AND p.filter = ? AND p.aperture = 0 ORDER BY f.mjd",
-            key,
-        ).fetchall()
-        if points:
-            row["last_mjd"], row["last_mag"], row["last_diff_mag"] = points[-1][0], points[-1][1], points[-1][2]
-            zps = [p[3] for p in points if p[3] is not None]
-            if zps:
-                row["zp_median"], row["zp_recent"] = float(np.median(zps)), float(np.median(zps[-5:]))
-    return rows
-
-
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     conn = connect(config.state_dir)
     counts = Ledger(conn).counts()
-    rows = status_rows(conn)
+    rows = Store(conn).status()
     if args.json:
         json.dump({"files": counts, "targets": rows}, sys.stdout, indent=2)
         print()

@@ -56,3 +56,18 @@ class TestImportDirection:
         assert {p.stem for p in PACKAGE.glob("*.py")} <= shared
         layers = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
         assert layers == {"intake", "science", "pipeline", "state", "outputs", "simulation"}
+
+
+class TestSqlInOneLayer:
+    """Only the state layer runs SQL: everything else asks it."""
+
+    def test_no_execute_outside_state(self) -> None:
+        calls = []
+        for path in sorted(PACKAGE.rglob("*.py")):
+            if path.parent.name == "state":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    if node.func.attr in {"execute", "executemany", "executescript"}:
+                        calls.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+        assert calls == []

@@ -81,9 +81,8 @@ def give_back_attempt(state_dir: Path, hand: InHand | None) -> None:
         return
     with contextlib.suppress(OSError, sqlite3.Error):
         st = hand.path.stat()
-        conn = connect(state_dir)
+        conn = connect(state_dir, busy_seconds=1.0)  # never hold up the exit for long
         try:
-            conn.execute("PRAGMA busy_timeout = 1000")  # never hold up the exit for long
             ledger = Ledger(conn)
             sha = ledger.known_path(hand.path, st.st_size, st.st_mtime_ns)
             record = ledger.get(sha) if sha else None

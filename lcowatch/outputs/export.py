@@ -139,12 +139,7 @@ def write_aavso(
 def check_star_magnitudes(store: Store, target: str) -> dict[str, float]:
     """Calibrated magnitude, per frame file, of one check star: the field star measured cleanly in the
     most frames, the nearest in brightness to the target among those (first aperture)."""
-    rows = store.conn.execute(
-        "SELECT f.file, ph.star_id, ph.inst_mag, ph.flags, p.zp FROM photometry ph "
-        "JOIN points p ON p.sha256 = ph.sha256 AND p.aperture = ph.aperture JOIN frames f ON f.sha256 = ph.sha256 "
-        "WHERE p.target = ? AND ph.aperture = 0 AND p.zp IS NOT NULL AND ph.inst_mag IS NOT NULL",
-        (target,),
-    ).fetchall()
+    rows = store.calibrated_star_photometry(target)
     target_mags = [r["inst_mag"] for r in rows if r["star_id"] == 0]
     clean: dict[int, list[tuple[str, float, float]]] = {}
     for r in rows:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,9 +24,9 @@ import yaml
 from lcowatch.outputs.export import RESULTS_DIR, lightcurve_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.simulation.simulate import FrameTruth, make_field, simulate_series, write_refcat
-from lcowatch.state.ledger import LEDGER_NAME, connect
+from lcowatch.state.ledger import Ledger, connect, count_finished
 from lcowatch.state.store import Store
-from lcowatch.states import TERMINAL_STATES, State
+from lcowatch.states import State
 
 TARGET = "DEMO-VAR"
 WAIT_LIMIT = 600.0  # seconds for the daemon to work through the night
@@ -43,21 +42,6 @@ def _write_config(folder: Path) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
-
-
-def _terminal_count(state_dir: Path) -> int:
-    if not (state_dir / LEDGER_NAME).exists():
-        return 0
-    try:
-        with sqlite3.connect(state_dir / LEDGER_NAME, timeout=5) as conn:
-            marks = ",".join("?" * len(TERMINAL_STATES))
-            return int(
-                conn.execute(f"SELECT COUNT(*) FROM files WHERE state IN ({marks})", tuple(TERMINAL_STATES)).fetchone()[
-                    0
-                ]
-            )
-    except sqlite3.OperationalError:  # the daemon is creating its tables
-        return 0
 
 
 def run_demo(
@@ -94,7 +78,7 @@ def run_demo(
                 os.replace(part, incoming / path.name)  # arrives whole, as an archive sync would deliver it
                 time.sleep(0.05)
             say(f"dropped {len(series)} frames into {incoming}; the daemon (log: {log_path}) is working on them")
-            while _terminal_count(state_dir) < len(series):
+            while count_finished(state_dir) < len(series):
                 if daemon.poll() is not None:
                     say(f"the daemon stopped unexpectedly (exit {daemon.returncode}); see {log_path}")
                     return 1
@@ -109,7 +93,7 @@ def run_demo(
     elapsed = time.monotonic() - started
 
     store = Store(connect(state_dir))
-    counts = dict(store.conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
+    counts = Ledger(store.conn).counts()
     table = lightcurve_table(store, TARGET)
     plot_path = state_dir / PLOTS_DIR / f"{TARGET}.png"
     plot_lightcurve(table, plot_path, title=f"{TARGET} (lcowatch demo)")

@@ -8,6 +8,7 @@ so a crash counts as an attempt too. Results and the final state are written in 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lcowatch.state.schema import migrate
-from lcowatch.states import LEDGER_STATES, State, Step
+from lcowatch.states import LEDGER_STATES, TERMINAL_STATES, State, Step
 
 LEDGER_NAME = "lcowatch.sqlite"
 
@@ -37,11 +38,12 @@ class FileRecord:
     error: str | None
 
 
-def connect(state_dir: Path) -> sqlite3.Connection:
-    """Open (and create) the one SQLite file under ``state_dir``, in WAL mode, owner-only."""
+def connect(state_dir: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
+    """Open (and create) the one SQLite file under ``state_dir``, in WAL mode, owner-only; a statement waits
+    up to ``busy_seconds`` for another writer."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / LEDGER_NAME
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=busy_seconds, isolation_level=None, check_same_thread=False)
     os.chmod(path, 0o600)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -49,6 +51,20 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     migrate(conn)
     return conn
+
+
+def count_finished(state_dir: Path) -> int:
+    """Files in a terminal state, read without changing anything (another process may be creating the
+    database): 0 until it exists."""
+    if not (state_dir / LEDGER_NAME).exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(state_dir / LEDGER_NAME, timeout=5)) as conn:
+            marks = ",".join("?" * len(TERMINAL_STATES))
+            query = f"SELECT COUNT(*) FROM files WHERE state IN ({marks})"
+            return int(conn.execute(query, tuple(TERMINAL_STATES)).fetchone()[0])
+    except sqlite3.OperationalError:  # its tables are being created
+        return 0
 
 
 @contextmanager
