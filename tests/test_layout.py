@@ -67,7 +67,29 @@ class TestSqlInOneLayer:
             if path.parent.name == "state":
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-                    if node.func.attr in {"execute", "executemany", "executescript"}:
-                        calls.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+                func = node.func if isinstance(node, ast.Call) else None
+                if isinstance(func, ast.Attribute) and func.attr in {"execute", "executemany", "executescript"}:
+                    calls.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
         assert calls == []
+
+
+def code_lines(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> int:
+    """Lines of a definition, its docstring left out (numpydoc parameter lists are not code)."""
+    assert node.end_lineno is not None
+    has_doc = ast.get_docstring(node) is not None
+    start = node.body[1].lineno if has_doc and len(node.body) > 1 else node.lineno
+    return node.end_lineno - start + 1
+
+
+class TestSizes:
+    """No class over 300 lines and no function over 100 (docstrings aside): each unit stays readable."""
+
+    def test_units_are_small(self) -> None:
+        large = []
+        for path in sorted(PACKAGE.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef) and code_lines(node) > 300:
+                    large.append(f"class {node.name} ({path.relative_to(PACKAGE)}): {code_lines(node)}")
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and code_lines(node) > 100:
+                    large.append(f"def {node.name} ({path.relative_to(PACKAGE)}): {code_lines(node)}")
+        assert large == []

@@ -212,61 +212,13 @@ def fit_zeropoint(
     var = e_inst**2 + e_cat**2
     y = m_cat - m_inst  # what the zero point (and colour term) must explain
 
-    # Decide how the colour enters the model.
-    mode: Literal["fitted", "fixed", "none"]
-    if color_term is not None:
-        if not np.isfinite(color_term):
-            raise ValueError(f"fixed color_term must be finite, got {color_term!r}")
-        if color_term != 0.0 and col is None:
-            raise ValueError("a non-zero fixed color_term needs the stars' colours")
-        mode = "fixed"
-        if col is not None and color_term != 0.0:
-            base &= np.isfinite(col)
-            y = y - color_term * np.where(np.isfinite(col), col, 0.0)
-    else:
-        mode = "none"
-        if col is not None:
-            with_col = base & np.isfinite(col)
-            if with_col.sum() >= max(min_stars_color, MIN_STARS + 1):
-                lo, hi = np.percentile(col[with_col], [5.0, 95.0])
-                if hi - lo >= min_color_span:
-                    mode = "fitted"
-                    base = with_col
-
+    mode, base, y = _colour_model(base, y, col, color_term, min_stars_color, min_color_span)
     n_ok = int(base.sum())
     if n_ok < MIN_STARS:
         raise TooFewStars(f"only {n_ok} usable reference star(s) of {n_input}; a zero point needs {MIN_STARS}")
-
     x = np.where(base, col, 0.0) if mode == "fitted" and col is not None else None
-    n_par = 2 if x is not None else 1
-
-    # Robust start: median (and Theil-Sen slope), width from the MAD.
-    idx = np.flatnonzero(base)
-    c0 = _theil_sen_slope(x[idx], y[idx]) if x is not None else 0.0
-    r0 = y[idx] - (c0 * x[idx] if x is not None else 0.0)
-    zp0 = float(np.median(r0))
-    rob = _MAD_TO_STD * float(np.median(np.abs(r0 - zp0)))
-    sig0_sq = max(rob**2 - float(np.median(var[idx])), 0.0)
-    resid0 = y - zp0 - (c0 * x if x is not None else 0.0)
-    with np.errstate(invalid="ignore"):
-        used = base & (np.abs(resid0) <= clip_sigma * np.sqrt(np.maximum(var + sig0_sq, _VAR_FLOOR)))
-    if used.sum() < MIN_STARS + n_par - 1:
-        used = base.copy()
-
-    fit = _fit_with_intrinsic(x, y, var, used)
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-        params, _, sig_int = fit
-        model = params[0] + (params[1] * x if x is not None else 0.0)
-        with np.errstate(invalid="ignore"):
-            z = (y - model) / np.sqrt(np.maximum(var + sig_int**2, _VAR_FLOOR))
-            new_used = base & (np.abs(z) <= clip_sigma)
-        if new_used.sum() < max(MIN_STARS, n_par + 1):
-            break  # clipping may not leave fewer stars than a fit needs: keep the previous set
-        if np.array_equal(new_used, used):
-            break
-        used = new_used
-        fit = _fit_with_intrinsic(x, y, var, used)
+    used = _robust_start(x, y, var, base, clip_sigma)
+    fit, used, n_iter = _clipped_fit(x, y, var, base, used, clip_sigma, max_iter)
 
     params, cov, sig_int = fit
     zp = float(params[0])
@@ -293,6 +245,86 @@ def fit_zeropoint(
         zp_color_cov=cov_zc,
         n_iter=n_iter,
     )
+
+
+ColourMode = Literal["fitted", "fixed", "none"]
+
+
+def _colour_model(
+    base: NDArray[np.bool_],
+    y: NDArray[np.float64],
+    col: NDArray[np.float64] | None,
+    color_term: float | None,
+    min_stars_color: int,
+    min_color_span: float,
+) -> tuple[ColourMode, NDArray[np.bool_], NDArray[np.float64]]:
+    """How the colour enters the fit: a fixed term (taken out of ``y``), fitted (enough stars over a wide
+    enough range of colour), or none. Returns the mode, the usable stars and ``y``."""
+    if color_term is not None:
+        if not np.isfinite(color_term):
+            raise ValueError(f"fixed color_term must be finite, got {color_term!r}")
+        if color_term != 0.0 and col is None:
+            raise ValueError("a non-zero fixed color_term needs the stars' colours")
+        if col is not None and color_term != 0.0:
+            return "fixed", base & np.isfinite(col), y - color_term * np.where(np.isfinite(col), col, 0.0)
+        return "fixed", base, y
+    if col is not None:
+        with_col = base & np.isfinite(col)
+        if with_col.sum() >= max(min_stars_color, MIN_STARS + 1):
+            lo, hi = np.percentile(col[with_col], [5.0, 95.0])
+            if hi - lo >= min_color_span:
+                return "fitted", with_col, y
+    return "none", base, y
+
+
+def _robust_start(
+    x: NDArray[np.float64] | None,
+    y: NDArray[np.float64],
+    var: NDArray[np.float64],
+    base: NDArray[np.bool_],
+    clip_sigma: float,
+) -> NDArray[np.bool_]:
+    """The stars a first fit uses: within ``clip_sigma`` of the median (and Theil-Sen slope), the width
+    from the MAD."""
+    idx = np.flatnonzero(base)
+    c0 = _theil_sen_slope(x[idx], y[idx]) if x is not None else 0.0
+    r0 = y[idx] - (c0 * x[idx] if x is not None else 0.0)
+    zp0 = float(np.median(r0))
+    rob = _MAD_TO_STD * float(np.median(np.abs(r0 - zp0)))
+    sig0_sq = max(rob**2 - float(np.median(var[idx])), 0.0)
+    resid0 = y - zp0 - (c0 * x if x is not None else 0.0)
+    with np.errstate(invalid="ignore"):
+        used = base & (np.abs(resid0) <= clip_sigma * np.sqrt(np.maximum(var + sig0_sq, _VAR_FLOOR)))
+    n_par = 2 if x is not None else 1
+    return used if used.sum() >= MIN_STARS + n_par - 1 else base.copy()
+
+
+def _clipped_fit(
+    x: NDArray[np.float64] | None,
+    y: NDArray[np.float64],
+    var: NDArray[np.float64],
+    base: NDArray[np.bool_],
+    used: NDArray[np.bool_],
+    clip_sigma: float,
+    max_iter: int,
+) -> tuple[tuple[NDArray[np.float64], NDArray[np.float64], float], NDArray[np.bool_], int]:
+    """Fit with intrinsic scatter, clip at ``clip_sigma``, refit, until the star set is stable."""
+    n_par = 2 if x is not None else 1
+    fit = _fit_with_intrinsic(x, y, var, used)
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
+        params, _, sig_int = fit
+        model = params[0] + (params[1] * x if x is not None else 0.0)
+        with np.errstate(invalid="ignore"):
+            z = (y - model) / np.sqrt(np.maximum(var + sig_int**2, _VAR_FLOOR))
+            new_used = base & (np.abs(z) <= clip_sigma)
+        if new_used.sum() < max(MIN_STARS, n_par + 1):
+            break  # clipping may not leave fewer stars than a fit needs: keep the previous set
+        if np.array_equal(new_used, used):
+            break
+        used = new_used
+        fit = _fit_with_intrinsic(x, y, var, used)
+    return fit, used, n_iter
 
 
 def apply_zeropoint(

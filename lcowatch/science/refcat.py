@@ -371,7 +371,6 @@ def get_reference_stars(
         the preference that has the band and its colour bands.
     """
     std = standard_band(band)
-    blue, red = _COLOR[std]
     ra = float(ra) % 360.0
     dec = float(dec)
     radius_arcmin = float(radius_arcmin)
@@ -381,23 +380,47 @@ def get_reference_stars(
     if source == "file":
         if path is None:
             raise ValueError("source='file' needs path= to a local reference catalog")
-        tab = read_local_catalog(path)
-        if std not in tab.colnames:
-            have = [b for b in _ALL_BANDS if b in tab.colnames]
-            raise CatalogFileError(
-                f"{path}: no column for band {std!r} (accepted names: {', '.join(_mag_names(std))}); "
-                f"the file has bands {', '.join(have)}"
-            )
-        tab = _within(tab, ra, dec, radius_arcmin)
-        tab.meta.update(query_ra=ra, query_dec=dec, query_radius_arcmin=radius_arcmin, from_cache=False)
-        return _finish(tab, std, blue, red, require_color=False)
+        return _local_field(path, std, ra, dec, radius_arcmin)
     if source != "vizier":
         raise ValueError(f"unknown reference catalog source {source!r}; use 'vizier' or 'file'")
+    return _vizier_field(
+        std, ra, dec, radius_arcmin, preference=preference, cache=Path(cache_dir), timeout=timeout,
+        retries=retries, backoff=backoff, refresh=refresh,
+    )  # fmt: skip
 
+
+def _local_field(path: str | os.PathLike[str], std: str, ra: float, dec: float, radius_arcmin: float) -> Table:
+    blue, red = _COLOR[std]
+    tab = read_local_catalog(path)
+    if std not in tab.colnames:
+        have = [b for b in _ALL_BANDS if b in tab.colnames]
+        raise CatalogFileError(
+            f"{path}: no column for band {std!r} (accepted names: {', '.join(_mag_names(std))}); "
+            f"the file has bands {', '.join(have)}"
+        )
+    tab = _within(tab, ra, dec, radius_arcmin)
+    tab.meta.update(query_ra=ra, query_dec=dec, query_radius_arcmin=radius_arcmin, from_cache=False)
+    return _finish(tab, std, blue, red, require_color=False)
+
+
+def _vizier_field(
+    std: str,
+    ra: float,
+    dec: float,
+    radius_arcmin: float,
+    *,
+    preference: Mapping[str, list[str]] | None,
+    cache: Path,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    refresh: bool,
+) -> Table:
+    """The first catalog of the preference that has stars in the field (from the cache, else VizieR)."""
+    blue, red = _COLOR[std]
     order = _preference(std, preference)
     if not any({std, blue, red} <= CATALOGS[key].bands for key in order):
         raise ValueError(f"no catalog in the preference {order} for band {std!r} has {std} and colour {blue}-{red}")
-    cache = Path(cache_dir)
     tried: list[str] = []
     for key in order:
         spec = CATALOGS[key]

@@ -947,6 +947,91 @@ def _sci_header(
     return h
 
 
+def _render_stars(
+    x: np.ndarray, y: np.ndarray, flux: np.ndarray, spec: FrameSpec, shape: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The noise-free star image (electrons, float32) and each star's peak pixel (stars off the frame: from a
+    centred stamp)."""
+    ny, nx = shape
+    model = np.zeros((ny, nx), dtype=np.float32)
+    renderer = _MoffatRenderer(spec.fwhm_pix, spec.moffat_beta, spec.ellipticity, spec.psf_angle_deg)
+    hx, hy = renderer.hx, renderer.hy
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    visible = np.flatnonzero((ix + hx >= 0) & (ix - hx < nx) & (iy + hy >= 0) & (iy - hy < ny) & (flux > 0))
+    peak = np.zeros(len(x))
+    batch = 64
+    for lo in range(0, len(visible), batch):
+        idx = visible[lo : lo + batch]
+        stamps = renderer.stamps(x[idx] - ix[idx], y[idx] - iy[idx])
+        peak[idx] = stamps.max(axis=(1, 2)) * flux[idx]
+        for k, i in enumerate(idx):
+            x0, y0 = ix[i] - hx, iy[i] - hy
+            xa, ya = max(x0, 0), max(y0, 0)
+            xb, yb = min(x0 + 2 * hx + 1, nx), min(y0 + 2 * hy + 1, ny)
+            model[ya:yb, xa:xb] += np.float32(flux[i]) * stamps[k, ya - y0 : yb - y0, xa - x0 : xb - x0]
+    # stars off the frame: peak from a centred stamp
+    hidden = np.setdiff1d(np.arange(len(x)), visible)
+    if len(hidden):
+        peak[hidden] = renderer.stamps(np.zeros(1), np.zeros(1)).max() * flux[hidden]
+    return model, peak
+
+
+def _add_noise(model: np.ndarray, spec: FrameSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The science image and its expected error: Poisson (gaussian of the same variance where the count is
+    >= 100) plus read noise."""
+    ny, nx = model.shape
+    # Large arrays are reused in place: fresh 64 MB allocations cost more than the arithmetic.
+    rn = np.float32(spec.read_noise)
+    sci = rng.standard_normal((ny, nx), dtype=np.float32)  # becomes the science image
+    err = np.add(model, rn * rn)  # expected variance, then its square root
+    np.sqrt(err, out=err)
+    if spec.exact_poisson:
+        sci *= rn
+        sci += rng.poisson(model)
+    else:
+        low = model < 100.0
+        normal_low = sci[low] if low.any() else None
+        np.multiply(sci, err, out=sci)
+        sci += model
+        if normal_low is not None:
+            sci[low] = rng.poisson(model[low]) + rn * normal_low
+    return sci, err
+
+
+def _add_cosmic_rays(sci: np.ndarray, spec: FrameSpec, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Add ``spec.n_cosmics`` hits of 1-4 pixels (after the noise, before saturation); their first pixels."""
+    ny, nx = sci.shape
+    cx_list: list[int] = []
+    cy_list: list[int] = []
+    steps = np.array([(1, 0), (0, 1), (1, 1), (1, -1)])
+    for _ in range(int(spec.n_cosmics)):
+        px, py = int(rng.integers(0, nx)), int(rng.integers(0, ny))
+        cx_list.append(px)
+        cy_list.append(py)
+        length = int(rng.integers(1, 5))
+        step = steps[rng.integers(0, len(steps))]
+        for j in range(length):
+            qx, qy = px + j * step[0], py + j * step[1]
+            if 0 <= qx < nx and 0 <= qy < ny:
+                sci[qy, qx] += np.float32(rng.uniform(1500.0, 8000.0))
+    return cx_list, cy_list
+
+
+def _saturate_and_spoil_columns(sci: np.ndarray, spec: FrameSpec, rng: np.random.Generator) -> np.ndarray:
+    """Clip at SATURATE and fill the bad columns; the bad pixel mask of both."""
+    ny, nx = (int(n) for n in sci.shape)
+    bpm = np.zeros((ny, nx), dtype=np.uint8)
+    sat = sci >= np.float32(spec.saturate)
+    sci[sat] = np.float32(spec.saturate)
+    bpm[sat] |= _BPM_SATURATED
+    for col in spec.bad_columns:
+        if 0 <= col < nx:
+            sci[:, col] = rng.uniform(0.3, 0.6, ny).astype(np.float32) * np.float32(spec.saturate)
+            bpm[:, col] |= _BPM_BAD
+    return bpm
+
+
 def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTruth]:
     """Render one frame of ``field`` under the conditions of ``spec``.
 
@@ -989,28 +1074,7 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     x, y = _distort(np.asarray(x, dtype=float), np.asarray(y, dtype=float), spec)
     mags, flux = _star_fluxes(field, spec, mjd_mid)
 
-    # ---- stars (noise-free model, electrons)
-    model = np.zeros((ny, nx), dtype=np.float32)
-    renderer = _MoffatRenderer(spec.fwhm_pix, spec.moffat_beta, spec.ellipticity, spec.psf_angle_deg)
-    hx, hy = renderer.hx, renderer.hy
-    ix = np.floor(x + 0.5).astype(np.int64)
-    iy = np.floor(y + 0.5).astype(np.int64)
-    visible = np.flatnonzero((ix + hx >= 0) & (ix - hx < nx) & (iy + hy >= 0) & (iy - hy < ny) & (flux > 0))
-    peak = np.zeros(len(x))
-    batch = 64
-    for lo in range(0, len(visible), batch):
-        idx = visible[lo : lo + batch]
-        stamps = renderer.stamps(x[idx] - ix[idx], y[idx] - iy[idx])
-        peak[idx] = stamps.max(axis=(1, 2)) * flux[idx]
-        for k, i in enumerate(idx):
-            x0, y0 = ix[i] - hx, iy[i] - hy
-            xa, ya = max(x0, 0), max(y0, 0)
-            xb, yb = min(x0 + 2 * hx + 1, nx), min(y0 + 2 * hy + 1, ny)
-            model[ya:yb, xa:xb] += np.float32(flux[i]) * stamps[k, ya - y0 : yb - y0, xa - x0 : xb - x0]
-    # stars off the frame: peak from a centred stamp
-    hidden = np.setdiff1d(np.arange(len(x)), visible)
-    if len(hidden):
-        peak[hidden] = renderer.stamps(np.zeros(1), np.zeros(1)).max() * flux[hidden]
+    model, peak = _render_stars(x, y, flux, spec, (ny, nx))
 
     # ---- sky
     if spec.sky_gradient:
@@ -1021,47 +1085,10 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
         model += np.float32(spec.sky)
     np.maximum(model, 0.0, out=model)
 
-    # ---- noise: Poisson (gaussian of the same variance where the count is >= 100) + read noise.
-    # Large arrays are reused in place: fresh 64 MB allocations cost more than the arithmetic.
-    rn = np.float32(spec.read_noise)
-    sci = rng.standard_normal((ny, nx), dtype=np.float32)  # becomes the science image
-    err = np.add(model, rn * rn)  # expected variance, then its square root
-    np.sqrt(err, out=err)
-    if spec.exact_poisson:
-        sci *= rn
-        sci += rng.poisson(model)
-    else:
-        low = model < 100.0
-        normal_low = sci[low] if low.any() else None
-        np.multiply(sci, err, out=sci)
-        sci += model
-        if normal_low is not None:
-            sci[low] = rng.poisson(model[low]) + rn * normal_low
+    sci, err = _add_noise(model, spec, rng)
 
-    # ---- cosmic rays (after noise, before saturation)
-    cx_list: list[int] = []
-    cy_list: list[int] = []
-    steps = np.array([(1, 0), (0, 1), (1, 1), (1, -1)])
-    for _ in range(int(spec.n_cosmics)):
-        px, py = int(rng.integers(0, nx)), int(rng.integers(0, ny))
-        cx_list.append(px)
-        cy_list.append(py)
-        length = int(rng.integers(1, 5))
-        step = steps[rng.integers(0, len(steps))]
-        for j in range(length):
-            qx, qy = px + j * step[0], py + j * step[1]
-            if 0 <= qx < nx and 0 <= qy < ny:
-                sci[qy, qx] += np.float32(rng.uniform(1500.0, 8000.0))
-
-    # ---- saturation and bad columns
-    bpm = np.zeros((ny, nx), dtype=np.uint8)
-    sat = sci >= np.float32(spec.saturate)
-    sci[sat] = np.float32(spec.saturate)
-    bpm[sat] |= _BPM_SATURATED
-    for col in spec.bad_columns:
-        if 0 <= col < nx:
-            sci[:, col] = rng.uniform(0.3, 0.6, ny).astype(np.float32) * np.float32(spec.saturate)
-            bpm[:, col] |= _BPM_BAD
+    cx_list, cy_list = _add_cosmic_rays(sci, spec, rng)
+    bpm = _saturate_and_spoil_columns(sci, spec, rng)
 
     header = _sci_header(field, spec, header_cards, iso, mjd_obs, pointing)
     hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [fits.PrimaryHDU(), fits.ImageHDU(sci, header, name="SCI")]
