@@ -50,7 +50,7 @@ from lcowatch.science.template import (
     fit_sky_fix,
     template_score,
 )
-from lcowatch.state.store import Store
+from lcowatch.state.store import CalibrationColumns, PointRecord, Store
 from lcowatch.states import Step
 
 MIN_COMPARISONS = 3
@@ -82,7 +82,7 @@ class FrameWork:
     photometry: Photometry | None = None
     target_centroid_ref: tuple[np.ndarray, float] | None = None
     new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)
-    points: list[dict[str, object]] = field(default_factory=list)
+    points: list[PointRecord] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
 
@@ -504,9 +504,7 @@ class Calibrate:
             phot.inst_mag, phot.inst_err, phot.flags, _radius_arcmin(work),
         )  # fmt: skip
         for point, calibration in zip(work.points, calibrations, strict=True):
-            point_flags, flux_err = point["flags"], point["flux_err"]
-            assert isinstance(point_flags, int) and (flux_err is None or isinstance(flux_err, float))
-            point.update(calibration_columns(calibration, catalog, meta.filter, point_flags, flux_err))
+            point.update(calibration_columns(calibration, catalog, meta.filter, point["flags"], point["flux_err"]))
 
     def fix_reference(self, store: Store, reference: Reference, radius_arcmin: float, filter: str) -> Affine | None:
         """Correct a reference frame's header WCS once a catalog can be had (it could not when it was made)."""
@@ -557,7 +555,7 @@ class Calibrate:
 
 def calibration_columns(
     calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int, flux_err: float | None
-) -> dict[str, object]:
+) -> CalibrationColumns:
     """The points-table columns a calibration sets (all empty, and flagged, without one).
 
     ``mag`` is the colour-0 magnitude here; the colour term is added by :func:`apply_colours`.
@@ -566,12 +564,12 @@ def calibration_columns(
     band = BAND_OF_FILTER.get(filter)  # None: a filter no catalog covers (e.g. Y); points stay uncalibrated
     if filter not in STANDARD_FILTERS:
         point_flags |= flags.value("nonstandard_band")
-    empty = dict.fromkeys(
-        ("mag", "mag_err", "zp", "zp_err", "color_term", "zp_nstars", "zp_scatter", "catalog", "color",
-         "comparison_color")
-    )  # fmt: skip
     if calibration is None:
-        return empty | {"band": band, "flags": point_flags | flags.value("uncalibrated")}
+        return CalibrationColumns(
+            mag=None, mag_err=None, zp=None, zp_err=None, color_term=None, zp_nstars=None, zp_scatter=None,
+            catalog=None, color=None, comparison_color=None, band=band,
+            flags=point_flags | flags.value("uncalibrated"),
+        )  # fmt: skip
     zp = calibration.zeropoint
     detected = not point_flags & flags.value("nondetection")
     return {

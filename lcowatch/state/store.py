@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import NotRequired, TypedDict
 
 import numpy as np
 
@@ -21,6 +22,60 @@ FRAME_COLUMNS = (
 
 def _nullable(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
+
+
+class CalibrationColumns(TypedDict, total=False):
+    """The points-table columns a calibration sets (see :func:`lcowatch.pipeline.stages.calibration_columns`)."""
+
+    mag: float | None
+    mag_err: float | None
+    zp: float | None
+    zp_err: float | None
+    color_term: float | None
+    zp_nstars: int | None
+    zp_scatter: float | None
+    catalog: str | None
+    band: str | None
+    color: float | None
+    comparison_color: float | None
+    limit_mag: float | None
+    flags: int
+
+
+class PointRecord(TypedDict):
+    """One row of the points table: a frame's measurement of its target through one aperture (magnitudes
+    in mag, fluxes in e-/s, positions in 0-based frame pixels). Calibration columns come later."""
+
+    sha256: str
+    aperture: int
+    aperture_text: str
+    target: str
+    filter: str
+    x: float
+    y: float
+    diff_mag: float | None
+    diff_mag_err: float | None
+    flux: float | None
+    flux_err: float | None
+    snr: float | None
+    limit_mag: float | None
+    ensemble_scatter: float | None
+    n_comparison: int
+    registration_rms: float
+    n_matched: int
+    template: str
+    flags: int
+    mag: NotRequired[float | None]
+    mag_err: NotRequired[float | None]
+    zp: NotRequired[float | None]
+    zp_err: NotRequired[float | None]
+    color_term: NotRequired[float | None]
+    zp_nstars: NotRequired[int | None]
+    zp_scatter: NotRequired[float | None]
+    catalog: NotRequired[str | None]
+    band: NotRequired[str | None]
+    color: NotRequired[float | None]
+    comparison_color: NotRequired[float | None]
 
 
 class Store(ReferenceRecords):
@@ -134,7 +189,7 @@ class Store(ReferenceRecords):
         conn.executemany(f"INSERT INTO photometry VALUES ({', '.join('?' * 12)})", rows)
 
     @staticmethod
-    def write_points(conn: sqlite3.Connection, points: list[dict[str, object]]) -> None:
+    def write_points(conn: sqlite3.Connection, points: list[PointRecord]) -> None:
         if not points:
             return
         conn.execute("DELETE FROM points WHERE sha256 = ?", (points[0]["sha256"],))
@@ -174,7 +229,7 @@ class Store(ReferenceRecords):
         return inst_mag, inst_err, star_flags
 
     @staticmethod
-    def update_points(conn: sqlite3.Connection, sha256: str, columns: list[dict[str, object]]) -> None:
+    def update_points(conn: sqlite3.Connection, sha256: str, columns: list[CalibrationColumns]) -> None:
         """Replace calibration columns of a frame's points, one dict per aperture (inside the caller's
         transaction)."""
         for k, values in enumerate(columns):
