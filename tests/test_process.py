@@ -262,3 +262,27 @@ class TestUnreadableFile:
         assert code == 1 and locked.exists()
         assert _states(tmp_path) == {"open.fits.fz": "done"}
         assert [e["file"] for e in events if e["event"] == "file_unreadable"] == ["locked.fits.fz"]
+
+
+class TestCalibrationFilledIn:
+    """Points made while a target had no catalog are calibrated as soon as one answers, without a
+    ``recalibrate`` by hand."""
+
+    def test_a_catalog_added_later_calibrates_the_earlier_points(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        from lcowatch.simulation.simulate import write_refcat
+
+        (tmp_path / "night1").mkdir()
+        (tmp_path / "night2").mkdir()
+        early = [_frame(tmp_path / "night1", f"early{i}.fits.fz", mjd_start=61000.1 + i / 100) for i in range(3)]
+        assert _process(write_config(tmp_path, TARGETS), capsys, *early)[0] == 0
+        write_refcat(FIELD, tmp_path / "ptest.csv")
+        config = write_config(tmp_path, {"PTEST": {**TARGETS["PTEST"], "refcat": "ptest.csv"}})
+        late = _frame(tmp_path / "night2", "late.fits.fz", mjd_start=61001.1)
+        code, events = _process(config, capsys, late)
+        assert code == 0
+        assert [e["calibrated"] for e in events if e["event"] == "calibration_filled_in"] == [4]
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            mags = conn.execute("SELECT mag FROM points WHERE aperture = 0").fetchall()
+        assert len(mags) == 4 and all(mag is not None for (mag,) in mags)

@@ -280,6 +280,9 @@ class Pipeline:
         started = time.perf_counter()
         self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
         self._requeued.extend(requeued)
+        if state == State.DONE and meta.target is not None and work.fill_in_calibration:
+            examined, calibrated = recalibrate(self.config, self.ledger.conn, meta.target)
+            log.info("calibration_filled_in", frames=examined, calibrated=calibrated)
         if state == State.DONE and meta.target is not None:
             self._stale_results.add(meta.target)
             self.flush_results()

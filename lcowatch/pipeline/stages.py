@@ -71,6 +71,7 @@ class FrameWork:
     reference: Reference | None = None
     new_reference: bool = False
     reference_changed: bool = False
+    fill_in_calibration: bool = False  # a catalog answered where earlier points of the target went without
     template: Template | None = None
     template_reason: str | None = None
     new_field_ids: np.ndarray | None = None
@@ -479,7 +480,9 @@ class Calibrate:
 
     The catalog is cross-matched to the comparison stars in the reference frame, through its header WCS
     corrected on the catalog stars themselves. Without a catalog the points stay uncalibrated and flagged;
-    ``lcowatch recalibrate`` fills them in later from the stored star photometry. The colour term is applied
+    the first frame calibrated after that (in this process: a catalog back after an outage, or added to the
+    config) has the runner fill them in from the stored star photometry, as ``lcowatch recalibrate`` does.
+    The colour term is applied
     with the target's own colour once the paired filter is measured the same night (see
     :func:`Pipeline._apply_colours`).
     """
@@ -489,6 +492,7 @@ class Calibrate:
     def __init__(self, catalogs: FieldCatalogs) -> None:
         self.catalogs = catalogs
         self._matches: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray]] = {}
+        self._calibrated: set[tuple[str, str | None]] = set()  # (target, band) calibrated in this process
 
     def __call__(self, work: FrameWork) -> None:
         phot, reference, meta = work.photometry, work.reference, work.frame.meta
@@ -505,6 +509,10 @@ class Calibrate:
         )  # fmt: skip
         for point, calibration in zip(work.points, calibrations, strict=True):
             point.update(calibration_columns(calibration, catalog, meta.filter, point["flags"], point["flux_err"]))
+        key = (meta.target, BAND_OF_FILTER.get(meta.filter))
+        if key not in self._calibrated and any(c is not None for c in calibrations):
+            self._calibrated.add(key)
+            work.fill_in_calibration = work.store.has_uncalibrated_points(*key)
 
     def fix_reference(self, store: Store, reference: Reference, radius_arcmin: float, filter: str) -> Affine | None:
         """Correct a reference frame's header WCS once a catalog can be had (it could not when it was made)."""

@@ -123,8 +123,7 @@ class ReferenceRecords:
             "UPDATE templates SET pinned = 0 WHERE target = ? AND active = 1 AND pinned = 1 "
             f"AND {ANY_FILTER.format(column='filter')}"
         )
-        with self.conn:
-            return self.conn.execute(query, (target, filter, filter)).rowcount
+        return self.conn.execute(query, (target, filter, filter)).rowcount  # one statement: atomic
 
     def template_history(self, target: str, filter: str | None = None) -> list[dict[str, object]]:
         query = (

@@ -9,6 +9,7 @@ from typing import NotRequired, TypedDict
 
 import numpy as np
 
+from lcowatch import flags
 from lcowatch.science.frame import FrameMeta
 from lcowatch.science.photometry import Photometry
 from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
@@ -238,6 +239,15 @@ class Store(ReferenceRecords):
                 f"UPDATE points SET {assignments} WHERE sha256 = :sha256 AND aperture = :aperture",
                 {**values, "sha256": sha256, "aperture": k},
             )
+
+    def has_uncalibrated_points(self, target: str, band: str | None) -> bool:
+        """Whether the target has detected points in ``band`` left uncalibrated."""
+        uncalibrated, nondetection = flags.value("uncalibrated"), flags.value("nondetection")
+        row = self.conn.execute(
+            "SELECT 1 FROM points WHERE target = ? AND band IS ? AND flags & ? != 0 AND flags & ? = 0 LIMIT 1",
+            (target, band, uncalibrated, nondetection),
+        ).fetchone()
+        return row is not None
 
     def point_rows(self, sha256: str) -> list[sqlite3.Row]:
         """A frame's stored points, by aperture."""
