@@ -1,3 +1,22 @@
-from lcowatch.cli import main
+"""``python -m lcowatch`` and the ``lcowatch`` command.
 
-raise SystemExit(main())
+The CLI imports the science stack (about two seconds): what must hold from the first moment is set here,
+before that.
+"""
+
+import signal
+import sys
+
+
+def entry() -> int:
+    if "run" in sys.argv[1:]:
+        # systemd may ask for a reload (SIGHUP) while the daemon is still importing; the config is read
+        # at start anyway, and the daemon installs its own handler before it reads anything else.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    from lcowatch.cli import main
+
+    return main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(entry())

@@ -626,3 +626,42 @@ def test_frames_waiting_for_a_first_template_go_as_soon_as_there_is_one(
     drop(solved, watch)
     wait_for(_done(ledger, 2), timeout=30.0, what="both frames done")
     assert daemon.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_state_folder_exits_naming_the_first(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """One daemon per state folder: a second ``run`` exits 1 at once and says which PID holds it; the first
+    keeps running."""
+    config = factory.config(tmp_path)
+    first = daemons(config).start()
+    second = daemons(config).start(wait_ready=False)
+    assert second.wait_exit(timeout=30.0) == 1
+    fatal = second.find("daemon_fatal")
+    assert fatal and f"PID {first.pid}" in fatal[0]["reason"]
+    assert first.running()
+    drop(factory.frame(80, "fz"), tmp_path / "in")
+    wait_for(_done(LedgerView(tmp_path / "state"), 1), what="the first daemon still at work")
+    assert first.stop() == 0
+    third = daemons(config).start()  # the lock goes with its holder
+    assert third.stop() == 0
+
+
+def test_a_storm_of_sighup_from_the_first_moment_neither_kills_nor_hangs_the_daemon(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """SIGHUP every 5 ms for 3 s, from 0.3 s after exec (the interpreter's own start-up, before any of our
+    code, cannot be covered) through the imports and start-up: the daemon stays up, processes, and still
+    stops cleanly on SIGTERM."""
+    config = factory.config(tmp_path)
+    daemon = daemons(config).start(wait_ready=False)
+    time.sleep(0.3)
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline and daemon.running():
+        daemon.signal(signal.SIGHUP)
+        time.sleep(0.005)
+    assert daemon.running(), daemon.output()
+    daemon.wait_event("daemon_ready")
+    drop(factory.frame(81, "fz"), tmp_path / "in")
+    wait_for(_done(LedgerView(tmp_path / "state"), 1), what="a frame processed after the storm")
+    assert daemon.stop(timeout=30.0) == 0

@@ -20,13 +20,15 @@ written, a corrupt ledger) exit 1 so that systemd restarts the daemon.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import select
 import signal
+import socket
 import sqlite3
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +65,53 @@ def prepare_state_dir(state_dir: Path) -> None:
         log.get_logger().warning("state_dir_not_private", path=str(state_dir), mode=oct(mode))
 
 
+LOCK_NAME = "lcowatch.lock"
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Hold an exclusive lock on ``state_dir`` for the life of this process; returns its descriptor.
+
+    The kernel drops the lock when the process ends, however it ends (kill -9 too). Raises :class:`Stop`
+    naming the PID of the daemon that holds it.
+    """
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise Stop(f"another lcowatch daemon (PID {holder}) is running on state folder {state_dir}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class Waker:
+    """Wakes the main loop: from the worker thread (:meth:`wake`) and, through ``signal.set_wakeup_fd``,
+    from signals, whose handlers then only set flags (a handler that takes a lock can deadlock against the
+    code it interrupted)."""
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        for end in (self._read, self._write):
+            end.setblocking(False)
+
+    def fileno(self) -> int:
+        return self._write.fileno()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full buffer wakes the loop anyway
+            self._write.send(b"\0")
+
+    def wait(self, timeout: float) -> None:
+        """Return after ``timeout`` seconds or as soon as something woke the loop."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while self._read.recv(4096):
+                    pass
+
+
 class Daemon:
     """One run of ``lcowatch run``, the coordinator of the threads; :meth:`run` returns the exit code."""
 
@@ -77,10 +126,11 @@ class Daemon:
         self.watcher = Watcher(
             config.watch.paths, self.sink, poll=config.watch.poll, poll_interval=config.watch.poll_interval
         )
-        self._wake = threading.Event()
+        self._waker = Waker()
         self._signal: int | None = None
         self._reload = False
         self._stalled_logged = False
+        self._lock: int | None = None  # descriptor of the held state-folder lock
         self.admission: Admission | None = None
         self.worker: Worker | None = None
 
@@ -88,6 +138,7 @@ class Daemon:
         self._install_signals()
         try:
             prepare_state_dir(self.config.state_dir)
+            self._lock = lock_state_dir(self.config.state_dir)
             ledger = Ledger(connect(self.config.state_dir))
         except (Stop, sqlite3.Error, OSError) as exc:
             self.log.error("daemon_fatal", reason=str(exc))
@@ -98,7 +149,7 @@ class Daemon:
         )  # fmt: skip
         self.worker = Worker(
             self.config, self.queue, self.sink, self.counts, self.log,
-            defer=admission.defer, wake=self._wake, stages=self.stages,
+            defer=admission.defer, wake=self._waker.wake, stages=self.stages,
         )  # fmt: skip
         self.log.info(
             "daemon_starting", version=__version__, pid=os.getpid(), state_dir=str(self.config.state_dir),
@@ -163,8 +214,7 @@ class Daemon:
                 if status != last_status:
                     self.notifier.status(status)
                     last_status = status
-            self._wake.wait(TICK)
-            self._wake.clear()
+            self._waker.wait(TICK)
 
     # -- systemd -----------------------------------------------------------------------------------------
 
@@ -201,6 +251,7 @@ class Daemon:
     # -- configuration and signals ---------------------------------------------------------------------
 
     def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._waker.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGINT, self._on_stop_signal)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -214,11 +265,9 @@ class Daemon:
                 os.write(sys.stdout.fileno(), (json.dumps(line) + "\n").encode())
             os._exit(128 + signum)
         self._signal = signum
-        self._wake.set()
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         self._reload = True
-        self._wake.set()
 
     def _reload_config(self) -> None:
         source = self.config.source

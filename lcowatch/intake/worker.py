@@ -109,7 +109,7 @@ class Worker:
         log: Any,
         *,
         defer: Callable[[Path], None],
-        wake: threading.Event,
+        wake: Callable[[], None],
         stages: Sequence[Stage] | None = None,
     ) -> None:
         self._settings = Settings(config, 0)
@@ -174,7 +174,7 @@ class Worker:
                 self._process(pipeline, item, settings.config)
                 for path in pipeline.take_requeued():
                     self.sink.add(path)  # a template exists now: admission queues them at once
-                self._wake.set()
+                self._wake()
         except BaseException as exc:  # a fatal error: the coordinator exits non-zero
             self._fail(exc)
         finally:
@@ -186,7 +186,7 @@ class Worker:
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal = exc
-        self._wake.set()
+        self._wake()
 
     def _still_the_same(self, item: QueueItem, config: Config) -> bool:
         """The path is still the regular file, inside the watch, that was found complete."""
