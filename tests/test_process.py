@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from astropy.io import fits
 
 from conftest import REAL_TARGETS, write_config
 from lcowatch.cli import main
@@ -286,3 +287,46 @@ class TestCalibrationFilledIn:
         with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
             mags = conn.execute("SELECT mag FROM points WHERE aperture = 0").fetchall()
         assert len(mags) == 4 and all(mag is not None for (mag,) in mags)
+
+
+def _edited(folder: Path, name: str, cards: dict[str, object], mjd_start: float) -> Path:
+    """An uncompressed frame whose SCI header has ``cards`` set (None: removed)."""
+    path = folder / name
+    write_frame(path, FIELD, FrameSpec(shape=(256, 256), mjd_start=mjd_start), compress=None)
+    with fits.open(path, mode="update") as hdul:
+        for key, value in cards.items():
+            if value is None:
+                del hdul["SCI"].header[key]
+            else:
+                hdul["SCI"].header[key] = value
+    return path
+
+
+class TestHostileHeaders:
+    """Header values outside physical ranges, and cards that do not parse, quarantine the frame at once
+    with the keyword in the reason; the batch goes on. A wrong site only costs the BJD its site."""
+
+    def test_each_is_quarantined_with_its_reason(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        bad = {
+            "exptime.fits": ({"EXPTIME": 1e300}, "EXPTIME"),
+            "date.fits": ({"DATE-OBS": None, "MJD-OBS": 1e20}, "MJD"),
+            "pixscale.fits": ({"PIXSCALE": 0.0}, "PIXSCALE"),
+            "gain.fits": ({"GAIN": -5.0}, "GAIN"),
+        }
+        for k, (name, (cards, _)) in enumerate(bad.items()):
+            _edited(incoming, name, cards, 61000.1 + k / 100)
+        site = _edited(incoming, "site.fits", {"LATITUDE": 1000.0}, 61000.2)
+        raw = _edited(incoming, "nul.fits", {}, 61000.3).read_bytes()
+        at = raw.index(b"OBJECT  = 'PTEST") + 13
+        (incoming / "nul.fits").write_bytes(raw[:at] + b"\x00" + raw[at + 1 :])
+        code, events = _process(config, capsys, incoming)
+        assert code == 0
+        states = _states(tmp_path)
+        assert states.pop(site.name) == "done"
+        assert states == dict.fromkeys([*bad, "nul.fits"], "quarantined")
+        reasons = {e["file"]: e["reason"] for e in events if e["event"] == "frame_quarantined"}
+        for name, (_, keyword) in bad.items():
+            assert keyword in reasons[name], reasons[name]
+        assert "header does not verify" in reasons["nul.fits"]

@@ -152,25 +152,32 @@ def _float(header: fits.Header, key: str) -> float | None:
     return number if np.isfinite(number) else None
 
 
+#: Observation dates accepted (MJD): 1968 to 2100. Outside, a header is wrong, not a frame old or new.
+MJD_RANGE = (40000.0, 88000.0)
+
+
 def observation_start(header: fits.Header) -> Time:
     """Start of the exposure (DATE-OBS, else MJD-OBS), UTC."""
     date_obs = header.get("DATE-OBS")
     try:
         if isinstance(date_obs, str) and date_obs.strip():
-            return Time(date_obs.strip(), format="isot", scale="utc")
-        mjd = _float(header, "MJD-OBS")
-        if mjd is not None:
-            return Time(mjd, format="mjd", scale="utc")
-    except ValueError as exc:
+            start = Time(date_obs.strip(), format="isot", scale="utc")
+        elif (mjd := _float(header, "MJD-OBS")) is not None:
+            start = Time(mjd, format="mjd", scale="utc")
+        else:
+            raise Quarantine("missing required keyword DATE-OBS (and MJD-OBS)", step="read")
+    except ValueError as exc:  # erfa's errors too
         raise Quarantine(f"DATE-OBS {date_obs!r} is not a time: {exc}", step="read") from None
-    raise Quarantine("missing required keyword DATE-OBS (and MJD-OBS)", step="read")
+    if not MJD_RANGE[0] <= float(start.mjd) <= MJD_RANGE[1]:
+        raise Quarantine(f"observation date MJD {float(start.mjd):.6g} is not between 1968 and 2100", step="read")
+    return start
 
 
 def site_location(header: fits.Header) -> EarthLocation | None:
     """The site from LATITUDE/LONGITUD (deg) and HEIGHT (m), or None when not given."""
     lat, lon, height = (_float(header, k) for k in ("LATITUDE", "LONGITUD", "HEIGHT"))
-    if lat is None or lon is None:
-        return None
+    if lat is None or lon is None or abs(lat) > 90 or abs(lon) > 360 or not -500 <= (height or 0.0) <= 9000:
+        return None  # the geocentre instead: BJD off by at most 21 ms
     return EarthLocation.from_geodetic(lon * u.deg, lat * u.deg, (height or 0.0) * u.m)
 
 
@@ -201,17 +208,25 @@ def celestial_wcs(header: fits.Header) -> WCS | None:
     return wcs if wcs.has_celestial else None
 
 
+MAX_EXPTIME = 86400.0  # s
+MAX_PIXSCALE = 60.0  # arcsec per pixel
+
+
 def read_meta(header: fits.Header, config: Config) -> FrameMeta:
     """Frame metadata from the SCI header; raise :class:`Quarantine` when a required keyword is missing."""
     missing = [k for k in REQUIRED_KEYWORDS if header.get(k) in (None, "")]
     if missing:
         raise Quarantine(f"missing required keyword(s) {', '.join(missing)}", step="read")
     exptime = _float(header, "EXPTIME")
-    if exptime is None or exptime <= 0:
-        raise Quarantine(f"EXPTIME {header.get('EXPTIME')!r} is not a positive number", step="read")
+    if exptime is None or not 0 < exptime <= MAX_EXPTIME:
+        raise Quarantine(f"EXPTIME {header.get('EXPTIME')!r} is not a number of seconds in (0, 1 day]", step="read")
     pixscale = _float(header, "PIXSCALE")
-    if pixscale is None or pixscale <= 0:
-        raise Quarantine("missing or invalid PIXSCALE", step="read")
+    if pixscale is None or not 0 < pixscale <= MAX_PIXSCALE:
+        raise Quarantine(f"PIXSCALE {header.get('PIXSCALE')!r} is not in (0, {MAX_PIXSCALE}] arcsec/pixel", step="read")
+    for key, highest in (("GAIN", 1000.0), ("SATURATE", 1e9), ("MAXLIN", 1e9), ("RDNOISE", 1e4)):
+        value = _float(header, key)
+        if value is not None and not 0 <= value <= highest:
+            raise Quarantine(f"{key} = {value!r} is outside 0..{highest:g}", step="read")
     start = observation_start(header)
     mjd_mid = float(start.mjd) + exptime / 2.0 / 86400.0
     object_name = str(header["OBJECT"]).strip()
@@ -260,7 +275,7 @@ def _optional_plane(
         return None
     try:
         plane = hdul[name].data
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # as for SCI; the frame is usable without this plane
         notes.append(f"{name} unreadable ({exc}); ignored")
         return None
     if plane is None or plane.shape != shape:
@@ -278,8 +293,11 @@ def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame
     max_bytes = config.processing.max_pixels * 8 + 64 * FITS_BLOCK
     with open_hdul(content, max_bytes) as hdul:
         hdu = _image_hdu(hdul)
-        header = hdu.header.copy()
-        meta = read_meta(header, config)
+        try:
+            header = hdu.header.copy()
+            meta = read_meta(header, config)
+        except fits.VerifyError as exc:  # e.g. a raw newline or NUL in a card
+            raise Quarantine(f"header does not verify: {exc}", step="read") from None
         ny, nx = meta.shape
         if ny * nx > config.processing.max_pixels:
             raise Quarantine(
@@ -290,8 +308,8 @@ def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
                 pixels = hdu.data
-        except (OSError, ValueError, TypeError, AstropyWarning) as exc:
-            raise Quarantine(f"image data unreadable (truncated?): {exc}", step="read") from None
+        except Exception as exc:  # truncation, or a decompression error of any library: never readable
+            raise Quarantine(f"image data unreadable: {type(exc).__name__}: {exc}", step="read") from None
         if pixels is None or pixels.shape != (ny, nx):
             raise Quarantine("image data missing or truncated", step="read")
         notes: list[str] = []
