@@ -33,9 +33,18 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FINISHED_STATES = {State.DONE, State.REJECTED, State.QUARANTINED, State.IGNORED, State.SKIPPED}
 
 
+class OutputError(Exception):
+    """The file named by -o cannot be written."""
+
+
 def _open_output(path: str | None) -> AbstractContextManager[IO[str]]:
     """The file named by -o, or stdout (left open)."""
-    return open(path, "w", newline="") if path else nullcontext(sys.stdout)
+    if not path:
+        return nullcontext(sys.stdout)
+    try:
+        return open(path, "w", newline="")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _format_value(value: object) -> str:
@@ -257,8 +266,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
+    config_help = "config file (default: $LCOWATCH_CONFIG, else /etc/lcowatch/config.yaml)"
+    parser.add_argument("--config", help=config_help)  # before the command too: lcowatch --config X status
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="config file (default: $LCOWATCH_CONFIG, else /etc/lcowatch/config.yaml)")
+    # SUPPRESS: a command without its own --config keeps the one given before it.
+    common.add_argument("--config", help=config_help, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="simulate a night of LCO frames and run the pipeline on them")
@@ -347,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.configure(log_stream, level=config.log_level)
     try:
         return int(args.handler(args, config))
-    except Stop as exc:  # e.g. a state folder written by a newer lcowatch
+    except (Stop, OutputError) as exc:  # e.g. a state folder written by a newer lcowatch; -o /missing/x.csv
         print(f"lcowatch: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except BrokenPipeError:

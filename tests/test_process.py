@@ -330,3 +330,24 @@ class TestHostileHeaders:
         for name, (_, keyword) in bad.items():
             assert keyword in reasons[name], reasons[name]
         assert "header does not verify" in reasons["nul.fits"]
+
+
+class TestFirstCommands:
+    """The commands a user reaches for first work on a fresh state folder, with options before or after
+    the command, and a bad output path is a one-line error, not a traceback."""
+
+    def test_status_on_a_fresh_state_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        assert main(["status", "--config", str(config)]) == 0
+        assert "pending 0, done 0" in capsys.readouterr().out
+
+    def test_config_before_the_command(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        assert main(["--config", str(config), "status"]) == 0
+        assert "pending 0" in capsys.readouterr().out
+
+    def test_export_into_a_missing_folder(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        missing = tmp_path / "no" / "such" / "x.csv"
+        assert main(["export", "--config", str(config), "PTEST", "-o", str(missing)]) == 1
+        assert f"cannot write {missing}" in capsys.readouterr().err
