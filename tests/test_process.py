@@ -351,3 +351,28 @@ class TestFirstCommands:
         missing = tmp_path / "no" / "such" / "x.csv"
         assert main(["export", "--config", str(config), "PTEST", "-o", str(missing)]) == 1
         assert f"cannot write {missing}" in capsys.readouterr().err
+
+
+class TestOneExposureOnePoint:
+    """The same exposure in two encodings (``.fits.fz`` and its funpacked ``.fits``) or under a second
+    name gives one point; the copy is recorded as ignored, naming the first."""
+
+    def test_a_second_encoding_is_not_measured_again(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        packed = _frame(incoming, "cpt1m012-fa06-20251121-0011-e91.fits.fz", mjd_start=61000.1)
+        with fits.open(packed) as hdul:
+            fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(hdul["SCI"].data, hdul["SCI"].header, name="SCI")]).writeto(
+                incoming / "cpt1m012-fa06-20251121-0011-e91.fits"
+            )
+        shutil.copyfile(packed, incoming / "redelivered.fits.fz")  # the same bytes: known by their hash
+        other = _frame(incoming, "cpt1m012-fa06-20251121-0012-e91.fits.fz", mjd_start=61000.2)
+        code, events = _process(config, capsys, incoming)
+        assert code == 0
+        states = _states(tmp_path)
+        assert sorted(states.values()) == ["done", "done", "ignored"], states
+        assert states[other.name] == "done"
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM points WHERE aperture = 0").fetchone()[0] == 2
+        duplicates = [e for e in events if e["event"] == "frame_duplicate"]
+        assert len(duplicates) == 1 and duplicates[0]["first"].startswith("cpt1m012-fa06-20251121-0011-e91.fits")

@@ -217,6 +217,14 @@ class Pipeline:
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=unmatched, identity=identity)
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
+        first = self.store.same_exposure(frame.sha256, meta)
+        if first is not None:
+            # Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name):
+            # one exposure gives one point.
+            duplicate = f"the same exposure as {first}, already measured"
+            self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=duplicate, identity=identity)
+            log.info("frame_duplicate", reason=duplicate, first=first)
+            return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
         seconds: dict[str, float] = {}

@@ -240,6 +240,17 @@ class Store(ReferenceRecords):
                 {**values, "sha256": sha256, "aperture": k},
             )
 
+    def same_exposure(self, sha256: str, meta: FrameMeta) -> str | None:
+        """The file name of another finished frame of the same exposure (same telescope, instrument, filter
+        and DATE-OBS), or None."""
+        row = self.conn.execute(
+            "SELECT f.file FROM frames f JOIN files fi USING (sha256) WHERE f.sha256 != ? AND f.date_obs = ? "
+            "AND f.filter = ? AND f.instrument IS ? AND f.telescope IS ? AND f.site IS ? "
+            "AND fi.state IN ('done', 'rejected') LIMIT 1",
+            (sha256, meta.date_obs, meta.filter, meta.instrument, meta.telescope, meta.site),
+        ).fetchone()
+        return row[0] if row else None
+
     def has_uncalibrated_points(self, target: str, band: str | None) -> bool:
         """Whether the target has detected points in ``band`` left uncalibrated."""
         uncalibrated, nondetection = flags.value("uncalibrated"), flags.value("nondetection")
