@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,15 +34,14 @@ def versions() -> dict[str, str]:
 def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: str, step: str | None) -> Path:
     """Move ``path`` into the quarantine folder and write ``<name>.reason.json`` beside it.
 
-    Returns the new location. A name already taken there gets the content hash as a prefix, so nothing
-    is ever overwritten.
+    Returns the new location. The name is claimed atomically (a hard link, which fails on a taken name),
+    so two writers racing for one name never overwrite each other; a taken name gets the content hash and
+    a time as a prefix. Names are shortened (keeping their end) so that the reason file's name fits the
+    file system's 255 bytes.
     """
     folder = state_dir / QUARANTINE_DIR
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    destination = folder / path.name
-    if destination.exists():
-        destination = folder / f"{(sha256 or '')[:16]}-{time.time_ns()}-{path.name}"
-    shutil.move(str(path), destination)
+    destination = _claim(path, folder, path.name, sha256)
     note = {
         "file": path.name,
         "original_path": str(path.absolute()),
@@ -51,7 +51,7 @@ def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: 
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
     }
-    reason_path = destination.with_name(destination.name + ".reason.json")
+    reason_path = destination.with_name(destination.name + REASON_SUFFIX)
     tmp = reason_path.with_name(reason_path.name + ".tmp")
     tmp.write_text(json.dumps(note, indent=2) + "\n")
     os.replace(tmp, reason_path)
@@ -69,13 +69,57 @@ def find_quarantined(name_or_path: str, state_dir: Path) -> Path | None:
     return matches[-1] if matches else None
 
 
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs)
+REASON_SUFFIX = ".reason.json"
+_ROOM = NAME_MAX - len(REASON_SUFFIX) - len(".tmp")
+
+
+def _fit(name: str, room: int) -> str:
+    """``name`` shortened to ``room`` bytes, keeping its end (where ``.fits.fz`` is)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= room:
+        return name
+    return "~" + os.fsdecode(encoded[-(room - 1) :])
+
+
+def _unique_prefix(sha256: str | None) -> str:
+    return f"{(sha256 or '')[:16]}-{time.time_ns()}-"
+
+
+def _claim(source: Path, folder: Path, name: str, sha256: str | None) -> Path:
+    """Give ``source`` a name of its own in ``folder`` and remove it from where it was."""
+    staged = None
+    if os.stat(source).st_dev != os.stat(folder).st_dev:  # another file system: copy over first
+        fd, staged_name = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+        os.close(fd)
+        staged = Path(staged_name)
+        shutil.copy2(source, staged)
+    try:
+        candidate = _fit(name, _ROOM)
+        while True:
+            destination = folder / candidate
+            try:
+                os.link(staged or source, destination)
+                break
+            except FileExistsError:
+                prefix = _unique_prefix(sha256)
+                candidate = prefix + _fit(name, _ROOM - len(os.fsencode(prefix)))
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+    source.unlink()
+    return destination
+
+
 def quarantined_names(name: str, sha256: str, state_dir: Path) -> list[Path]:
     """Where :func:`quarantine_file` may have put a file called ``name`` with content ``sha256``: its own
     name, or the hash-prefixed name it gets when that is taken."""
     folder = state_dir / QUARANTINE_DIR
     if not folder.is_dir():
         return []
-    return [folder / name, *sorted(folder.glob(f"{glob.escape(sha256[:16])}-*-{glob.escape(name)}"))]
+    fitted = _fit(name, _ROOM)
+    unique = folder.glob(f"{glob.escape(sha256[:16])}-*-*")
+    return [folder / fitted, *sorted(p for p in unique if name.endswith(p.name.split("-", 2)[2].lstrip("~")))]
 
 
 def release(quarantined: Path, fallback_folder: Path) -> tuple[Path, str | None]:
