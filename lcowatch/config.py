@@ -292,6 +292,28 @@ def _resolve_paths(config: Config, base_dir: Path) -> Config:
     return config.model_copy(update={"watch": watch, "state_dir": absolute(config.state_dir), "targets": targets})
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that records a key given twice in one mapping (plain YAML keeps the last one, so
+    a whole block can vanish without a word)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                self.duplicates.append(
+                    f"key {key!r} appears twice in one block (lines {seen[key]} and {line}); the first would be lost"
+                )
+            else:
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Config:
     """Read and validate the config file (see :func:`resolve_path`)."""
     config_path = resolve_path(path)
@@ -300,9 +322,15 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     except OSError as exc:
         raise ConfigError([f"{config_path}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        raw = yaml.safe_load(text)
+        loader = _StrictLoader(text)
+        try:
+            raw = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise ConfigError([f"{config_path}: not valid YAML: {exc}"]) from None
+    if loader.duplicates:
+        raise ConfigError([f"{config_path}: {duplicate}" for duplicate in loader.duplicates])
     config = parse(raw, config_path.resolve().parent)
     config._source = config_path.resolve()
     return config

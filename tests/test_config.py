@@ -117,6 +117,16 @@ class TestCheckConfigCommand:
         assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
         assert "not valid YAML" in capsys.readouterr().out
 
+    def test_a_key_given_twice_is_an_error_naming_both_lines(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        text = yaml.safe_dump(MINIMAL, sort_keys=False) + "targets:\n  SN2:\n    ra: 10.0\n    dec: 5.0\n"
+        (tmp_path / "c.yaml").write_text(text)
+        first = 1 + next(i for i, line in enumerate(text.splitlines()) if line.startswith("targets:"))
+        second = 1 + max(i for i, line in enumerate(text.splitlines()) if line.startswith("targets:"))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        assert f"key 'targets' appears twice in one block (lines {first} and {second})" in capsys.readouterr().out
+
     def test_missing_file_exits_2(self, tmp_path: Path) -> None:
         assert main(["check-config", "--config", str(tmp_path / "none.yaml")]) == 2
 
