@@ -27,7 +27,7 @@ from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import FieldCatalogs, standard_band
 from lcowatch.state.ledger import Ledger, connect
 from lcowatch.state.store import FRAME_COLUMNS, Store
-from lcowatch.states import State
+from lcowatch.states import LEDGER_STATES, State
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FINISHED_STATES = {State.DONE, State.REJECTED, State.QUARANTINED, State.IGNORED, State.SKIPPED}
@@ -134,7 +134,7 @@ def cmd_frames(args: argparse.Namespace, config: Config) -> int:
         return EXIT_USAGE
     store = Store(connect(config.state_dir))
     with _open_output(args.output) as out:
-        write_table(store.frames(args.target), FRAME_COLUMNS, args.format, out)
+        write_table(store.frames(args.target, args.state), FRAME_COLUMNS, args.format, out)
     return EXIT_OK
 
 
@@ -287,7 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("paths", nargs="+", metavar="PATH")
     process.set_defaults(handler=cmd_process, writes_table=False)
 
-    frames = commands.add_parser("frames", parents=[common], help="every frame with its quality, in time order")
+    frames = commands.add_parser(
+        "frames", parents=[common], help="every file the ledger knows, its state, quality and reasons, in time order"
+    )
+    frames.add_argument("--state", choices=[str(s) for s in LEDGER_STATES], help="only files in this state")
     frames.add_argument("target", nargs="?", metavar="TARGET")
     frames.add_argument("--format", choices=["table", "csv"], default="table")
     frames.add_argument("-o", "--output", metavar="FILE")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 import sqlite3
@@ -351,6 +353,23 @@ class TestFirstCommands:
         missing = tmp_path / "no" / "such" / "x.csv"
         assert main(["export", "--config", str(config), "PTEST", "-o", str(missing)]) == 1
         assert f"cannot write {missing}" in capsys.readouterr().err
+
+    def test_frames_lists_every_file_with_its_state(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        _frame(incoming, "good.fits.fz", mjd_start=61000.1)
+        _frame(incoming, "other.fits.fz", mjd_start=61000.2, object_name="SOMEONE-ELSE")
+        (incoming / "empty.fits").write_bytes(b"")
+        assert _process(config, capsys, incoming)[0] == 0
+        assert main(["frames", "--config", str(config), "--format", "csv"]) == 0
+        rows = {row["file"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+        assert {name: row["state"] for name, row in rows.items()} == {
+            "good.fits.fz": "done", "other.fits.fz": "ignored", "empty.fits": "quarantined"
+        }  # fmt: skip
+        assert rows["empty.fits"]["reasons"] == "empty file"
+        assert "matches no configured target" in rows["other.fits.fz"]["reasons"]
+        assert main(["frames", "--config", str(config), "--format", "csv", "--state", "quarantined"]) == 0
+        assert [row["file"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["empty.fits"]
 
 
 class TestOneExposureOnePoint:

@@ -16,7 +16,7 @@ from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
 from lcowatch.state.references import ANY_FILTER, ReferenceRecords
 
 FRAME_COLUMNS = (
-    "file", "target", "filter", "mjd", "exptime", "background", "background_rms",
+    "file", "state", "target", "filter", "mjd", "exptime", "background", "background_rms",
     "fwhm", "ellipticity", "nstars", "quality", "reasons",
 )  # fmt: skip
 
@@ -128,15 +128,25 @@ class Store(ReferenceRecords):
         conn.execute("DELETE FROM photometry WHERE sha256 = ?", (sha256,))
         conn.execute("UPDATE templates SET active = 0 WHERE sha256 = ?", (sha256,))
 
-    def frames(self, target: str | None = None) -> list[dict[str, object]]:
-        """Every frame in observation-time order, with quality; ``reasons`` joined by '; '."""
-        query = f"SELECT {', '.join(FRAME_COLUMNS)}, sha256 FROM frames"
-        args: tuple[str, ...] = ()
-        if target is not None:
-            query += " WHERE target = ?"
-            args = (target,)
-        rows = self.conn.execute(query + " ORDER BY mjd, file", args).fetchall()
-        return [dict(row) | {"reasons": "; ".join(json.loads(row["reasons"]))} for row in rows]
+    def frames(self, target: str | None = None, state: str | None = None) -> list[dict[str, object]]:
+        """Every file the ledger knows, in observation-time order: its state, and for those measured their
+        quality. ``reasons`` joins the quality notes and the ledger's reason (rejection, quarantine, ...)."""
+        measured = ", ".join(f"f.{c}" for c in FRAME_COLUMNS if c not in ("file", "state", "target", "filter", "mjd"))
+        rows = self.conn.execute(
+            f"SELECT fi.path, fi.state, fi.error, COALESCE(f.target, fi.target) AS target, "
+            f"COALESCE(f.filter, fi.filter) AS filter, COALESCE(f.mjd, fi.mjd) AS mjd, f.file, {measured}, "
+            "fi.sha256 FROM files fi LEFT JOIN frames f USING (sha256) "
+            "WHERE (? IS NULL OR COALESCE(f.target, fi.target) = ?) AND (? IS NULL OR fi.state = ?) "
+            "ORDER BY COALESCE(f.mjd, fi.mjd), fi.path",
+            (target, target, state, state),
+        ).fetchall()
+        out = []
+        for row in rows:
+            notes = json.loads(row["reasons"]) if row["reasons"] else []
+            record = dict(row) | {"file": row["file"] or Path(row["path"]).name}
+            record["reasons"] = "; ".join([*notes, *([row["error"]] if row["error"] else [])])
+            out.append(record)
+        return out
 
     @staticmethod
     def calibrated_points_near(conn: sqlite3.Connection, target: str, mjd: float, days: float) -> list[sqlite3.Row]:
