@@ -6,8 +6,11 @@ resolve against the folder of the config file. Unknown keys are errors.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -239,9 +242,28 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(top level)"
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed in the mapping at ``loc`` (for a "did you mean")."""
+    node: Any = Config
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            node = node.model_fields[str(part)].annotation
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return []
+        while typing.get_origin(node) in (typing.Union, types.UnionType, typing.Annotated):
+            node = next(arg for arg in typing.get_args(node) if arg is not type(None))
+    if typing.get_origin(node) is dict:
+        return []
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
 def _message(error: Any) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        key, loc = str(error["loc"][-1]), tuple(error["loc"][:-1])
+        close = difflib.get_close_matches(key, _keys_at(loc), n=1, cutoff=0.6)
+        return f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
     if error["type"] == "missing":
         return "required key is missing"
     return str(error["msg"]).removeprefix("Value error, ")

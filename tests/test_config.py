@@ -28,7 +28,7 @@ class TestParse:
         with pytest.raises(ConfigError) as caught:
             parse(raw, Path("/tmp"))
         problems = caught.value.problems
-        assert "watch.pol: unknown key" in problems
+        assert "watch.pol: unknown key (did you mean 'poll'?)" in problems
         assert "targets.SN1.ra: not a coordinate" in problems
         assert any(p.startswith("targets.SN2.dec: not a coordinate") for p in problems)
         assert any(p.startswith("catalog.source:") for p in problems)
@@ -126,6 +126,14 @@ class TestCheckConfigCommand:
         second = 1 + max(i for i, line in enumerate(text.splitlines()) if line.startswith("targets:"))
         assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
         assert f"key 'targets' appears twice in one block (lines {first} and {second})" in capsys.readouterr().out
+
+    def test_a_misspelt_key_gets_a_suggestion(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        bad = MINIMAL | {"quality": {"max_fwhm_ratoi": 2.0}, "targets": {"SN1": {"ra": 1.0, "dec": 2.0, "refcta": "a"}}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(bad))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        out = capsys.readouterr().out
+        assert "quality.max_fwhm_ratoi: unknown key (did you mean 'max_fwhm_ratio'?)" in out
+        assert "targets.SN1.refcta: unknown key (did you mean 'refcat'?)" in out
 
     def test_missing_file_exits_2(self, tmp_path: Path) -> None:
         assert main(["check-config", "--config", str(tmp_path / "none.yaml")]) == 2

@@ -665,3 +665,16 @@ def test_a_storm_of_sighup_from_the_first_moment_neither_kills_nor_hangs_the_dae
     drop(factory.frame(81, "fz"), tmp_path / "in")
     wait_for(_done(LedgerView(tmp_path / "state"), 1), what="a frame processed after the storm")
     assert daemon.stop(timeout=30.0) == 0
+
+
+def test_a_deleted_ledger_stops_the_daemon_for_a_clean_restart(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """Deleting the ledger under a running daemon is noticed within seconds: it exits 1 (systemd restarts
+    it on a new ledger) instead of writing on into a file nobody can open again."""
+    config = factory.config(tmp_path)
+    daemon = daemons(config).start()
+    for path in (tmp_path / "state").glob("lcowatch.sqlite*"):
+        path.unlink()
+    assert daemon.wait_exit(timeout=30.0) == 1
+    assert "was deleted" in daemon.find("daemon_fatal")[0]["reason"]

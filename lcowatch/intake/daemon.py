@@ -43,7 +43,7 @@ from lcowatch.intake.queue import WorkQueue
 from lcowatch.intake.watcher import PathSink, Watcher
 from lcowatch.intake.worker import Counts, Worker, give_back_attempt, state_dir_writable
 from lcowatch.pipeline.stages import Stage
-from lcowatch.state.ledger import Ledger, connect
+from lcowatch.state.ledger import LEDGER_NAME, Ledger, connect
 from lcowatch.states import State
 
 EXIT_OK, EXIT_FATAL = 0, 1
@@ -187,6 +187,9 @@ class Daemon:
                     self._reload_config()
                 if now >= next_watch_check:
                     next_watch_check = now + 1.0
+                    if not (self.config.state_dir / LEDGER_NAME).exists():
+                        # Writing on into an unlinked file would lose everything: restart on a new ledger.
+                        raise Stop(f"the ledger {self.config.state_dir / LEDGER_NAME} was deleted")
                     if self.watcher.check():
                         admission.scan("observer restarted")
                 if now >= next_rescan:
