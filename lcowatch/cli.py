@@ -71,6 +71,9 @@ def write_table(rows: list[dict[str, object]], columns: Sequence[str], fmt: str,
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     print(f"{config.source}: valid ({len(config.targets)} target(s), watching {len(config.watch.paths)} path(s))")
+    for k, folder in enumerate(config.watch.paths):
+        if not folder.is_dir():  # valid (the daemon watches for it to appear), but often a typo
+            print(f"warning: watch.paths[{k}]: {folder} is not a folder (yet); nothing arrives there until it is")
     return EXIT_OK
 
 

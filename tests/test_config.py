@@ -135,6 +135,14 @@ class TestCheckConfigCommand:
         assert "quality.max_fwhm_ratoi: unknown key (did you mean 'max_fwhm_ratio'?)" in out
         assert "targets.SN1.refcta: unknown key (did you mean 'refcat'?)" in out
 
+    def test_a_missing_watch_folder_is_a_warning(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(MINIMAL | {"watch": {"paths": ["inbox"]}}))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
+        assert f"warning: watch.paths[0]: {tmp_path / 'inbox'} is not a folder (yet)" in capsys.readouterr().out
+        (tmp_path / "inbox").mkdir()
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
+        assert "warning" not in capsys.readouterr().out
+
     def test_missing_file_exits_2(self, tmp_path: Path) -> None:
         assert main(["check-config", "--config", str(tmp_path / "none.yaml")]) == 2
 
