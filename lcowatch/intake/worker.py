@@ -92,7 +92,7 @@ def give_back_attempt(state_dir: Path, hand: InHand | None) -> None:
             conn.close()
 
 
-#: SQLite result codes (https://www.sqlite.org/rescode.html): the disk or database is full; busy or locked.
+#: SQLite primary result codes (https://www.sqlite.org/rescode.html): full; busy or locked.
 SQLITE_FULL = 13
 SQLITE_BUSY_CODES = (5, 6)
 
@@ -260,8 +260,9 @@ class Worker:
     def _storage_error(self, exc: BaseException, item: QueueItem, flog: Any, config: Config) -> None:
         """The ledger or the state folder failed: disk full is transient; unwritable or corrupt is fatal."""
         code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
-        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or code == SQLITE_FULL
-        locked = code in SQLITE_BUSY_CODES
+        primary = None if code is None else code & 0xFF  # extended codes (e.g. 517 BUSY_SNAPSHOT) keep it
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or primary == SQLITE_FULL
+        locked = primary in SQLITE_BUSY_CODES
         if not state_dir_writable(config.state_dir):
             raise Stop(f"state folder {config.state_dir} cannot be written: {exc}")
         if full or locked:

@@ -8,6 +8,7 @@ recorded with its reasons, not an exception. Exceptions are kept for what the da
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -285,14 +286,20 @@ def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template,
     pixels to this frame's pixels.
     """
     meta = work.frame.meta
-    assert meta.target is not None
-    active = work.store.active_templates(meta.target)
-    ordered = [t for t in active if t.filter == meta.filter]
-    ordered += work.store.instrument_templates(meta.target, meta.instrument)
-    ordered += sorted((t for t in active if t.filter != meta.filter), key=lambda t: t.shape != meta.shape)
+    target = meta.target
+    assert target is not None
+    active = work.store.active_templates(target)
+
+    def candidates() -> Iterator[Template]:
+        # Lazily: the usual frame registers to its filter's template, and the store is asked for no more.
+        yield from (t for t in active if t.filter == meta.filter)
+        yield from work.store.instrument_templates(target, meta.instrument)
+        yield from sorted((t for t in active if t.filter != meta.filter), key=lambda t: t.shape != meta.shape)
+        yield from fallbacks
+
     failure: Reject | None = None
     tried: set[int | None] = set()
-    for template in [*ordered, *fallbacks]:
+    for template in candidates():
         if template.id in tried and template.id is not None:
             continue
         tried.add(template.id)

@@ -251,13 +251,13 @@ class Store(ReferenceRecords):
             )
 
     def same_exposure(self, sha256: str, meta: FrameMeta) -> str | None:
-        """The file name of another finished frame of the same exposure (same telescope, instrument, filter
-        and DATE-OBS), or None."""
+        """The file name of another finished frame of the same exposure (same target, telescope, instrument,
+        filter and DATE-OBS), or None. Looked up through the (target, filter, mjd) index: once per frame."""
         row = self.conn.execute(
-            "SELECT f.file FROM frames f JOIN files fi USING (sha256) WHERE f.sha256 != ? AND f.date_obs = ? "
-            "AND f.filter = ? AND f.instrument IS ? AND f.telescope IS ? AND f.site IS ? "
-            "AND fi.state IN ('done', 'rejected') LIMIT 1",
-            (sha256, meta.date_obs, meta.filter, meta.instrument, meta.telescope, meta.site),
+            "SELECT f.file FROM frames f JOIN files fi USING (sha256) WHERE f.target = ? AND f.filter = ? "
+            "AND f.mjd = ? AND f.sha256 != ? AND f.date_obs = ? AND f.instrument IS ? AND f.telescope IS ? "
+            "AND f.site IS ? AND fi.state IN ('done', 'rejected') LIMIT 1",
+            (meta.target, meta.filter, meta.mjd_mid, sha256, meta.date_obs, meta.instrument, meta.telescope, meta.site),
         ).fetchone()
         return row[0] if row else None
 
