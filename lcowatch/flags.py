@@ -21,7 +21,7 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag(0, "saturated", "a pixel in the aperture is at or above the saturation level"),
-    Flag(1, "bad_pixel", "a masked (BPM bad, cosmic ray, non-finite) pixel is in the aperture"),
+    Flag(1, "bad_pixel", "a masked (BPM bad, cosmic ray, non-finite) pixel in the aperture could not be repaired"),
     Flag(2, "near_edge", "the aperture or its background annulus crosses the frame edge"),
     Flag(3, "off_frame", "the position falls outside the frame"),
     Flag(4, "low_snr", "signal-to-noise ratio below the configured minimum"),
@@ -39,6 +39,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(16, "elongated", "star images more elongated than quality.max_ellipticity"),
     Flag(17, "few_stars", "fewer stars than quality.min_nstars_ratio times the instrument's median (or min_nstars)"),
     Flag(18, "high_background", "background above quality.max_background"),
+    Flag(
+        19,
+        "repaired",
+        "cosmic-ray or masked pixels in the aperture were replaced by their mirror image through the star",
+    ),
 )
 
 #: Flags of the whole frame, set by quality control; such a frame still gives points.

@@ -123,8 +123,11 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
       nights), in rp and gp from a 1 m Sinistro (0.389"/pix) and a 0.4 m SBIG (0.571"/pix, 2 mag less
       light, 2.5-5" seeing, 3x the sky, other colour terms); every header WCS off by 0.5-5", differently
       per frame, with a little distortion;
-    - V2, a variable in rp and ip from the 1 m, where every ip frame's WCS failed (WCSERR=4).
-    Seeing varies from night to night, so templates change in every filter.
+    - V2, a variable in rp and ip from the 1 m, where every ip frame's WCS failed (WCSERR=4);
+    - V3, a bright red variable (r = 13, g - r = 1.0) in rp from both telescopes and in gp from the 1 m:
+      the colour terms put the 0.4 m's magnitudes on the 1 m's scale, or the other way round.
+    Seeing varies from night to night, so templates change in every filter. Cosmic rays hit every frame
+    and no mask marks them.
     """
     fields = {
         "SN2026H": make_field(
@@ -132,6 +135,10 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
             min_sep_arcsec=15.0, target_mag=16.0, target_gr=1.4, fade_rate=0.45, epoch=61000.0,
         ),
         "V2": field_for("V2", 210.0, -20.0, 32),
+        "V3": make_field(
+            "V3", 300.0, 30.0, nstars=FIELD_STARS, radius_arcmin=FIELD_RADIUS_ARCMIN, seed=33, min_sep_arcsec=15.0,
+            target_mag=13.0, target_gr=1.0,
+        ),
     }  # fmt: skip
     incoming = folder / "in"
     common: dict[str, Any] = {"nights": nights, "frames_per_night": 2, "shape": SHAPE, "wcs_jitter": (0.5, 5.0)}
@@ -144,6 +151,8 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
         ("SN2026H", "rp", one_metre, ONE_METRE_TERMS, {}), ("SN2026H", "gp", one_metre, ONE_METRE_TERMS, {}),
         ("SN2026H", "rp", sbig, SBIG_TERMS, {}), ("SN2026H", "gp", sbig, SBIG_TERMS, {}),
         ("V2", "rp", one_metre, ONE_METRE_TERMS, {}), ("V2", "ip", one_metre, ONE_METRE_TERMS, {"wcs_error": True}),
+        ("V3", "rp", one_metre, ONE_METRE_TERMS, {}), ("V3", "rp", sbig, SBIG_TERMS, {}),
+        ("V3", "gp", one_metre, ONE_METRE_TERMS, {}),
     ]  # fmt: skip
     series = []
     for number, (name, filter, telescope, terms, extra) in enumerate(plan):

@@ -17,10 +17,16 @@ from lcowatch.state.schema import SCHEMA_VERSION, SchemaTooNew
 RELEASE_0_1 = Path(__file__).parent / "data" / "release-0.1" / LEDGER_NAME
 
 
-def rows(path: Path, table: str) -> list[tuple[object, ...]]:
+def columns(path: Path, table: str) -> list[str]:
     with sqlite3.connect(path) as conn:
-        columns = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
-        return [tuple(r) for r in conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2")]
+        return [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
+
+
+def rows(path: Path, table: str, names: list[str] | None = None) -> list[tuple[object, ...]]:
+    """The table's rows (only the columns ``names``, when given), in key order."""
+    with sqlite3.connect(path) as conn:
+        selected = ", ".join(names or columns(path, table))
+        return [tuple(r) for r in conn.execute(f"SELECT {selected} FROM {table} ORDER BY 1, 2")]
 
 
 class TestSchemaVersion:
@@ -30,14 +36,16 @@ class TestSchemaVersion:
         state = tmp_path / "state"
         state.mkdir()
         shutil.copyfile(RELEASE_0_1, state / LEDGER_NAME)
-        before = {table: rows(state / LEDGER_NAME, table) for table in ("files", "frames", "points", "templates")}
+        tables = ("files", "frames", "points", "templates")
+        names = {table: columns(state / LEDGER_NAME, table) for table in tables}
+        before = {table: rows(state / LEDGER_NAME, table) for table in tables}
         with sqlite3.connect(state / LEDGER_NAME) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
         connect(state).close()
         with sqlite3.connect(state / LEDGER_NAME) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         for table, old in before.items():
-            assert rows(state / LEDGER_NAME, table)[: len(old)] == old, table
+            assert rows(state / LEDGER_NAME, table, names[table]) == old, table
         assert len(before["points"]) == 12 and sum(1 for r in before["files"] if r[3] == "done") == 4
 
     def test_the_old_points_export_under_this_code(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -47,6 +55,16 @@ class TestSchemaVersion:
         assert main(["export", "--config", str(config), "V9", "--format", "csv"]) == 0
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 1 + len(rows(RELEASE_0_1, "points"))  # a header and every stored point
+
+    def test_version_1_gains_the_cross_instrument_colour_term(self, tmp_path: Path) -> None:
+        connect(tmp_path).close()
+        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
+            conn.execute("ALTER TABLE points DROP COLUMN diff_color_term")
+            conn.execute("PRAGMA user_version = 1")
+        connect(tmp_path).close()
+        assert "diff_color_term" in columns(tmp_path / LEDGER_NAME, "points")
+        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
     def test_a_new_database_starts_at_the_current_version(self, tmp_path: Path) -> None:
         connect(tmp_path).close()

@@ -22,9 +22,10 @@ from lcowatch.log import frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
 from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
 from lcowatch.pipeline.stages import (
-    Calibrate,
+    CatalogMatcher,
     FrameWork,
     Stage,
+    calibrate_frame,
     calibration_columns,
     catalog_radius_arcmin,
     default_stages,
@@ -47,7 +48,7 @@ from lcowatch.science.template import (
     template_score,
 )
 from lcowatch.state.ledger import Ledger, transaction
-from lcowatch.state.store import Store
+from lcowatch.state.store import ColourColumns, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
 
 
@@ -70,7 +71,8 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
     """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that night.
 
     Where the colour's bands were not both measured that night, the comparison stars' median colour
-    stands in and the point is flagged ``color_assumed`` (when a colour term applies at all).
+    stands in and the point is flagged ``color_assumed`` (when a colour term applies at all). ``diff_mag``
+    from another instrument than the reference frame's moves with the difference of their colour terms.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
@@ -84,15 +86,32 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
         for row, m0, c, own, t in zip(group, mag0, term, colour, times, strict=True):
             if abs(t - mjd) > COLOR_WINDOW_DAYS:
                 continue  # its partners may lie outside what was read
-            used = own if np.isfinite(own) else (row["comparison_color"] or 0.0)
-            was_assumed, now_assumed = bool(row["flags"] & assumed), bool(c != 0 and not np.isfinite(own))
-            # An assumed colour may be wrong by a field star's spread of colours, through the colour term.
-            measured_err = np.sqrt(max((row["mag_err"] or 0.0) ** 2 - (was_assumed * c * ASSUMED_COLOR_SPREAD) ** 2, 0))
-            mag_err = float(np.hypot(measured_err, now_assumed * c * ASSUMED_COLOR_SPREAD))
-            point_flags = row["flags"] & ~assumed | (assumed if now_assumed else 0)
-            store.set_point_colour(
-                conn, row["sha256"], aperture, float(m0 + c * used), mag_err, float(used), point_flags
-            )
+            field_color = row["comparison_color"] or 0.0
+            used = own if np.isfinite(own) else field_color
+            change = row["diff_color_term"] or 0.0
+            was_assumed = bool(row["flags"] & assumed)
+            now_assumed = bool((c != 0 or change != 0) and not np.isfinite(own))
+            spread = (was_assumed, now_assumed)
+            diff_mag, diff_err = row["diff_mag"], row["diff_mag_err"]
+            if diff_mag is not None and change:
+                # diff_mag was made for the field's median colour, moved since by the colour last applied.
+                previous = row["color"] if row["color"] is not None else field_color
+                diff_mag += change * (used - previous)
+                diff_err = _with_colour_spread(diff_err, change, *spread)
+            columns = ColourColumns(
+                mag=float(m0 + c * used), mag_err=_with_colour_spread(row["mag_err"] or 0.0, c, *spread),
+                diff_mag=diff_mag, diff_mag_err=diff_err, color=float(used),
+                flags=row["flags"] & ~assumed | (assumed if now_assumed else 0),
+            )  # fmt: skip
+            store.set_point_colour(conn, row["sha256"], aperture, columns)
+
+
+def _with_colour_spread(error: float, term: float, was_assumed: bool, now_assumed: bool) -> float:
+    """An error with the uncertainty of an assumed colour (a field star's spread of colours, through the
+    colour term) taken out where it was in and put in where it now is."""
+    spread = term * ASSUMED_COLOR_SPREAD
+    measured = np.sqrt(max(error**2 - (was_assumed * spread) ** 2, 0.0))
+    return float(np.hypot(measured, now_assumed * spread))
 
 
 class Pipeline:
@@ -318,7 +337,7 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
     Returns (frames examined, frames calibrated).
     """
     store = Store(conn)
-    calibrate = Calibrate(FieldCatalogs(config))
+    matcher = CatalogMatcher(FieldCatalogs(config))
     reference = store.reference(target)
     if reference is None:
         return 0, 0
@@ -328,7 +347,7 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
     frames = store.done_frames(target)
     radius = catalog_radius_arcmin(config, reference.shape, reference.pixscale)
     if reference.sky_fix is None and reference.wcs is not None:
-        sky_fix = calibrate.fix_reference(store, reference, radius, frames[0]["filter"] if frames else "rp")
+        sky_fix = matcher.fix_reference(store, reference, radius, frames[0]["filter"] if frames else "rp")
         if sky_fix is not None:
             reference = place_target(replace(reference, sky_fix=sky_fix), config)
     calibrated = 0
@@ -336,16 +355,15 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
         store.write_reference(conn, reference)
         for frame in frames:
             sha256, filter = frame["sha256"], frame["filter"]
+            match = matcher.match(config, reference, filter, field_ref, radius)
+            if match is None:
+                continue  # nothing to calibrate against: keep what is stored
             inst_mag, inst_err, star_flags = store.photometry_arrays(sha256, order, apertures)
             points = store.point_rows(sha256)
-            calibrations, catalog = calibrate.calibrate(
-                config, reference, filter, frame["instrument"], field_ref, inst_mag, inst_err, star_flags, radius
-            )
-            if catalog is None:
-                continue  # nothing to calibrate against: keep what is stored
+            calibrations = calibrate_frame(config, match, filter, frame["instrument"], inst_mag, inst_err, star_flags)
             store.update_points(
                 conn, sha256,
-                [calibration_columns(c, catalog, filter, p["flags"], p["flux_err"])
+                [calibration_columns(c, match, filter, p["flags"], p["flux_err"])
                  for c, p in zip(calibrations, points, strict=False)],
             )  # fmt: skip
             calibrated += any(c is not None for c in calibrations)

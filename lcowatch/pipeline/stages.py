@@ -55,6 +55,9 @@ from lcowatch.state.store import CalibrationColumns, PointRecord, Store
 from lcowatch.states import Step
 
 MIN_COMPARISONS = 3
+#: The ensemble keeps to stars measured this well (mag) when it has at least ENSEMBLE_PRECISE_STARS of them.
+ENSEMBLE_MAX_ERROR = 0.03
+ENSEMBLE_PRECISE_STARS = 5
 
 
 @dataclass
@@ -83,7 +86,8 @@ class FrameWork:
     field_ref: np.ndarray | None = None
     photometry: Photometry | None = None
     target_centroid_ref: tuple[np.ndarray, float] | None = None
-    new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)
+    catalog_match: CatalogMatch | None = None
+    new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)  # reference magnitudes set or refined
     points: list[PointRecord] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
@@ -277,8 +281,14 @@ def register_to_template(work: FrameWork, template: Template) -> Registration:
     return register(template.sources, work.sources, guess=guess, guess_error=guess_error, max_rms=max_rms)
 
 
+#: A registration on fewer stars than this (a 0.4 m frame against a 1 m template shares a handful) can be
+#: off by pixels at the frame's edges: the other templates are tried too, and the best taken.
+CONFIDENT_MATCHES = 15
+
+
 def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template, Registration, Affine]:
-    """Register the frame to the first template that takes it, and chain that to the reference frame.
+    """Register the frame to the first template that takes it with :data:`CONFIDENT_MATCHES` stars (else to
+    the one that matches most), and chain that to the reference frame.
 
     Tried in order: the filter's template, the latest templates from the frame's own instrument (current
     or replaced: a 0.4 m frame with a dozen stars matches a 0.4 m template, not a 1 m one), the target's
@@ -299,6 +309,7 @@ def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template,
 
     failure: Reject | None = None
     tried: set[int | None] = set()
+    best: tuple[Template, Registration] | None = None
     for template in candidates():
         if template.id in tried and template.id is not None:
             continue
@@ -308,8 +319,14 @@ def place_in_reference(work: FrameWork, *fallbacks: Template) -> tuple[Template,
         except Reject as exc:
             failure = failure or exc
             continue
-        return template, registration, compose(registration.matrix, template.from_reference)
-    raise failure or Reject("registration failed: no template to register to", step=Step.REGISTER)
+        if best is None or registration.n_matched > best[1].n_matched:
+            best = template, registration
+        if registration.n_matched >= CONFIDENT_MATCHES:
+            break
+    if best is None:
+        raise failure or Reject("registration failed: no template to register to", step=Step.REGISTER)
+    template, registration = best
+    return template, registration, compose(registration.matrix, template.from_reference)
 
 
 class Register:
@@ -398,26 +415,40 @@ class DifferentialPhotometry:
         assert work.quality is not None
         meta, config = work.frame.meta, work.config
         assert meta.target is not None
-        refs = work.store.star_refs(meta.target, meta.filter)
-        if not refs:
+        filter_key = (meta.target, meta.filter)
+        refs = work.store.star_refs(*filter_key)
+        first_in_filter = not refs
+        if first_in_filter:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
             unset = np.full(len(star_ids) - 1, np.nan)
-            refs = work.new_refs = self._refs_for_new_stars(phot, star_ids, unset, 0.0, 0.0)
+            refs = work.new_refs = self._refs_for_new_stars(phot.inst_mag[1:], phot, star_ids, unset, 0.0, 0.0)
         ref_mag = np.array([refs.get(int(star), (np.nan, np.nan))[0] for star in star_ids[1:]])
         ref_err = np.array([refs.get(int(star), (np.nan, np.nan))[1] for star in star_ids[1:]])
+        reference_instrument = meta.instrument if first_in_filter else work.store.reference_instrument(*filter_key)
         # Light lost to clouds shows against the reference frame only on the same instrument; another
         # telescope's throughput differs by magnitudes.
-        same_instrument = (
-            bool(work.new_refs) or work.store.reference_instrument(meta.target, meta.filter) == meta.instrument
-        )
+        same_instrument = reference_instrument == meta.instrument
+        term_change = 0.0 if same_instrument else self._color_term_change(work, reference_instrument)
+        # Another instrument's colour term makes its magnitudes differ from the reference frame's by
+        # term_change x colour: comparison stars are put on the reference frame's system with their catalog
+        # colours, the target (until its colour is known) as if of the field's median colour.
+        field_inst = phot.inst_mag[1:]
+        if term_change and work.catalog_match is not None:
+            colors = work.catalog_match.star_colors(len(star_ids) - 1) - work.catalog_match.field_color
+            field_inst = field_inst + term_change * np.nan_to_num(colors)[:, None]
         apertures = config.photometry.apertures
         for k, aperture in enumerate(apertures):
             # The ensemble is a zero point against the reference magnitudes: the same robust fit (clipping,
             # intrinsic scatter so no few bright stars dominate) as the calibration against a catalog.
             comparison = comparison_stars(phot, k)
+            # Faint stars add little precision and most of the bias: their magnitudes move with the
+            # background left under them (neighbours' wings in the annulus at poor seeing).
+            precise = comparison & (phot.inst_err[1:, k] <= ENSEMBLE_MAX_ERROR)
+            if precise.sum() >= ENSEMBLE_PRECISE_STARS:
+                comparison = precise
             try:
                 ensemble = fit_zeropoint(
-                    phot.inst_mag[1:, k][comparison], phot.inst_err[1:, k][comparison],
+                    field_inst[:, k][comparison], phot.inst_err[1:, k][comparison],
                     ref_mag[comparison], ref_err[comparison],
                 )  # fmt: skip
                 offset, offset_err, n_used = ensemble.zp, ensemble.zp_err, ensemble.n_used
@@ -435,7 +466,13 @@ class DifferentialPhotometry:
             if not detected:
                 point_flags |= flags.value("nondetection")
             if k == 0 and n_used >= MIN_COMPARISONS and point_flags & FRAME_DOUBT == 0:
-                work.new_refs |= self._refs_for_new_stars(phot, star_ids, ref_mag, offset, offset_err)
+                work.new_refs |= self._refs_for_new_stars(field_inst, phot, star_ids, ref_mag, offset, offset_err)
+                if not first_in_filter:  # its own measurements set the references: nothing to average
+                    used = np.flatnonzero(comparison)[ensemble.used]
+                    work.new_refs |= self._refined_refs(
+                        star_ids[1:][used], ref_mag[used], ref_err[used], field_inst[used, 0] + offset,
+                        phot.inst_err[1:, 0][used],
+                    )  # fmt: skip
             # The comparison stars' scatter beyond their errors (ensemble_scatter) is exported, not added: one
             # frame's estimate follows its few worst stars (blends) and made constant stars' chi2/dof 0.75.
             diff_err = np.hypot(phot.inst_err[0, k], offset_err)
@@ -448,7 +485,7 @@ class DifferentialPhotometry:
                     "diff_mag_err": _finite(diff_err) if detected else None,
                     "flux": _finite(flux / meta.exptime), "flux_err": _finite(flux_err / meta.exptime),
                     "snr": _finite(snr), "limit_mag": _finite(limit_mag(flux_err, meta.exptime) + offset),
-                    "ensemble_scatter": _finite(scatter),
+                    "ensemble_scatter": _finite(scatter), "diff_color_term": term_change,
                     "n_comparison": n_used, "registration_rms": registration.rms,
                     "n_matched": registration.n_matched, "template": template.file,
                     "flags": point_flags | flags.value("uncalibrated"),
@@ -456,13 +493,42 @@ class DifferentialPhotometry:
             )  # fmt: skip
 
     @staticmethod
+    def _refined_refs(
+        star_ids: np.ndarray, ref_mag: np.ndarray, ref_err: np.ndarray, measured: np.ndarray, measured_err: np.ndarray
+    ) -> dict[int, tuple[float, float]]:
+        """The ensemble stars' reference magnitudes averaged with this frame's measurements of them, by
+        inverse variance. Reference magnitudes set by one frame carry its noise, which the ensemble passes on
+        to the target whenever its membership changes; averaged over the frames, that noise fades. The
+        offset fit makes the weighted mean change of the ensemble zero, so the scale stays where it is."""
+        known = (ref_err > 0) & np.isfinite(ref_mag) & (measured_err > 0) & np.isfinite(measured)
+        prior, weight = 1.0 / ref_err[known] ** 2, 1.0 / measured_err[known] ** 2
+        mags = (ref_mag[known] * prior + measured[known] * weight) / (prior + weight)
+        errors = 1.0 / np.sqrt(prior + weight)
+        return {int(star): (float(m), float(e)) for star, m, e in zip(star_ids[known], mags, errors, strict=True)}
+
+    @staticmethod
+    def _color_term_change(work: FrameWork, reference_instrument: str | None) -> float:
+        """This instrument's colour term minus the reference instrument's, in the frame's filter (0 where
+        either is to be fitted per frame rather than fixed in the config)."""
+        config, meta = work.config, work.frame.meta
+        own = fixed_color_term(config, meta.instrument, meta.filter)
+        reference = fixed_color_term(config, reference_instrument, meta.filter)
+        return own - reference if own is not None and reference is not None else 0.0
+
+    @staticmethod
     def _refs_for_new_stars(
-        phot: Photometry, star_ids: np.ndarray, ref_mag: np.ndarray, offset: float, offset_err: float
+        field_inst: np.ndarray,
+        phot: Photometry,
+        star_ids: np.ndarray,
+        ref_mag: np.ndarray,
+        offset: float,
+        offset_err: float,
     ) -> dict[int, tuple[float, float]]:
         """Reference magnitudes of comparison stars added since the filter's first template, put on the
-        existing scale through this frame's ensemble offset."""
+        existing scale through this frame's ensemble offset (``field_inst``: the field stars' magnitudes on
+        the reference frame's system)."""
         new = comparison_stars(phot, 0) & ~np.isfinite(ref_mag)
-        mags, errors = phot.inst_mag[1:, 0][new], phot.inst_err[1:, 0][new]
+        mags, errors = field_inst[:, 0][new], phot.inst_err[1:, 0][new]
         return {
             int(star): (float(mag + offset), float(np.hypot(err, offset_err)))
             for star, mag, err in zip(star_ids[1:][new], mags, errors, strict=True)
@@ -482,44 +548,35 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-class Calibrate:
-    """Standard magnitudes: a zero point per aperture from the field's catalog stars (old steps 4.5-6).
+@dataclass(frozen=True)
+class CatalogMatch:
+    """A target's catalog stars in one band matched to its field stars (in reference pixels):
+    ``catalog[catalog_index[j]]`` is field star ``star_index[j]`` (0-based among the field stars)."""
 
-    The catalog is cross-matched to the comparison stars in the reference frame, through its header WCS
-    corrected on the catalog stars themselves. Without a catalog the points stay uncalibrated and flagged;
-    the first frame calibrated after that (in this process: a catalog back after an outage, or added to the
-    config) has the runner fill them in from the stored star photometry, as ``lcowatch recalibrate`` does.
-    The colour term is applied
-    with the target's own colour once the paired filter is measured the same night (see
-    :func:`Pipeline._apply_colours`).
-    """
+    catalog: Table
+    catalog_index: np.ndarray
+    star_index: np.ndarray
 
-    name = Step.CALIBRATE
+    def star_colors(self, n_stars: int) -> np.ndarray:
+        """Catalog colour of each of ``n_stars`` field stars, NaN where a star has no catalog entry."""
+        colors = np.full(n_stars, np.nan)
+        colors[self.star_index] = np.asarray(self.catalog["color"], dtype=float)[self.catalog_index]
+        return colors
+
+    @property
+    def field_color(self) -> float:
+        """Median colour of the matched stars: the colour the target is given until its own is measured."""
+        colors = np.asarray(self.catalog["color"], dtype=float)[self.catalog_index]
+        return float(np.nanmedian(colors)) if np.isfinite(colors).any() else float("nan")
+
+
+class CatalogMatcher:
+    """Cross-matches a target's catalog with its field stars through the reference frame's header WCS,
+    corrected on the catalog stars themselves; each match is made once per reference, band and field."""
 
     def __init__(self, catalogs: FieldCatalogs) -> None:
         self.catalogs = catalogs
-        self._matches: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray]] = {}
-        self._calibrated: set[tuple[str, str | None]] = set()  # (target, band) calibrated in this process
-
-    def __call__(self, work: FrameWork) -> None:
-        phot, reference, meta = work.photometry, work.reference, work.frame.meta
-        assert phot is not None and reference is not None and work.field_ref is not None and meta.target is not None
-        assert work.star_ids is not None
-        if reference.sky_fix is None and reference.wcs is not None:
-            sky_fix = self.fix_reference(work.store, reference, _radius_arcmin(work), meta.filter)
-            if sky_fix is not None:
-                work.reference = reference = place_target(replace(reference, sky_fix=sky_fix), work.config)
-                work.reference_changed = True
-        calibrations, catalog = self.calibrate(
-            work.config, reference, meta.filter, meta.instrument, work.field_ref,
-            phot.inst_mag, phot.inst_err, phot.flags, _radius_arcmin(work),
-        )  # fmt: skip
-        for point, calibration in zip(work.points, calibrations, strict=True):
-            point.update(calibration_columns(calibration, catalog, meta.filter, point["flags"], point["flux_err"]))
-        key = (meta.target, BAND_OF_FILTER.get(meta.filter))
-        if key not in self._calibrated and any(c is not None for c in calibrations):
-            self._calibrated.add(key)
-            work.fill_in_calibration = work.store.has_uncalibrated_points(*key)
+        self._matches: dict[tuple[object, ...], CatalogMatch] = {}
 
     def fix_reference(self, store: Store, reference: Reference, radius_arcmin: float, filter: str) -> Affine | None:
         """Correct a reference frame's header WCS once a catalog can be had (it could not when it was made)."""
@@ -528,48 +585,118 @@ class Calibrate:
             return None
         return fit_sky_fix(reference, store.sources(reference.sha256), catalog)
 
-    def calibrate(
-        self,
-        config: Config,
-        reference: Reference,
-        filter: str,
-        instrument: str | None,
-        field_ref: np.ndarray,
-        inst_mag: np.ndarray,
-        inst_err: np.ndarray,
-        star_flags: np.ndarray,
-        radius_arcmin: float,
-    ) -> tuple[list[Calibration | None], Table | None]:
-        """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
-        apertures = inst_mag.shape[1]
+    def match(
+        self, config: Config, reference: Reference, filter: str, field_ref: np.ndarray, radius_arcmin: float
+    ) -> CatalogMatch | None:
+        """The match in ``filter``'s band, or None without a catalog (or without any WCS to place it)."""
         band = BAND_OF_FILTER.get(filter)
         catalog = self.catalogs.get(reference.target, band, radius_arcmin) if band is not None else None
         if catalog is None or len(catalog) == 0 or reference.wcs is None:
-            return [None] * apertures, catalog
+            return None
         fix = None if reference.sky_fix is None else reference.sky_fix.tobytes()
-        key = (reference.target, band, reference.sha256, fix, len(field_ref))
+        key = (reference.target, band, reference.sha256, fix, len(field_ref), id(catalog))
         if key not in self._matches:
             order = np.argsort(np.asarray(catalog["mag"], dtype=float))
             cat_xy = reference.pixels_of(np.asarray(catalog["ra"])[order], np.asarray(catalog["dec"])[order])
             radius = config.catalog.match_radius_arcsec / reference.pixscale
             shift = 0.0 if reference.sky_fix is not None else SOLVED_WCS_ERROR_ARCSEC / reference.pixscale
             _, cat_index, star_index = match_positions(cat_xy, field_ref, radius, max_offset=shift)
-            self._matches[key] = (order[cat_index], star_index)
-        cat_index, star_index = self._matches[key]
-        usable = np.column_stack(
-            [comparison_mask(inst_mag[1:, k], inst_err[1:, k], star_flags[1:, k]) for k in range(apertures)]
+            self._matches[key] = CatalogMatch(catalog, order[cat_index], star_index)
+        return self._matches[key]
+
+
+class MatchCatalog:
+    """Find the target's reference stars in its catalog (old step 4.5): their colours put other telescopes'
+    magnitudes on the reference frame's system, and their magnitudes give the zero point.
+
+    The reference frame's header WCS is corrected on the catalog stars the first time a catalog answers.
+    """
+
+    name = Step.CATALOG
+
+    def __init__(self, matcher: CatalogMatcher) -> None:
+        self.matcher = matcher
+
+    def __call__(self, work: FrameWork) -> None:
+        reference, meta = work.reference, work.frame.meta
+        assert reference is not None and work.field_ref is not None
+        if reference.sky_fix is None and reference.wcs is not None:
+            sky_fix = self.matcher.fix_reference(work.store, reference, _radius_arcmin(work), meta.filter)
+            if sky_fix is not None:
+                work.reference = reference = place_target(replace(reference, sky_fix=sky_fix), work.config)
+                work.reference_changed = True
+        work.catalog_match = self.matcher.match(
+            work.config, reference, meta.filter, work.field_ref, _radius_arcmin(work)
         )
-        color_terms = config.catalog.color_terms
-        fixed = color_terms.get(f"{instrument}:{filter}", color_terms.get(filter))
-        if fixed is None and not config.catalog.fit_color_terms:
-            fixed = 0.0
-        return calibrate_apertures(
-            inst_mag, inst_err, usable, catalog, cat_index, star_index, color_term=fixed
-        ), catalog
+
+
+def fixed_color_term(config: Config, instrument: str | None, filter: str) -> float | None:
+    """The configured colour term of an instrument and filter (0 when none is set and none is to be fitted);
+    None when it is to be fitted per frame."""
+    terms = config.catalog.color_terms
+    fixed = terms.get(f"{instrument}:{filter}", terms.get(filter))
+    if fixed is None and not config.catalog.fit_color_terms:
+        return 0.0
+    return fixed
+
+
+def calibrate_frame(
+    config: Config,
+    match: CatalogMatch | None,
+    filter: str,
+    instrument: str | None,
+    inst_mag: np.ndarray,
+    inst_err: np.ndarray,
+    star_flags: np.ndarray,
+) -> list[Calibration | None]:
+    """Zero points for one frame's stored or fresh photometry (rows: target, then field stars)."""
+    apertures = inst_mag.shape[1]
+    if match is None:
+        return [None] * apertures
+    usable = np.column_stack(
+        [comparison_mask(inst_mag[1:, k], inst_err[1:, k], star_flags[1:, k]) for k in range(apertures)]
+    )
+    return calibrate_apertures(
+        inst_mag, inst_err, usable, match.catalog, match.catalog_index, match.star_index,
+        color_term=fixed_color_term(config, instrument, filter),
+    )  # fmt: skip
+
+
+class Calibrate:
+    """Standard magnitudes: a zero point per aperture from the field's catalog stars (old steps 5-6).
+
+    Without a catalog the points stay uncalibrated and flagged; the first frame calibrated after that (in
+    this process: a catalog back after an outage, or added to the config) has the runner fill them in from
+    the stored star photometry, as ``lcowatch recalibrate`` does. The colour term is applied with the
+    target's own colour once the paired filter is measured the same night (see :func:`apply_colours`).
+    """
+
+    name = Step.CALIBRATE
+
+    def __init__(self) -> None:
+        self._calibrated: set[tuple[str, str | None]] = set()  # (target, band) calibrated in this process
+
+    def __call__(self, work: FrameWork) -> None:
+        phot, meta = work.photometry, work.frame.meta
+        assert phot is not None and meta.target is not None
+        match = work.catalog_match
+        calibrations = calibrate_frame(
+            work.config, match, meta.filter, meta.instrument, phot.inst_mag, phot.inst_err, phot.flags
+        )
+        for point, calibration in zip(work.points, calibrations, strict=True):
+            point.update(calibration_columns(calibration, match, meta.filter, point["flags"], point["flux_err"]))
+        key = (meta.target, BAND_OF_FILTER.get(meta.filter))
+        if key not in self._calibrated and any(c is not None for c in calibrations):
+            self._calibrated.add(key)
+            work.fill_in_calibration = work.store.has_uncalibrated_points(*key)
 
 
 def calibration_columns(
-    calibration: Calibration | None, catalog: Table | None, filter: str, point_flags: int, flux_err: float | None
+    calibration: Calibration | None,
+    match: CatalogMatch | None,
+    filter: str,
+    point_flags: int,
+    flux_err: float | None,
 ) -> CalibrationColumns:
     """The points-table columns a calibration sets (all empty, and flagged, without one).
 
@@ -582,7 +709,7 @@ def calibration_columns(
     if calibration is None:
         return CalibrationColumns(
             mag=None, mag_err=None, zp=None, zp_err=None, color_term=None, zp_nstars=None, zp_scatter=None,
-            catalog=None, color=None, comparison_color=None, band=band,
+            catalog=None, color=None, comparison_color=_finite(match.field_color) if match else None, band=band,
             flags=point_flags | flags.value("uncalibrated"),
         )  # fmt: skip
     zp = calibration.zeropoint
@@ -591,8 +718,8 @@ def calibration_columns(
         "mag": _finite(calibration.mag) if detected else None,
         "mag_err": _finite(calibration.mag_err) if detected else None,
         "zp": zp.zp, "zp_err": zp.zp_err, "color_term": zp.color_term, "zp_nstars": zp.n_used,
-        "zp_scatter": _finite(zp.scatter), "catalog": catalog.meta.get("catalog") if catalog is not None else None,
-        "band": band, "color": None, "comparison_color": _finite(calibration.comparison_color),
+        "zp_scatter": _finite(zp.scatter), "catalog": match.catalog.meta.get("catalog") if match else None,
+        "band": band, "color": None, "comparison_color": _finite(match.field_color) if match else None,
         "flags": point_flags & ~flags.value("uncalibrated", "color_assumed"),  # apply_colours decides
         "limit_mag": _finite(limit_mag(flux_err, 1.0) + zp.zp) if flux_err is not None else None,
     }  # fmt: skip
@@ -602,5 +729,5 @@ def default_stages(config: Config) -> list[Stage]:
     catalogs = FieldCatalogs(config)
     return [
         Preprocess(), MeasureQuality(), SelectTemplate(catalogs), Register(), MeasurePhotometry(),
-        DifferentialPhotometry(), Calibrate(catalogs),
+        MatchCatalog(CatalogMatcher(catalogs)), DifferentialPhotometry(), Calibrate(),
     ]  # fmt: skip

@@ -443,14 +443,12 @@ class Calibration:
     """One aperture's calibration of one frame.
 
     ``mag`` is the target's magnitude as a source of colour 0 (``inst_mag + zp``; the colour term is applied
-    once the target's colour is known, see :func:`solve_colours`); ``comparison_color`` is the median
-    catalog colour of the stars in the fit, the colour assumed for the target until its own is measured.
+    once the target's colour is known, see :func:`solve_colours`).
     """
 
     zeropoint: ZeroPoint
     mag: float
     mag_err: float
-    comparison_color: float
 
 
 def calibrate_apertures(
@@ -502,9 +500,7 @@ def calibrate_apertures(
             results.append(None)
             continue
         mag, mag_err = apply_zeropoint(inst_mag[0, k], inst_err[0, k], zp)
-        used_color = color[keep][zp.used] if has_color else np.empty(0)
-        median_color = float(np.nanmedian(used_color)) if np.isfinite(used_color).any() else float("nan")
-        results.append(Calibration(zp, float(mag), float(mag_err), median_color))
+        results.append(Calibration(zp, float(mag), float(mag_err)))
     return results
 
 

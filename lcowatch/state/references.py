@@ -211,6 +211,7 @@ class ReferenceRecords:
         conn: sqlite3.Connection, target: str, filter: str, refs: dict[int, tuple[float, float]]
     ) -> None:
         conn.executemany(
-            "INSERT OR IGNORE INTO star_refs VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO star_refs VALUES (?, ?, ?, ?, ?) ON CONFLICT (target, filter, star_id) "
+            "DO UPDATE SET ref_mag = excluded.ref_mag, ref_err = excluded.ref_err",
             [(target, filter, star, mag, err) for star, (mag, err) in refs.items()],
         )

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lcowatch.errors import Stop
 
 #: Version of the tables below; one more for each entry of :data:`MIGRATIONS`.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 LEDGER_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -177,6 +177,7 @@ CREATE TABLE IF NOT EXISTS points (
     snr REAL,
     limit_mag REAL,
     ensemble_scatter REAL,
+    diff_color_term REAL,
     n_comparison INTEGER NOT NULL,
     registration_rms REAL NOT NULL,
     n_matched INTEGER NOT NULL,
@@ -200,7 +201,8 @@ CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    """Release 0.1 (no version yet) grew its tables by columns only, all nullable: add the ones missing."""
+    """Add the nullable columns a table lacks: release 0.1 (no version yet) grew its tables by columns
+    only, and version 2 added ``points.diff_color_term``."""
     for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", STORE_TABLES, re.S):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for line in body.strip().splitlines():
@@ -211,7 +213,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 #: ``MIGRATIONS[v]`` brings a database from version ``v`` to ``v + 1`` (after the tables of the current
 #: schema that it lacks entirely have been created).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns, _add_missing_columns]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

@@ -61,6 +61,7 @@ class PointRecord(TypedDict):
     snr: float | None
     limit_mag: float | None
     ensemble_scatter: float | None
+    diff_color_term: float
     n_comparison: int
     registration_rms: float
     n_matched: int
@@ -77,6 +78,17 @@ class PointRecord(TypedDict):
     band: NotRequired[str | None]
     color: NotRequired[float | None]
     comparison_color: NotRequired[float | None]
+
+
+class ColourColumns(TypedDict):
+    """The points-table columns the target's colour changes."""
+
+    mag: float
+    mag_err: float
+    diff_mag: float | None
+    diff_mag_err: float | None
+    color: float
+    flags: int
 
 
 class Store(ReferenceRecords):
@@ -153,24 +165,18 @@ class Store(ReferenceRecords):
         """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture."""
         return conn.execute(
             "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.mag_err, p.color, p.color_term, "
-            "p.comparison_color, p.flags, f.mjd FROM points p JOIN frames f USING (sha256) "
+            "p.comparison_color, p.diff_mag, p.diff_mag_err, p.diff_color_term, p.flags, f.mjd "
+            "FROM points p JOIN frames f USING (sha256) "
             "WHERE p.target = ? AND p.mag IS NOT NULL AND f.mjd BETWEEN ? AND ?",
             (target, mjd - days, mjd + days),
         ).fetchall()
 
     @staticmethod
-    def set_point_colour(
-        conn: sqlite3.Connection,
-        sha256: str,
-        aperture: int,
-        mag: float,
-        mag_err: float,
-        color: float,
-        point_flags: int,
-    ) -> None:
+    def set_point_colour(conn: sqlite3.Connection, sha256: str, aperture: int, columns: ColourColumns) -> None:
         conn.execute(
-            "UPDATE points SET mag = ?, mag_err = ?, color = ?, flags = ? WHERE sha256 = ? AND aperture = ?",
-            (mag, mag_err, color, point_flags, sha256, aperture),
+            "UPDATE points SET mag = :mag, mag_err = :mag_err, diff_mag = :diff_mag, diff_mag_err = :diff_mag_err, "
+            "color = :color, flags = :flags WHERE sha256 = :sha256 AND aperture = :aperture",
+            {**columns, "sha256": sha256, "aperture": aperture},
         )
 
     def instrument_history(self, target: str, instrument: str | None) -> InstrumentHistory | None:

@@ -1,0 +1,95 @@
+"""Aperture photometry on simulated frames whose stars' fluxes are known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lcowatch import flags
+from lcowatch.config import parse
+from lcowatch.science.frame import Frame, read_content, read_frame
+from lcowatch.science.photometry import Photometry, measure
+from lcowatch.science.preprocess import preprocess
+from lcowatch.science.quality import detect_sources
+from lcowatch.simulation.simulate import FrameSpec, FrameTruth, make_field, write_frame
+
+FIELD = make_field("PTEST", 45.0, 5.0, nstars=600, radius_arcmin=3.0, seed=8)
+CONFIG = parse(
+    {"watch": {"paths": ["in"]}, "state_dir": "s", "targets": {"PTEST": {"ra": 45.0, "dec": 5.0}}}, Path("/")
+)
+
+
+def _frame(tmp_path: Path, name: str, **spec: object) -> tuple[Frame, FrameTruth]:
+    path = tmp_path / name
+    truth = write_frame(path, FIELD, FrameSpec(shape=(512, 512), n_cosmics=0, **spec))  # type: ignore[arg-type]
+    content, sha = read_content(path)
+    return read_frame(path, content, sha, CONFIG), truth
+
+
+def _measure(frame: Frame, truth: FrameTruth, stars: np.ndarray) -> Photometry:
+    pre = preprocess(frame)
+    sources = detect_sources(pre, CONFIG.quality)
+    settings = CONFIG.photometry
+    return measure(
+        frame, pre, sources, truth.x[stars], truth.y[stars], settings.apertures, settings.annulus, truth.fwhm_pix,
+        recentre_snr=settings.recentre_snr, min_snr=settings.min_snr, max_shift=0.5 * truth.fwhm_pix,
+    )  # fmt: skip
+
+
+def _bright_isolated(truth: FrameTruth, count: int) -> np.ndarray:
+    """Unsaturated stars with no star brighter than 5 mag fainter within 5 FWHM, well inside the frame."""
+    inside = (truth.x > 60) & (truth.x < 450) & (truth.y > 60) & (truth.y < 450) & ~truth.saturated
+    chosen: list[int] = []
+    for star in np.argsort(truth.mag):
+        if not inside[star]:
+            continue
+        near = np.hypot(truth.x - truth.x[star], truth.y - truth.y[star]) < 5 * truth.fwhm_pix
+        if (near & (truth.mag < truth.mag[star] + 5)).sum() == 1:
+            chosen.append(int(star))
+        if len(chosen) == count:
+            break
+    return np.array(chosen)
+
+
+class TestRepairedApertures:
+    """Cosmic-ray hits the file's mask missed, and masked pixels, in an aperture neither add nor lose light:
+    they are replaced by their mirror image through the star, and the point says so (``repaired``)."""
+
+    def test_cosmic_ray_hits_on_stars_are_taken_out(self, tmp_path: Path) -> None:
+        clean, truth = _frame(tmp_path, "clean.fits", seed=3)
+        hit, _ = _frame(tmp_path, "hit.fits", seed=3)
+        stars = _bright_isolated(truth, 8)
+        for step, star in enumerate(stars):
+            # a 3-pixel track of 4000 e- per pixel, 1-3 pixels from the star's centre
+            col, row = round(float(truth.x[star])) + 1 + step % 2, round(float(truth.y[star]))
+            hit.data[row : row + 3, col] += 4000.0
+        reference, repaired = _measure(clean, truth, stars), _measure(hit, truth, stars)
+        for k in range(len(CONFIG.photometry.apertures)):
+            difference = repaired.flux[:, k] - reference.flux[:, k]
+            assert np.all(np.abs(difference) < 2.0 * reference.flux_err[:, k]), difference / reference.flux_err[:, k]
+            assert np.all(5.0 * reference.flux_err[:, k] < 12000.0)  # unrepaired, every hit would show
+        assert np.all(repaired.flags[:, 0] & flags.value("repaired"))
+        assert not np.any(reference.flags & flags.value("repaired"))
+
+    def test_a_bad_column_through_a_star_loses_no_light(self, tmp_path: Path) -> None:
+        clean, truth = _frame(tmp_path, "clean.fits", seed=4)
+        stars = _bright_isolated(truth, 4)
+        # Columns 2 pixels off each star's centre and right through it (its own mirror image).
+        columns = tuple(round(float(truth.x[s])) + (2 if i % 2 else 0) for i, s in enumerate(stars))
+        spoiled, _ = _frame(tmp_path, "spoiled.fits", seed=4, bad_columns=columns)
+        reference, repaired = _measure(clean, truth, stars), _measure(spoiled, truth, stars)
+        # A column is 1/(2 r) of the aperture: ~10 % of the light through its middle if left out.
+        loss = 1.0 - repaired.flux[:, 0] / reference.flux[:, 0]
+        assert np.all(np.abs(loss) < 0.01), loss
+        assert np.all(repaired.flags[:, 0] & flags.value("repaired"))
+        assert not np.any(repaired.flags[:, 0] & flags.value("bad_pixel"))
+
+    @pytest.mark.parametrize(("fwhm", "seed"), [(1.0, 5), (2.0, 6), (3.5, 7)])
+    def test_star_cores_are_not_taken_for_hits(self, tmp_path: Path, fwhm: float, seed: int) -> None:
+        frame, truth = _frame(tmp_path, "frame.fits", seed=seed, fwhm_arcsec=fwhm)
+        before = frame.data.copy()
+        phot = _measure(frame, truth, _bright_isolated(truth, 15))
+        assert not np.any(phot.flags & flags.value("repaired"))
+        assert np.array_equal(before, frame.data)
