@@ -33,7 +33,12 @@ FLAGS: tuple[Flag, ...] = (
     Flag(10, "bad_background", "the background annulus had too few good pixels"),
     Flag(11, "cloudy", "comparison stars fainter than in the reference frame by more than quality.max_cloud_loss"),
     Flag(12, "nondetection", "signal-to-noise ratio below photometry.detection_snr: mag empty, limit_mag given"),
-    Flag(13, "color_assumed", "the target's colour was not measured the same night: the comparison stars' median"),
+    Flag(
+        13,
+        "color_assumed",
+        "the target's colour was not measured in the same visit: its median over other visits, else the "
+        "comparison stars' median",
+    ),
     Flag(14, "nonlinear", "a pixel in the aperture is above the linearity limit (MAXLIN, else 0.8 SATURATE)"),
     Flag(15, "poor_seeing", "FWHM above quality.max_fwhm_ratio times the instrument's median for the target"),
     Flag(16, "elongated", "star images more elongated than quality.max_ellipticity"),

@@ -70,12 +70,14 @@ ASSUMED_COLOR_SPREAD = 0.3
 def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
     """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that night.
 
-    Where the colour's bands were not both measured that night, the comparison stars' median colour
-    stands in and the point is flagged ``color_assumed`` (when a colour term applies at all). ``diff_mag``
-    from another instrument than the reference frame's moves with the difference of their colour terms.
+    Where the colour's bands were not both measured in the same visit, the target's median colour over
+    the visits where they were stands in (else the comparison stars' median colour), and the point is
+    flagged ``color_assumed`` (when a colour term applies at all). ``diff_mag`` from another instrument
+    than the reference frame's moves with the difference of their colour terms.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
+    typical: dict[str | None, float | None] = {}
     for aperture in {row["aperture"] for row in rows}:
         group = [row for row in rows if row["aperture"] == aperture]
         term = np.array([row["color_term"] or 0.0 for row in group])
@@ -87,7 +89,10 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
             if abs(t - mjd) > COLOR_WINDOW_DAYS:
                 continue  # its partners may lie outside what was read
             field_color = row["comparison_color"] or 0.0
-            used = own if np.isfinite(own) else field_color
+            if row["band"] not in typical:
+                typical[row["band"]] = store.typical_colour(target, row["band"])
+            stand_in = typical[row["band"]]
+            used = own if np.isfinite(own) else stand_in if stand_in is not None else field_color
             change = row["diff_color_term"] or 0.0
             was_assumed = bool(row["flags"] & assumed)
             now_assumed = bool((c != 0 or change != 0) and not np.isfinite(own))

@@ -504,8 +504,10 @@ def calibrate_apertures(
     return results
 
 
-#: Points of the target in other filters this close in time (days) give its colour: the same night.
-COLOR_WINDOW_DAYS = 0.3
+#: Points of the target in other filters this close in time (days) give its colour: the same visit. A
+#: variable of a few hours' period changes colour within a night; another site's frames of the same
+#: night are hours away.
+COLOR_WINDOW_DAYS = 0.125
 
 
 def solve_colours(
