@@ -92,6 +92,16 @@ class TestBrightTarget:
         assert abs(np.median(delta[one_metre]) - np.median(delta[~one_metre])) < 0.03
         assert np.median(np.abs(delta[one_metre] - np.median(delta[one_metre]))) <= 0.003
 
+    def test_without_a_colour_the_same_visit_the_target_keeps_its_own(self, hazards: Campaign) -> None:
+        rows = [r for r in hazards.points("V3", "rp") if r["color"] is not None]
+        assumed = [r for r in rows if r["flags"] & flags.value("color_assumed")]
+        # The 0.4 m frames are 8 h from the 1 m's g frames: a third of the period of the variable.
+        assert assumed and all(hazards.truth[r["file"]][0].instrument == "kb29" for r in assumed)
+        own = np.array([abs(r["color"] - 1.0) < 0.05 for r in assumed])  # simulated g - r = 1.0
+        field = np.array([abs(r["color"] - r["comparison_color"]) < 1e-9 for r in assumed])
+        # Only the frames before the target's first measured colour take the comparison stars' median.
+        assert np.all(own | field) and own.sum() >= 0.8 * len(assumed)
+
 
 class TestFadingTarget:
     """Epochs below photometry.detection_snr come out as limits; detected ones carry magnitudes."""
