@@ -9,6 +9,11 @@ import sys
 
 
 def entry() -> int:
+    if sys.argv[1:] == ["--version"]:
+        from lcowatch import __version__
+
+        print(f"lcowatch {__version__}")
+        return 0
     if "run" in sys.argv[1:]:
         # systemd may ask for a reload (SIGHUP) while the daemon is still importing; the config is read
         # at start anyway, and the daemon installs its own handler before it reads anything else.

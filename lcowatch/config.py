@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from astropy.coordinates import Angle
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lcowatch.errors import ConfigError
@@ -29,7 +28,12 @@ def _angle(value: Any, unit: str, low: float, high: float) -> float:
     if isinstance(value, bool):
         raise ValueError("not a coordinate")
     try:
-        degrees = float(Angle(value, unit=unit).degree) if isinstance(value, str) else float(value)
+        if isinstance(value, str):
+            from astropy.coordinates import Angle  # a second to import: only for sexagesimal text
+
+            degrees = float(Angle(value, unit=unit).degree)
+        else:
+            degrees = float(value)
     except (ValueError, TypeError) as exc:
         raise ValueError("not a coordinate") from exc
     if not low <= degrees <= high:

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-# The object interface draws with Agg and keeps no global state: no display, safe in the daemon's threads.
-from matplotlib.figure import Figure
-from matplotlib.patches import Circle
+# matplotlib (half a second to import) is imported by the functions that draw, so that commands which do
+# not plot never pay for it. Its object interface draws with Agg and keeps no global state: no display,
+# safe in the daemon's threads.
 
 PLOTS_DIR = "plots"  # under state_dir
 
@@ -26,6 +26,8 @@ def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | Non
     rows = table[table["aperture"] == aperture] if len(table) else table
     filters = sorted(set(rows["filter"])) if len(rows) else []
     panels = max(len(filters), 1)
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 2.6 * panels + 0.6))
     axes = figure.subplots(panels, 1, squeeze=False)
     plotted = 0
@@ -85,6 +87,9 @@ def plot_frame_preview(
     step = max(1, int(np.ceil(max(data.shape) / PREVIEW_PIXELS)))
     view = data[::step, ::step]
     low, high = ZScaleInterval().get_limits(view[np.isfinite(view)])
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
     figure = Figure(figsize=(8, 8 * view.shape[0] / view.shape[1] + 0.4))
     axis = figure.subplots()
     axis.imshow(view, origin="lower", cmap="gray", vmin=low, vmax=high, interpolation="nearest")

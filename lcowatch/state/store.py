@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import NotRequired, TypedDict
+from typing import TYPE_CHECKING, NotRequired, TypedDict
 
 import numpy as np
 
 from lcowatch import flags
 from lcowatch.science.frame import FrameMeta
-from lcowatch.science.photometry import Photometry
 from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
 from lcowatch.state.references import ANY_FILTER, ReferenceRecords
+
+if TYPE_CHECKING:  # photometry pulls in scipy.ndimage, which commands that only read the store do not need
+    from lcowatch.science.photometry import Photometry
 
 FRAME_COLUMNS = (
     "file", "state", "target", "filter", "mjd", "exptime", "background", "background_rms",
