@@ -113,14 +113,19 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
     missing = [p for p in args.paths if not Path(p).exists()]
     for path in missing:
         pipeline.log.error("path_not_found", path=str(path))
+    # A FIFO or a device named on the command line: said, not read (find_files passes over them).
+    unusable = [p for p in args.paths if Path(p).exists() and not (Path(p).is_dir() or Path(p).is_file())]
+    for path in unusable:
+        pipeline.log.error("not_a_regular_file", path=str(path))
+    missing += unusable
     progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
     outcomes = []
     for path in files:
-        outcomes.append(pipeline.process_path(path))
+        outcomes.append(pipeline.process_unwatched(path))
         progress.update(outcomes[-1].state)
     # Frames that arrived before any frame could be a template get their turn once one exists.
     while waiting := pipeline.take_requeued():
-        outcomes.extend(pipeline.process_path(path) for path in waiting if path.exists())
+        outcomes.extend(pipeline.process_unwatched(path) for path in waiting if path.exists())
     progress.close()
     pipeline.flush_results(force=True)
     counts: dict[str, int] = {}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -395,3 +397,35 @@ class TestOneExposureOnePoint:
             assert conn.execute("SELECT COUNT(*) FROM points WHERE aperture = 0").fetchone()[0] == 2
         duplicates = [e for e in events if e["event"] == "frame_duplicate"]
         assert len(duplicates) == 1 and duplicates[0]["first"].startswith("cpt1m012-fa06-20251121-0011-e91.fits")
+
+
+class TestHostileFiles:
+    """`process` holds named files to the daemon's rules: a FIFO or a device is not opened; a file larger
+    than any frame, a gzip bomb or a truncated file is quarantined without being read whole; the good
+    frames beside them are processed."""
+
+    def test_hostile_files_cannot_hang_or_exhaust_it(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        # 256 x 256 frames fit; 4 MB of pixels do not.
+        config = write_config(tmp_path, TARGETS, processing={"max_pixels": 500_000})
+        incoming = tmp_path / "in"
+        good = _frame(incoming, "good.fits.fz", mjd_start=61000.1)
+        os.mkfifo(incoming / "fifo.fits")
+        (incoming / "zero.fits").symlink_to("/dev/zero")
+        header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 1024, "NAXIS2": 1024})
+        (incoming / "large.fits").write_bytes(header.tostring().encode() + bytes(1024 * 1024 * 4))
+        with gzip.open(incoming / "bomb.fits.gz", "wb") as bomb:
+            bomb.write("".join(str(card) for card in fits.Header({"SIMPLE": True, "BITPIX": 8}).cards).encode())
+            bomb.write(b" " * (64 << 20))  # no END card, ever: 64 MB of blanks in 64 kB
+        truncated = incoming / "truncated.fits.fz"
+        truncated.write_bytes(good.read_bytes()[: 3 * 2880 + 100])
+        code, events = _process(config, capsys, incoming, incoming / "fifo.fits")
+        states = _states(tmp_path)
+        assert states["good.fits.fz"] == "done"
+        assert states["large.fits"] == states["bomb.fits.gz"] == states["truncated.fits.fz"] == "quarantined"
+        assert "fifo.fits" not in states and "zero.fits" not in states
+        reasons = {e["file"]: e["reason"] for e in events if e["event"] == "frame_quarantined"}
+        assert "larger than a frame" in reasons["large.fits"] and "no END card" in reasons["bomb.fits.gz"]
+        assert "2880-byte FITS blocks" in reasons["truncated.fits.fz"]
+        named = {e.get("file") or Path(e.get("path", "")).name for e in events if e["event"] == "not_a_regular_file"}
+        assert named == {"fifo.fits", "zero.fits"}
+        assert code == 1  # the FIFO was named

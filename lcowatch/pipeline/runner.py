@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from stat import S_ISREG
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from lcowatch.bands import STANDARD_FILTERS
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.intake.quarantine import quarantine_file
+from lcowatch.intake.readiness import check_complete, max_frame_bytes
 from lcowatch.log import frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
 from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
@@ -36,7 +38,7 @@ from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
 )
-from lcowatch.science.frame import Frame, bjd_tdb, read_content, read_frame, read_observation_time
+from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content, read_frame, read_observation_time
 from lcowatch.science.refcat import FieldCatalogs, color_for_band
 from lcowatch.science.register import (
     register,
@@ -194,11 +196,30 @@ class Pipeline:
         times = {path: read_observation_time(path) for path in pending}
         return sorted(pending, key=lambda p: (times[p] is not None, times[p] or 0.0, str(p)))
 
-    def process_path(self, path: Path) -> Outcome:
-        """Process one file; never raises for bad input (see :class:`Outcome`)."""
+    def process_unwatched(self, path: Path) -> Outcome:
+        """Process a file named on the command line, held to the daemon's readiness rules first: one that
+        is not whole (empty, truncated) or can never be a frame (a gzip bomb, not FITS) is quarantined with
+        the reason, without being read whole. Unlike the daemon's folders, nothing is still being written."""
+        if path.is_file():
+            verdict = check_complete(path, max_pixels=self.config.processing.max_pixels)
+            if verdict.kind != "ready":
+                return self.process_path(path, poison=verdict.reason)
+        return self.process_path(path)
+
+    def process_path(self, path: Path, *, poison: str | None = None) -> Outcome:
+        """Process one file; never raises for bad input (see :class:`Outcome`). ``poison``: why the file can
+        never be a frame, found without reading it whole; it is quarantined with that reason."""
+        limit = max_frame_bytes(self.config.processing.max_pixels)
+        content: bytes | None = None
         try:
             stat = path.stat()
-            content, sha256 = read_content(path)
+            if not S_ISREG(stat.st_mode):  # a FIFO would block the read, a device never end it
+                self.log.warning("not_a_regular_file", file=path.name, path=str(path))
+                return Outcome(path, State.SKIPPED, reason="not a regular file")
+            if stat.st_size > limit or poison:
+                sha256 = file_sha256(path)
+            else:
+                content, sha256 = read_content(path)
         except FileNotFoundError:
             return Outcome(path, State.SKIPPED, reason="file vanished")
         except OSError as exc:  # unreadable (permissions, I/O error): nothing recorded, try again later
@@ -214,6 +235,11 @@ class Pipeline:
             reason = f"gave up after {record.attempts} attempts; last error: {record.error}"
             return self._quarantine(path, sha256, Quarantine(reason, step=record.step))
         self.ledger.start_attempt(sha256, path, stat.st_size)
+        if content is None:
+            poison = (
+                poison or f"file of {stat.st_size} bytes, more than a frame of processing.max_pixels ({limit} bytes)"
+            )
+            return self._quarantine(path, sha256, Quarantine(poison, step=Step.READ))
         try:
             frame = read_frame(path, content, sha256, self.config)
         except Quarantine as exc:
