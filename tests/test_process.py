@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,11 @@ from astropy.io import fits
 
 from conftest import REAL_TARGETS, write_config
 from lcowatch.cli import main
+from lcowatch.config import load
+from lcowatch.pipeline.runner import Outcome, Pipeline
+from lcowatch.pipeline.stages import default_stages
 from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
+from lcowatch.state.ledger import connect
 
 FIELD = make_field("PTEST", 80.0, 5.0, nstars=800, radius_arcmin=3.0, seed=9)
 TARGETS = {"PTEST": {"ra": 80.0, "dec": 5.0}}
@@ -429,3 +434,46 @@ class TestHostileFiles:
         named = {e.get("file") or Path(e.get("path", "")).name for e in events if e["event"] == "not_a_regular_file"}
         assert named == {"fifo.fits", "zero.fits"}
         assert code == 1  # the FIFO was named
+
+
+class _Hold:
+    """A last stage that holds its frame, measured but not written, until released: the moment at which
+    another process (the daemon beside a ``process`` run) can overtake it."""
+
+    name = "hold"
+
+    def __init__(self) -> None:
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, work: object) -> None:
+        self.reached.set()
+        assert self.release.wait(60)
+
+
+class TestTwoWritersOnANewTarget:
+    """Two processes measuring a new target's first frames at once set it up once: the one that commits
+    second measures its frame again against what the first set up (one reference frame, no star twice)."""
+
+    def test_the_second_writer_measures_again(self, tmp_path: Path) -> None:
+        config = load(write_config(tmp_path, TARGETS))
+        incoming = tmp_path / "in"
+        first = _frame(incoming, "a.fits.fz", mjd_start=61000.1, seed=1)
+        second = _frame(incoming, "b.fits.fz", mjd_start=61000.2, seed=2)
+        hold = _Hold()
+        slow = Pipeline(config, connect(config.state_dir), stages=[*default_stages(config), hold])
+        fast = Pipeline(config, connect(config.state_dir))
+        outcomes: dict[str, Outcome] = {}
+        thread = threading.Thread(target=lambda: outcomes.setdefault("slow", slow.process_path(first)))
+        thread.start()
+        assert hold.reached.wait(60)  # the slow writer has made the target's first template of its own frame
+        outcomes["fast"] = fast.process_path(second)
+        hold.release.set()
+        thread.join(60)
+        assert outcomes["slow"].state == outcomes["fast"].state == "done"
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            references = conn.execute("SELECT sha256 FROM reference_frames").fetchall()
+            stars = [row[0] for row in conn.execute("SELECT star_id FROM comparison_stars")]
+            points = conn.execute("SELECT COUNT(*) FROM points WHERE aperture = 0").fetchone()[0]
+        assert references == [(outcomes["fast"].sha256,)]
+        assert len(stars) == len(set(stars)) > 5
+        assert points == 2

@@ -54,6 +54,10 @@ from lcowatch.state.store import ColourColumns, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
 
 
+class _Superseded(Exception):
+    """Another process set up the frame's target while the frame was measured: measure it again."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     """How one file ended: ``state`` is a ledger state, or ``skipped`` (already seen) or ``retry``."""
@@ -256,7 +260,50 @@ class Pipeline:
         )  # fmt: skip
         return Outcome(path, State.QUARANTINED, sha256, str(exc))
 
-    def _run_stages(self, frame: Frame) -> Outcome:
+    def _write_results(self, conn: sqlite3.Connection, work: FrameWork, state: str, requeued: list[Path]) -> None:
+        """Everything a measured frame adds to the store, inside the transaction that marks it finished;
+        frames that waited for the target's first template are added to ``requeued``."""
+        frame, meta, quality, sources = work.frame, work.frame.meta, work.quality, work.sources
+        if quality is None or sources is None:
+            return
+        if state == State.DONE and self._superseded(work):
+            raise _Superseded
+        score = template_score(quality, self.config.template)
+        self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_text(frame), score)
+        if state != State.DONE:
+            self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
+            return
+        assert meta.target is not None and work.star_ids is not None and work.photometry is not None
+        if work.reference_changed and work.reference is not None:
+            self.store.write_reference(conn, work.reference)
+        if work.new_reference:
+            requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
+        if work.template_reason is not None and work.template is not None:
+            self.store.write_template(conn, work.template, work.template_reason)
+        if work.new_field_ids is not None and work.new_field_ref is not None:
+            origin = f"template {frame.path.name}"
+            self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)
+        if work.new_refs:
+            self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
+        if work.target_centroid_ref is not None:
+            self.store.add_target_centroid(conn, meta.target, frame.sha256, *work.target_centroid_ref)
+        self.store.write_photometry(conn, frame.sha256, work.star_ids, work.photometry)
+        self.store.write_points(conn, work.points)
+        apply_colours(conn, self.store, meta.target, meta.mjd_mid)
+
+    def _superseded(self, work: FrameWork) -> bool:
+        """Whether what this frame set up from an empty slot (the target's reference frame, its first field
+        stars, a filter's reference magnitudes) was set up by another process (the daemon beside a
+        ``process`` run) while it was measured. Asked inside the write transaction, which holds the lock."""
+        target, filter = work.frame.meta.target, work.frame.meta.filter
+        assert target is not None
+        if work.new_reference and self.store.reference(target) is not None:
+            return True
+        if work.new_field_ids is not None and np.isin(work.new_field_ids, self.store.field_stars(target)[0]).any():
+            return True
+        return work.first_in_filter and bool(self.store.star_refs(target, filter))
+
+    def _run_stages(self, frame: Frame, *, first_try: bool = True) -> Outcome:
         meta = frame.meta
         log = frame_logger(frame.path.name, frame.sha256, meta.target, meta.filter)
         identity = {"object": meta.object, "target": meta.target, "filter": meta.filter, "mjd": meta.mjd_mid}
@@ -305,38 +352,21 @@ class Pipeline:
 
         state = State.REJECTED if work.rejection else State.DONE
         reason: str | None = "; ".join(work.rejection) or None
-        quality, sources = work.quality, work.sources
+        quality = work.quality
 
         requeued: list[Path] = []
 
         def write(conn: sqlite3.Connection) -> None:
-            if quality is None or sources is None:
-                return
-            score = template_score(quality, self.config.template)
-            self.store.write_frame(conn, frame.sha256, frame.path, meta, quality, sources, wcs_text(frame), score)
-            if state != State.DONE:
-                self.store.forget_results(conn, frame.sha256)  # a redo that now fails leaves no old point
-                return
-            assert meta.target is not None and work.star_ids is not None and work.photometry is not None
-            if work.reference_changed and work.reference is not None:
-                self.store.write_reference(conn, work.reference)
-            if work.new_reference:
-                requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
-            if work.template_reason is not None and work.template is not None:
-                self.store.write_template(conn, work.template, work.template_reason)
-            if work.new_field_ids is not None and work.new_field_ref is not None:
-                origin = f"template {frame.path.name}"
-                self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)
-            if work.new_refs:
-                self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
-            if work.target_centroid_ref is not None:
-                self.store.add_target_centroid(conn, meta.target, frame.sha256, *work.target_centroid_ref)
-            self.store.write_photometry(conn, frame.sha256, work.star_ids, work.photometry)
-            self.store.write_points(conn, work.points)
-            apply_colours(conn, self.store, meta.target, meta.mjd_mid)
+            self._write_results(conn, work, state, requeued)
 
         started = time.perf_counter()
-        self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
+        try:
+            self.ledger.finish(frame.sha256, state, step=step, error=reason, identity=identity, write=write)
+        except _Superseded:
+            if not first_try:
+                raise RuntimeError("another process keeps changing the target's reference frame") from None
+            log.info("frame_redone", reason="another process set up the target first; measured again against it")
+            return self._run_stages(frame, first_try=False)
         self._requeued.extend(requeued)
         if state == State.DONE and meta.target is not None and work.fill_in_calibration:
             examined, calibrated = recalibrate(self.config, self.ledger.conn, meta.target)

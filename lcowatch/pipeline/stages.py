@@ -88,6 +88,7 @@ class FrameWork:
     target_centroid_ref: tuple[np.ndarray, float] | None = None
     catalog_match: CatalogMatch | None = None
     new_refs: dict[int, tuple[float, float]] = field(default_factory=dict)  # reference magnitudes set or refined
+    first_in_filter: bool = False  # this frame set its filter's reference magnitudes
     points: list[PointRecord] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
 
@@ -417,7 +418,7 @@ class DifferentialPhotometry:
         assert meta.target is not None
         filter_key = (meta.target, meta.filter)
         refs = work.store.star_refs(*filter_key)
-        first_in_filter = not refs
+        first_in_filter = work.first_in_filter = not refs
         if first_in_filter:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
             unset = np.full(len(star_ids) - 1, np.nan)
