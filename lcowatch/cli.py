@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
@@ -30,6 +30,7 @@ from lcowatch.state.store import FRAME_COLUMNS, Store
 from lcowatch.states import LEDGER_STATES, State
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+TARGET_HELP = "a target's name, as in the config's targets"
 FINISHED_STATES = {State.DONE, State.REJECTED, State.QUARANTINED, State.IGNORED, State.SKIPPED}
 
 
@@ -175,6 +176,14 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
         return EXIT_USAGE
     store = Store(connect(config.state_dir))
     table = lightcurve_table(store, args.target, args.filter)
+    if not len(table) and args.filter is not None:
+        measured = sorted({str(f) for f in lightcurve_table(store, args.target)["filter"]})
+        print(
+            f"lcowatch: {args.target} has no points in filter {args.filter!r}"
+            f" (it has points in: {', '.join(measured) or 'none yet'})",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     with _open_output(args.output) as out:
         if args.format == "aavso":
             check = check_star_magnitudes(store, args.target)
@@ -271,6 +280,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir) if args.workdir else None)
 
 
+def _add_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, *, help: str, **options: Any
+) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` opens with the line the command list shows for it."""
+    return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
@@ -281,35 +297,38 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help=config_help, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="simulate a night of LCO frames and run the pipeline on them")
+    demo = _add_command(commands, "demo", help="simulate a night of LCO frames and run the pipeline on them")
     demo.add_argument("--workdir", metavar="DIR", help="where to put everything (default: a new temporary folder)")
     demo.set_defaults(handler=cmd_demo, writes_table=False, needs_config=False)
 
-    check = commands.add_parser("check-config", parents=[common], help="validate the config, list every error")
+    check = _add_command(commands, "check-config", parents=[common], help="validate the config, list every error")
     check.set_defaults(handler=cmd_check_config, writes_table=False)
 
-    run = commands.add_parser("run", parents=[common], help="the daemon: watch the folders, process new frames")
+    run = _add_command(commands, "run", parents=[common], help="the daemon: watch the folders, process new frames")
     run.set_defaults(handler=cmd_run, writes_table=False)
 
-    process = commands.add_parser("process", parents=[common], help="process files or folders now")
+    process = _add_command(commands, "process", parents=[common], help="process files or folders now")
     process.add_argument("paths", nargs="+", metavar="PATH")
     process.set_defaults(handler=cmd_process, writes_table=False)
 
-    frames = commands.add_parser(
-        "frames", parents=[common], help="every file the ledger knows, its state, quality and reasons, in time order"
+    frames = _add_command(
+        commands,
+        "frames",
+        parents=[common],
+        help="every file the ledger knows, its state, quality and reasons, in time order",
     )
     frames.add_argument("--state", choices=[str(s) for s in LEDGER_STATES], help="only files in this state")
-    frames.add_argument("target", nargs="?", metavar="TARGET")
+    frames.add_argument("target", nargs="?", metavar="TARGET", help="only this target's files")
     frames.add_argument("--format", choices=["table", "csv"], default="table")
     frames.add_argument("-o", "--output", metavar="FILE")
     frames.set_defaults(handler=cmd_frames, writes_table=True)
 
-    status = commands.add_parser("status", parents=[common], help="ledger counts and per-target summary")
+    status = _add_command(commands, "status", parents=[common], help="ledger counts and per-target summary")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=cmd_status, writes_table=True)
 
-    export = commands.add_parser("export", parents=[common], help="a target's light curve")
-    export.add_argument("target", metavar="TARGET")
+    export = _add_command(commands, "export", parents=[common], help="a target's light curve")
+    export.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     export.add_argument("--filter", metavar="F", help="only this filter")
     export.add_argument("--format", choices=["csv", "ecsv", "aavso"], default="csv")
     export.add_argument("-o", "--output", metavar="FILE")
@@ -318,20 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=cmd_export, writes_table=True)
 
-    template = commands.add_parser("template", parents=[common], help="a target's templates and their history")
-    template.add_argument("target", metavar="TARGET")
+    template = _add_command(commands, "template", parents=[common], help="a target's templates and their history")
+    template.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     template.add_argument("--filter", metavar="F")
     choice = template.add_mutually_exclusive_group()
     choice.add_argument("--set", metavar="FILE", help="pin this processed frame (name or sha256) as the template")
     choice.add_argument("--unpin", action="store_true", help="let better frames replace the template again")
     template.set_defaults(handler=cmd_template, writes_table=True)
 
-    recal = commands.add_parser("recalibrate", parents=[common], help="calibrate stored points again (no images)")
-    recal.add_argument("target", metavar="TARGET")
+    recal = _add_command(commands, "recalibrate", parents=[common], help="calibrate stored points again (no images)")
+    recal.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     recal.set_defaults(handler=cmd_recalibrate, writes_table=False)
 
-    refstars = commands.add_parser("refstars", parents=[common], help="a target's reference stars")
-    refstars.add_argument("target", metavar="TARGET")
+    refstars = _add_command(commands, "refstars", parents=[common], help="a target's reference stars")
+    refstars.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     refstars.add_argument("--filter", default="rp", help="LCO filter or band (default rp)")
     refstars.add_argument(
         "--radius", type=float, metavar="ARCMIN", help="search radius (default: catalog.radius_arcmin, else 10)"
@@ -341,12 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     refstars.add_argument("-o", "--output", metavar="FILE")
     refstars.set_defaults(handler=cmd_refstars, writes_table=True)
 
-    retry = commands.add_parser("retry", parents=[common], help="put a quarantined or rejected file back in line")
+    retry = _add_command(commands, "retry", parents=[common], help="put a quarantined or rejected file back in line")
     retry.add_argument("file", metavar="FILE", help="the quarantined file (path or name), or a file to redo")
     retry.set_defaults(handler=cmd_retry, writes_table=False)
 
-    plot = commands.add_parser("plot", parents=[common], help="a PNG of a target's light curve")
-    plot.add_argument("target", metavar="TARGET")
+    plot = _add_command(commands, "plot", parents=[common], help="a PNG of a target's light curve")
+    plot.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     plot.add_argument("--filter", metavar="F")
     plot.add_argument("-o", "--output", metavar="FILE.png", help="default: state_dir/plots/TARGET.png")
     plot.set_defaults(handler=cmd_plot, writes_table=False)

@@ -361,6 +361,25 @@ class TestFirstCommands:
         assert main(["export", "--config", str(config), "PTEST", "-o", str(missing)]) == 1
         assert f"cannot write {missing}" in capsys.readouterr().err
 
+    def test_a_filter_without_points_is_an_error_naming_those_with(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "good.fits.fz", mjd_start=61000.1)
+        assert _process(config, capsys, tmp_path / "in")[0] == 0
+        assert main(["export", "--config", str(config), "PTEST", "--filter", "gp"]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and "no points in filter 'gp' (it has points in: rp)" in captured.err
+        assert main(["export", "--config", str(config), "PTEST", "--filter", "rp"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 1 + len(load(config).photometry.apertures)  # a row each
+
+    def test_every_command_says_what_it_does(self, capsys: pytest.CaptureFixture[str]) -> None:
+        for command in ("export", "plot", "frames", "process", "retry", "template"):
+            with pytest.raises(SystemExit):
+                main([command, "--help"])
+            usage, description = capsys.readouterr().out.split("\n\n")[:2]
+            assert usage.startswith(f"usage: lcowatch {command}") and description.strip().endswith("."), description
+
     def test_frames_lists_every_file_with_its_state(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = write_config(tmp_path, TARGETS)
         incoming = tmp_path / "in"
