@@ -64,6 +64,12 @@ def configure(stream: IO[str] | None = None, *, level: str = "info", json: bool 
     )
 
 
+def display_name(name: str) -> str:
+    """A file name as text for logs, tables and the store: bytes that are not UTF-8 (which the file system
+    allows and ``os`` gives as surrogates) shown as ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def frame_logger(file: str, sha256: str, target: str | None = None, filter: str | None = None) -> Any:
     """A logger bound to one frame's identity."""
     return structlog.get_logger().bind(file=file, sha256=sha256, target=target, filter=filter)

@@ -678,3 +678,23 @@ def test_a_deleted_ledger_stops_the_daemon_for_a_clean_restart(
         path.unlink()
     assert daemon.wait_exit(timeout=30.0) == 1
     assert "was deleted" in daemon.find("daemon_fatal")[0]["reason"]
+
+
+def test_a_file_name_that_is_not_utf8_is_processed_and_the_daemon_keeps_going(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A name with bytes that are not UTF-8 (the file system allows them) is stored losslessly, processed,
+    shown as \\xNN, and neither that start nor the next one fails."""
+    config = factory.config(tmp_path)
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    odd = os.fsdecode(b"night-\xff\xfe-") + factory.frame(30).name
+    drop(factory.frame(30), watch, how="copy", name=odd)
+    daemon = daemons(config).start()
+    wait_for(_done(ledger, 1), what="the oddly named frame")
+    drop(factory.frame(31), watch, how="rename")
+    wait_for(_done(ledger, 2), what="the next frame")
+    assert daemon.find("frame_processed")[0]["file"] == "night-\\xff\\xfe-" + factory.frame(30).name
+    assert daemon.stop() == 0
+    daemon.start()  # the stored name does not stop a restart either
+    assert daemon.stop() == 0
+    assert os.fsencode(watch / odd) in {os.fsencode(p) for p in watch.iterdir()}

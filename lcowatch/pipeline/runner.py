@@ -177,7 +177,7 @@ class Pipeline:
         path = self.config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
         try:
             plot_frame_preview(
-                frame.data, path, title=f"{frame.path.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
+                frame.data, path, title=f"{frame.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
                 target_xy=target_xy, star_xy=stars, radius=radius,
             )  # fmt: skip
         except (OSError, ValueError) as exc:
@@ -281,7 +281,7 @@ class Pipeline:
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
         if work.new_field_ids is not None and work.new_field_ref is not None:
-            origin = f"template {frame.path.name}"
+            origin = f"template {frame.name}"
             self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)
         if work.new_refs:
             self.store.write_star_refs(conn, meta.target, meta.filter, work.new_refs)
@@ -305,7 +305,7 @@ class Pipeline:
 
     def _run_stages(self, frame: Frame, *, first_try: bool = True) -> Outcome:
         meta = frame.meta
-        log = frame_logger(frame.path.name, frame.sha256, meta.target, meta.filter)
+        log = frame_logger(frame.name, frame.sha256, meta.target, meta.filter)
         identity = {"object": meta.object, "target": meta.target, "filter": meta.filter, "mjd": meta.mjd_mid}
         for note in frame.warnings:
             log.warning("frame_warning", message=note)

@@ -175,7 +175,7 @@ class SelectTemplate:
         frame = work.frame
         assert frame.meta.target is not None and work.sources is not None
         return Template(
-            id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.path.name,
+            id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.name,
             score=score, pinned=False, shape=frame.meta.shape, wcs_header=wcs_text(frame),
             sources=work.sources, from_reference=from_reference,
         )  # fmt: skip
@@ -197,7 +197,7 @@ class SelectTemplate:
         if target_config.x is None and frame.wcs is None:
             raise Reject("no template yet, and this frame has no solved WCS to place the target", step=self.name)
         reference = Reference(
-            target=frame.meta.target, sha256=frame.sha256, file=frame.path.name, shape=frame.meta.shape,
+            target=frame.meta.target, sha256=frame.sha256, file=frame.name, shape=frame.meta.shape,
             pixscale=frame.meta.pixscale, wcs_header=wcs_text(frame), sky_fix=None,
             target_xy=np.array([target_config.x, target_config.y], dtype=float), target_origin="config",
         )  # fmt: skip

@@ -27,6 +27,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine
+from lcowatch.log import display_name
 
 # The data host may be offline: never fetch IERS tables. Polar motion beyond the bundled tables only
 # matters at the arcsecond level, far below what a barycentric time correction needs.
@@ -83,6 +84,11 @@ class Frame:
     err: np.ndarray | None
     wcs: WCS | None
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """The file's name as text (see :func:`lcowatch.log.display_name`)."""
+        return display_name(self.path.name)
 
 
 def read_content(path: Path) -> tuple[bytes, str]:

@@ -38,6 +38,22 @@ class FileRecord:
     error: str | None
 
 
+def path_value(path: Path | str) -> str | bytes:
+    """A path as the ledger stores it: its text, or its bytes when it is not UTF-8 (a name the file system
+    allows but SQLite text cannot hold), so that nothing of it is lost."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text)
+    return text
+
+
+def path_text(value: str | bytes) -> str:
+    """A stored path back as the file system's string (undecodable bytes as surrogates, as ``os`` gives)."""
+    return os.fsdecode(value) if isinstance(value, bytes) else value
+
+
 def connect(state_dir: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
     """Open (and create) the one SQLite file under ``state_dir``, in WAL mode, owner-only; a statement waits
     up to ``busy_seconds`` for another writer."""
@@ -91,13 +107,13 @@ class Ledger:
             "FROM files WHERE sha256 = ?",
             (sha256,),
         ).fetchone()
-        return FileRecord(**dict(row)) if row else None
+        return FileRecord(**(dict(row) | {"path": path_text(row["path"])})) if row else None
 
     def known_path(self, path: Path, size: int, mtime_ns: int) -> str | None:
         """The sha256 last seen at ``path`` if its size and mtime are unchanged, so rescans skip hashing."""
         row = self.conn.execute(
             "SELECT sha256 FROM paths WHERE path = ? AND size = ? AND mtime_ns = ?",
-            (str(path), size, mtime_ns),
+            (path_value(path), size, mtime_ns),
         ).fetchone()
         return row["sha256"] if row else None
 
@@ -106,7 +122,7 @@ class Ledger:
             "INSERT INTO paths (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
             "sha256 = excluded.sha256",
-            (str(path), size, mtime_ns, sha256),
+            (path_value(path), size, mtime_ns, sha256),
         )
 
     def start_attempt(self, sha256: str, path: Path, size: int) -> FileRecord:
@@ -116,11 +132,11 @@ class Ledger:
             self.conn.execute(
                 "INSERT INTO files (sha256, path, size, state, attempts, first_seen, updated) "
                 "VALUES (?, ?, ?, 'pending', 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                (sha256, str(path), size, now, now),
+                (sha256, path_value(path), size, now, now),
             )
             self.conn.execute(
                 "UPDATE files SET attempts = attempts + 1, path = ?, updated = ? WHERE sha256 = ?",
-                (str(path), now, sha256),
+                (path_value(path), now, sha256),
             )
         record = self.get(sha256)
         assert record is not None
@@ -175,7 +191,7 @@ class Ledger:
                 "INSERT INTO files (sha256, path, size, state, attempts, step, error, first_seen, updated) "
                 "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET path = excluded.path, "
                 "state = excluded.state, step = excluded.step, error = excluded.error, updated = excluded.updated",
-                (sha256, str(path), size, state, step, error, now, now),
+                (sha256, path_value(path), size, state, step, error, now, now),
             )
 
     @staticmethod
@@ -186,7 +202,7 @@ class Ledger:
         Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
         """
         where = f"state = '{State.REJECTED}' AND step = '{Step.TEMPLATE}' AND target = ?"
-        paths = [Path(row[0]) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
+        paths = [Path(path_text(row[0])) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
         conn.execute(
             f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)
         )

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, NotRequired, TypedDict
 import numpy as np
 
 from lcowatch import flags
+from lcowatch.log import display_name
 from lcowatch.science.frame import FrameMeta
 from lcowatch.science.quality import SOURCE_DTYPE, InstrumentHistory, Quality
+from lcowatch.state.ledger import path_text
 from lcowatch.state.references import ANY_FILTER, ReferenceRecords
 
 if TYPE_CHECKING:  # photometry pulls in scipy.ndimage, which commands that only read the store do not need
@@ -119,7 +121,7 @@ class Store(ReferenceRecords):
             "INSERT OR REPLACE INTO frames VALUES "
             "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                sha256, path.name, meta.object, meta.target, meta.filter, meta.date_obs, meta.mjd_mid,
+                sha256, display_name(path.name), meta.object, meta.target, meta.filter, meta.date_obs, meta.mjd_mid,
                 meta.bjd_tdb, meta.exptime, meta.airmass, meta.site, meta.telescope, meta.instrument,
                 meta.pixscale, meta.shape[1], meta.shape[0], int(meta.wcs_usable), wcs_header,
                 _nullable(template_score), quality.background, quality.background_rms, _nullable(quality.fwhm_arcsec),
@@ -157,7 +159,7 @@ class Store(ReferenceRecords):
         out = []
         for row in rows:
             notes = json.loads(row["reasons"]) if row["reasons"] else []
-            record = dict(row) | {"file": row["file"] or Path(row["path"]).name}
+            record = dict(row) | {"file": row["file"] or display_name(Path(path_text(row["path"])).name)}
             record["reasons"] = "; ".join([*notes, *([row["error"]] if row["error"] else [])])
             out.append(record)
         return out
