@@ -292,18 +292,59 @@ def parse(raw: Any, base_dir: Path) -> Config:
         problems = [f"{_location(e['loc'])}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(problems) from None
     resolved = _resolve_paths(config, base_dir)
-    _check_files(resolved)
+    problems = _file_problems(resolved) + _path_problems(resolved) + _name_problems(resolved)
+    if problems:
+        raise ConfigError(problems)
     return resolved
 
 
-def _check_files(config: Config) -> None:
-    problems = [
+def _file_problems(config: Config) -> list[str]:
+    return [
         f"targets.{name}.refcat: no such file: {target.refcat}"
         for name, target in config.targets.items()
         if target.refcat is not None and not target.refcat.is_file()
     ]
-    if problems:
-        raise ConfigError(problems)
+
+
+#: Folders of the operating system: never a state folder nor a watched one (files there are moved away).
+SYSTEM_FOLDERS = tuple(
+    Path(p) for p in ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/run", "/sbin", "/sys", "/usr")
+)
+
+
+def _path_problems(config: Config) -> list[str]:
+    """Folders that would harm the system or defeat the daemon: a system folder, the root, the state folder
+    inside a watched one (its quarantine and results would be watched) or a watched one inside it."""
+
+    def system(path: Path) -> bool:
+        return path == Path("/") or any(path == d or d in path.parents for d in SYSTEM_FOLDERS)
+
+    problems = []
+    state = config.state_dir
+    if system(state) or state in (Path("/var"), Path("/home")):
+        problems.append(f"state_dir: {state} is a system folder; use one of its own, e.g. /var/lib/lcowatch")
+    for k, folder in enumerate(config.watch.paths):
+        where = f"watch.paths[{k}]"
+        if system(folder):
+            problems.append(f"{where}: {folder} is a system folder: every file there would be read or moved")
+        elif folder == state or folder in state.parents:
+            problems.append(f"{where}: {folder} holds state_dir ({state}): the daemon would watch its own output")
+        elif state in folder.parents:
+            problems.append(f"{where}: {folder} is inside state_dir ({state}); keep incoming frames apart")
+    return problems
+
+
+#: A target's name becomes a file name (results/NAME.ecsv, plots/NAME.png): letters, digits and a few signs.
+TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
+
+
+def _name_problems(config: Config) -> list[str]:
+    return [
+        f"targets.{name}: the name becomes a file name: use letters, digits, space and _ . + - "
+        "(and object_names for the OBJECT values it should match)"
+        for name in config.targets
+        if not TARGET_NAME.fullmatch(name) or ".." in name
+    ]
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:

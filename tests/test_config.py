@@ -79,6 +79,41 @@ class TestParse:
         assert config.target_for_object("SN2") is None
 
 
+class TestUnsafePaths:
+    """Folders that would harm the machine or defeat the daemon, and target names that would escape
+    state_dir as file names, are errors, all reported at once with the missing catalog file."""
+
+    def test_system_folders_overlaps_and_unsafe_names_are_named(self, tmp_path: Path) -> None:
+        raw = {
+            "watch": {"paths": ["/", "/etc/frames", str(tmp_path / "state" / "incoming"), str(tmp_path)]},
+            "state_dir": str(tmp_path / "state"),
+            "targets": {
+                "../../../x": {"ra": 1.0, "dec": 2.0},
+                "SN 2026abc": {"ra": 1.0, "dec": 2.0, "refcat": "missing.csv"},
+                "a/b": {"ra": 1.0, "dec": 2.0},
+            },
+        }
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, tmp_path)
+        problems = caught.value.problems
+        assert problems[0].startswith("targets.SN 2026abc.refcat: no such file")
+        assert "system folder" in problems[1] and problems[1].startswith("watch.paths[0]")
+        assert "system folder" in problems[2] and problems[2].startswith("watch.paths[1]")
+        assert "inside state_dir" in problems[3] and "holds state_dir" in problems[4]
+        assert [p.split(":")[0] for p in problems[5:]] == ["targets.../../../x", "targets.a/b"]
+        for state in ("/", "/etc", "/usr/local/lcowatch", "/var"):
+            with pytest.raises(ConfigError, match=r"state_dir: .* is a system folder"):
+                parse(MINIMAL | {"state_dir": state}, tmp_path)
+
+    def test_a_config_anyone_may_write_is_a_warning(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(MINIMAL))
+        (tmp_path / "in").mkdir()
+        path.chmod(0o666)
+        assert main(["check-config", "--config", str(path)]) == 0
+        assert "is writable by every user" in capsys.readouterr().out
+
+
 class TestConfigDiscovery:
     """--config wins over $LCOWATCH_CONFIG, which wins over /etc/lcowatch/config.yaml."""
 
