@@ -75,6 +75,10 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     for k, folder in enumerate(config.watch.paths):
         if not folder.is_dir():  # valid (the daemon watches for it to appear), but often a typo
             print(f"warning: watch.paths[{k}]: {folder} is not a folder (yet); nothing arrives there until it is")
+    if config.catalog.source == "file":
+        for name, target in config.targets.items():
+            if target.refcat is None:
+                print(f"warning: targets.{name}: no refcat while catalog.source is file: its points stay uncalibrated")
     if config.source is not None and config.source.stat().st_mode & 0o002:
         print(f"warning: {config.source} is writable by every user: anyone could change what the daemon does")
     return EXIT_OK

@@ -37,7 +37,9 @@ def _angle(value: Any, unit: str, low: float, high: float) -> float:
     except (ValueError, TypeError) as exc:
         raise ValueError("not a coordinate") from exc
     if not low <= degrees <= high:
-        raise ValueError(f"not a coordinate: {degrees:g} deg is outside [{low:g}, {high:g}]")
+        # YAML 1.1 reads an unquoted 10:20:30 as the base-60 number 37230.
+        hint = '; quote sexagesimal values, e.g. ra: "10:20:30"' if isinstance(value, int) else ""
+        raise ValueError(f"not a coordinate: {degrees:g} deg is outside [{low:g}, {high:g}]{hint}")
     return degrees
 
 
@@ -339,12 +341,22 @@ TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
 
 
 def _name_problems(config: Config) -> list[str]:
-    return [
+    problems = [
         f"targets.{name}: the name becomes a file name: use letters, digits, space and _ . + - "
         "(and object_names for the OBJECT values it should match)"
         for name in config.targets
         if not TARGET_NAME.fullmatch(name) or ".." in name
     ]
+    claimed: dict[str, str] = {}
+    for name, target in config.targets.items():
+        for alias in dict.fromkeys(_normalise_object(n) for n in [name, *target.object_names]):
+            if alias in claimed:
+                problems.append(
+                    f"targets.{name}: OBJECT {alias!r} is matched by targets.{claimed[alias]} too; "
+                    "a frame can belong to one target only"
+                )
+            claimed.setdefault(alias, name)
+    return problems
 
 
 def _resolve_paths(config: Config, base_dir: Path) -> Config:

@@ -79,9 +79,11 @@ class TestParse:
         assert config.target_for_object("SN2") is None
 
 
-class TestUnsafePaths:
-    """Folders that would harm the machine or defeat the daemon, and target names that would escape
-    state_dir as file names, are errors, all reported at once with the missing catalog file."""
+class TestConfigsThatWouldFailLater:
+    """What would harm the machine or fail quietly once running is caught by check-config: system or
+    overlapping folders, target names that would escape state_dir as file names, two targets claiming one
+    OBJECT, unquoted sexagesimal coordinates (explained) are errors; a target without a catalog and a
+    config anyone may write are warnings."""
 
     def test_system_folders_overlaps_and_unsafe_names_are_named(self, tmp_path: Path) -> None:
         raw = {
@@ -104,6 +106,31 @@ class TestUnsafePaths:
         for state in ("/", "/etc", "/usr/local/lcowatch", "/var"):
             with pytest.raises(ConfigError, match=r"state_dir: .* is a system folder"):
                 parse(MINIMAL | {"state_dir": state}, tmp_path)
+
+    def test_two_targets_may_not_claim_one_object(self) -> None:
+        raw = MINIMAL | {
+            "targets": {"SN1": {"ra": 1.0, "dec": 2.0}, "SN2": {"ra": 3.0, "dec": 4.0, "object_names": ["s n1"]}}
+        }
+        with pytest.raises(ConfigError) as caught:
+            parse(raw, Path("/tmp"))
+        assert caught.value.problems == [
+            "targets.SN2: OBJECT 'sn1' is matched by targets.SN1 too; a frame can belong to one target only"
+        ]
+
+    def test_unquoted_sexagesimal_coordinates_are_explained(self, tmp_path: Path) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text("watch: {paths: [in]}\nstate_dir: state\ntargets:\n  SN1: {ra: 10:20:30, dec: -45:00:00}\n")
+        with pytest.raises(ConfigError) as caught:
+            load(path)
+        assert all('quote sexagesimal values, e.g. ra: "10:20:30"' in p for p in caught.value.problems)
+        assert caught.value.problems[0].startswith("targets.SN1.ra: not a coordinate: 37230 deg")
+
+    def test_a_target_without_a_catalog_is_a_warning(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(MINIMAL | {"catalog": {"source": "file"}}))
+        (tmp_path / "in").mkdir()
+        assert main(["check-config", "--config", str(path)]) == 0
+        assert "warning: targets.SN1: no refcat while catalog.source is file" in capsys.readouterr().out
 
     def test_a_config_anyone_may_write_is_a_warning(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         path = tmp_path / "config.yaml"
