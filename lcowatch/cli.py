@@ -116,6 +116,7 @@ class Progress:
 
 def cmd_process(args: argparse.Namespace, config: Config) -> int:
     pipeline = Pipeline(config, connect(config.state_dir))
+    pipeline.requeue_ignored()  # the config may have gained their target since
     files = pipeline.unseen(find_files(Path(p) for p in args.paths))
     missing = [p for p in args.paths if not Path(p).exists()]
     for path in missing:

@@ -383,8 +383,11 @@ def test_sighup_reloads_the_config_and_keeps_the_old_one_when_it_is_bad(
     config.write_text(yaml.safe_dump({**good_document, "targets": targets}))
     daemon.signal(signal.SIGHUP)
     daemon.wait_event("config_reloaded")
+    # The frame ignored before the target was configured is taken up again, at once.
+    daemon.wait_event("ignored_frame_requeued", file=factory.frame(120, object_name="OTHER").name)
     drop(factory.frame(122, object_name="OTHER"), watch)
-    wait_for(_done(ledger, 2), what="a frame of the new target")
+    wait_for(_done(ledger, 3), what="the frames of the new target, the earlier one too")
+    assert ledger.count("ignored") == 0
     assert daemon.stop() == 0
 
 

@@ -373,6 +373,18 @@ class TestFirstCommands:
         assert main(["export", "--config", str(config), "PTEST", "--filter", "rp"]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 1 + len(load(config).photometry.apertures)  # a row each
 
+    def test_frames_ignored_before_their_target_was_configured_are_taken_up(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "later.fits.fz", mjd_start=61000.1, object_name="LATER")
+        assert _process(config, capsys, tmp_path / "in")[0] == 0
+        assert _states(tmp_path) == {"later.fits.fz": "ignored"}
+        config = write_config(tmp_path, TARGETS | {"LATER": {"ra": 80.0, "dec": 5.0}})
+        code, events = _process(config, capsys, tmp_path / "in")
+        assert code == 0 and _states(tmp_path) == {"later.fits.fz": "done"}
+        assert [e["file"] for e in events if e["event"] == "ignored_frame_requeued"] == ["later.fits.fz"]
+
     def test_every_command_says_what_it_does(self, capsys: pytest.CaptureFixture[str]) -> None:
         for command in ("export", "plot", "frames", "process", "retry", "template"):
             with pytest.raises(SystemExit):

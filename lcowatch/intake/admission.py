@@ -24,6 +24,7 @@ from lcowatch.intake.quarantine import quarantine_file, quarantined_names
 from lcowatch.intake.queue import QueueItem, WorkQueue, queue_key
 from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink
+from lcowatch.log import display_name
 from lcowatch.state.ledger import Ledger
 from lcowatch.states import TERMINAL_STATES, State, Step
 
@@ -236,6 +237,14 @@ class Admission:
             "file_quarantined", sha256=sha256, step=step, reason=reason,
             moved_to=str(destination) if destination else None,
         )  # fmt: skip
+
+    def requeue_ignored(self) -> int:
+        """Frames ignored for want of a target that the config now has: pending again, and looked at."""
+        paths = self.ledger.requeue_ignored(lambda name: self.config.target_for_object(name) is not None)
+        for path in paths:
+            self.log.info("ignored_frame_requeued", file=display_name(path.name), path=str(path))
+            self.consider(path)
+        return len(paths)
 
     def recover(self) -> None:
         """Settle ledger rows a crash left pending whose file was already moved into quarantine."""

@@ -158,6 +158,7 @@ class Daemon:
         )  # fmt: skip
         try:
             admission.recover()
+            admission.requeue_ignored()
             self.watcher.start()
             found = admission.scan("startup")
             admission.poll_readiness()
@@ -294,6 +295,7 @@ class Daemon:
             new.watch.paths, new.watch.poll, new.watch.poll_interval,
         )  # fmt: skip
         self.log.info("config_reloaded", config=str(source), targets=sorted(new.targets), watch_changed=watch_changed)
+        self.admission.requeue_ignored()
         if watch_changed:
             self.watcher.stop()
             self.watcher = Watcher(

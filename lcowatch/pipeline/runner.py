@@ -20,7 +20,7 @@ from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.intake.quarantine import quarantine_file
 from lcowatch.intake.readiness import check_complete, max_frame_bytes
-from lcowatch.log import frame_logger, get_logger
+from lcowatch.log import display_name, frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
 from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
 from lcowatch.pipeline.stages import (
@@ -49,7 +49,7 @@ from lcowatch.science.template import (
     Template,
     template_score,
 )
-from lcowatch.state.ledger import Ledger, transaction
+from lcowatch.state.ledger import UNMATCHED, Ledger, transaction
 from lcowatch.state.store import ColourColumns, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
 
@@ -137,6 +137,13 @@ class Pipeline:
         self._requeued: list[Path] = []  # frames that waited for a template and can go now
         self._results_written: dict[str, float] = {}
         self.log = get_logger()
+
+    def requeue_ignored(self) -> list[Path]:
+        """Frames once ignored whose OBJECT a configured target now matches, made pending again."""
+        paths = self.ledger.requeue_ignored(lambda name: self.config.target_for_object(name) is not None)
+        for path in paths:
+            self.log.info("ignored_frame_requeued", file=display_name(path.name), path=str(path))
+        return paths
 
     def take_requeued(self) -> list[Path]:
         """Frames that waited for their target's first template and can be processed now (each once)."""
@@ -310,7 +317,7 @@ class Pipeline:
         for note in frame.warnings:
             log.warning("frame_warning", message=note)
         if meta.target is None:
-            unmatched = f"OBJECT {meta.object!r} matches no configured target"
+            unmatched = f"OBJECT {meta.object!r} {UNMATCHED}"
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=unmatched, identity=identity)
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)

@@ -38,6 +38,10 @@ class FileRecord:
     error: str | None
 
 
+#: How the reason of a frame ignored for want of a target ends (``OBJECT 'X' matches no configured target``).
+UNMATCHED = "matches no configured target"
+
+
 def path_value(path: Path | str) -> str | bytes:
     """A path as the ledger stores it: its text, or its bytes when it is not UTF-8 (a name the file system
     allows but SQLite text cannot hold), so that nothing of it is lost."""
@@ -207,6 +211,19 @@ class Ledger:
             f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)
         )
         return paths
+
+    def requeue_ignored(self, matches: Callable[[str], bool]) -> list[Path]:
+        """Make frames ignored for want of a target pending again where their OBJECT ``matches`` one now
+        (the config gained the target); returns their paths."""
+        unmatched = f"state = '{State.IGNORED}' AND step = '{Step.READ}' AND object IS NOT NULL"
+        rows = self.conn.execute(f"SELECT sha256, path, object, error FROM files WHERE {unmatched}").fetchall()
+        wanted = [row for row in rows if (row["error"] or "").endswith(UNMATCHED) and matches(row["object"])]
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE sha256 = ?",
+                [(row["sha256"],) for row in wanted],
+            )
+        return [Path(path_text(row["path"])) for row in wanted]
 
     def uncount_attempt(self, sha256: str) -> None:
         """Take back the attempt of a run that stopped on a transient condition."""
