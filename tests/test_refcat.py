@@ -515,8 +515,14 @@ class TestLocalFile:
 
     def test_missing_ra(self, tmp_path):
         f = self.write_csv(tmp_path / "nora.csv", "x,dec,g,g_err", ["1,2,15,0.1"])
-        with pytest.raises(CatalogFileError, match=r"nora\.csv: missing column\(s\) ra"):
+        with pytest.raises(CatalogFileError, match=r"nora\.csv: missing column\(s\) ra \(one of ra, raj2000"):
             read_local_catalog(f)
+
+    @pytest.mark.parametrize(("ra", "dec"), [("RAJ2000", "DEJ2000"), ("raMean", "decMean"), ("RA_ICRS", "DE_ICRS")])
+    def test_position_columns_of_vizier_ps1_and_gaia(self, tmp_path, ra, dec):
+        f = self.write_csv(tmp_path / "v.csv", f"{ra},{dec},g,r", ["150.12,2.23,15.1,14.6"])
+        stars = read_local_catalog(f)
+        np.testing.assert_allclose([stars["ra"][0], stars["dec"][0]], [150.12, 2.23])
 
     def test_no_band_column(self, tmp_path):
         f = self.write_csv(tmp_path / "nobands.csv", "ra,dec,Gmag_gaia", ["150.1,2.2,15"])

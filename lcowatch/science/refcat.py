@@ -454,10 +454,18 @@ def _vizier_field(
     return empty
 
 
+#: Accepted names (any letter case) of a local catalog's position columns: ours, VizieR's, PS1's, Gaia's.
+POSITION_NAMES = {
+    "ra": ("ra", "raj2000", "ra_icrs", "ramean", "radeg", "ra_deg"),
+    "dec": ("dec", "dej2000", "decj2000", "de_icrs", "decmean", "dedeg", "dec_deg"),
+}
+
+
 def read_local_catalog(path: str | os.PathLike[str]) -> Table:
     """Read and normalise a local reference catalog (CSV or ECSV).
 
-    The file has ``ra``, ``dec`` in degrees (any letter case) and one column per band named ``u g r i z B
+    The file has ``ra``, ``dec`` in degrees (any letter case; also ``RAJ2000``/``DEJ2000``, ``RA_ICRS``,
+    ``raMean``/``decMean``, see :data:`POSITION_NAMES`) and one column per band named ``u g r i z B
     V R I``; ``gmag`` / ``g_mag`` style names are accepted too. Errors are ``<band>_err``, also
     ``e_gmag``, ``gmagerr``, ``gmag_err``, ``e_g``, ``g_mag_err``. A band without an error column gets
     errors of 0.0 (the zero-point fit's intrinsic scatter then absorbs the catalog errors) and is
@@ -484,14 +492,17 @@ def read_local_catalog(path: str | os.PathLike[str]) -> Table:
         raise CatalogFileError(f"{p}: cannot read as a CSV/ECSV reference catalog: {exc}") from exc
 
     lower = {c.lower(): c for c in raw.colnames}
-    missing = [name for name in ("ra", "dec") if name not in lower]
+    position = {
+        axis: next((lower[name] for name in names if name in lower), None) for axis, names in POSITION_NAMES.items()
+    }
+    missing = [f"{axis} (one of {', '.join(POSITION_NAMES[axis])})" for axis, column in position.items() if not column]
     if missing:
         raise CatalogFileError(
-            f"{p}: missing column(s) {', '.join(missing)} (decimal degrees); columns are {raw.colnames}"
+            f"{p}: missing column(s) {'; '.join(missing)}, in decimal degrees; columns are {raw.colnames}"
         )
     try:
-        ra = _as_float(raw[lower["ra"]], u.deg) % 360.0
-        dec = _as_float(raw[lower["dec"]], u.deg)
+        ra = _as_float(raw[position["ra"]], u.deg) % 360.0
+        dec = _as_float(raw[position["dec"]], u.deg)
     except (TypeError, ValueError, u.UnitsError) as exc:
         raise CatalogFileError(f"{p}: ra/dec must be decimal degrees: {exc}") from exc
 
