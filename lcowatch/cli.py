@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from lcowatch import __version__, log
 from lcowatch.config import Config, load
@@ -91,12 +91,14 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 class Progress:
-    """A one-line progress report for a person at a terminal (files, outcomes, rate, time left)."""
+    """A one-line progress report for a person at a terminal (files, outcomes, rate, time left), kept at
+    the bottom: log lines to the same terminal go through :meth:`beneath` and are written above it."""
 
     def __init__(self, total: int, stream: IO[str], *, enabled: bool) -> None:
         self.total, self.stream, self.enabled = total, stream, enabled
         self.counts: dict[str, int] = {}
         self.started = time.monotonic()
+        self.line = ""
 
     def update(self, state: str) -> None:
         self.counts[state] = self.counts.get(state, 0) + 1
@@ -106,12 +108,50 @@ class Progress:
         rate = finished / max(time.monotonic() - self.started, 1e-9)
         left = (self.total - finished) / rate if rate > 0 else float("inf")
         tally = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items()))
-        self.stream.write(f"\r{finished}/{self.total} files ({tally}), {rate:.2f}/s, ~{left:.0f} s left\x1b[K")
+        self.line = f"{finished}/{self.total} files ({tally}), {rate:.2f}/s, ~{left:.0f} s left"
+        self.draw()
+
+    def draw(self) -> None:
+        self.stream.write(f"\r{self.line}\x1b[K")
         self.stream.flush()
+
+    def erase(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def beneath(self, log_stream: IO[str]) -> IO[str]:
+        """``log_stream``, or when both are the terminal a stream that writes above the progress line."""
+        if not (self.enabled and log_stream.isatty()):
+            return log_stream
+        return cast(IO[str], _AboveProgress(self, log_stream))
 
     def close(self) -> None:
         if self.enabled and self.counts:
             self.stream.write("\n")
+
+
+class _AboveProgress:
+    """A text stream that lifts the progress line out of the way of each line written through it."""
+
+    def __init__(self, progress: Progress, stream: IO[str]) -> None:
+        self.progress, self.stream = progress, stream
+        self.mid_line = False
+
+    def write(self, text: str) -> int:
+        if not self.mid_line and self.progress.line:
+            self.progress.erase()
+        written = self.stream.write(text)
+        self.stream.flush()
+        self.mid_line = not text.endswith("\n")
+        if not self.mid_line and self.progress.line:
+            self.progress.draw()
+        return written
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
 
 
 def cmd_process(args: argparse.Namespace, config: Config) -> int:
@@ -127,6 +167,7 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
         pipeline.log.error("not_a_regular_file", path=str(path))
     missing += unusable
     progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
+    log.configure(progress.beneath(sys.stdout), level=config.log_level)
     outcomes = []
     for path in files:
         outcomes.append(pipeline.process_unwatched(path))

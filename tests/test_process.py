@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import threading
@@ -190,6 +191,43 @@ class TestProgress:
         assert piped.getvalue() == ""
         last = shown.getvalue().split("\r")[-1]
         assert last.startswith("3/3 files (2 done, 1 rejected)") and "s left" in last and last.endswith("\n")
+
+    def test_log_lines_at_the_same_terminal_go_above_it(self) -> None:
+        from lcowatch.cli import Progress
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+            def screen(self) -> list[str]:
+                """The lines a terminal shows: a carriage return goes back to the line's start, ESC[K
+                clears from there to its end."""
+                lines = []
+                for raw in self.getvalue().split("\n"):
+                    line, column = "", 0
+                    for token in re.split(r"(\r|\x1b\[K)", raw):
+                        if token == "\r":
+                            column = 0
+                        elif token == "\x1b[K":
+                            line = line[:column]
+                        else:
+                            line, column = line[:column] + token + line[column + len(token) :], column + len(token)
+                    lines.append(line)
+                return lines
+
+        terminal = Terminal()
+        progress = Progress(2, terminal, enabled=True)
+        logs = progress.beneath(terminal)
+        progress.update("done")
+        print('{"event": "frame_processed"}', file=logs)
+        progress.update("done")
+        print('{"event": "process_finished"}', file=logs)
+        progress.close()
+        screen = terminal.screen()
+        assert screen[0] == '{"event": "frame_processed"}' and screen[1] == '{"event": "process_finished"}'
+        assert screen[2].startswith("2/2 files (2 done)") and screen[3] == ""
+        pipe = io.StringIO()
+        assert progress.beneath(pipe) is pipe  # logs to a pipe or a file are left as they are
 
 
 class TestAwkwardFrames:
