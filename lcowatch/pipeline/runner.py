@@ -74,12 +74,14 @@ ASSUMED_COLOR_SPREAD = 0.3
 
 
 def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
-    """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that night.
+    """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that visit.
 
     Where the colour's bands were not both measured in the same visit, the target's median colour over
     the visits where they were stands in (else the comparison stars' median colour), and the point is
     flagged ``color_assumed`` (when a colour term applies at all). ``diff_mag`` from another instrument
-    than the reference frame's moves with the difference of their colour terms.
+    than the reference frame's moves with the difference of their colour terms. The colour's error, times
+    the term, is in ``mag_err`` and ``diff_mag_err``: the measured colour's from its two magnitudes, an
+    assumed one's the spread of field stars' colours.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
@@ -88,41 +90,51 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
         group = [row for row in rows if row["aperture"] == aperture]
         term = np.array([row["color_term"] or 0.0 for row in group])
         mag0 = np.array([row["mag"] - (row["color_term"] or 0.0) * (row["color"] or 0.0) for row in group])
+        # The error each point had before any colour was applied to it.
+        previous_err = np.array([_colour_error(row) for row in group])
+        base_err = np.array(
+            [_without(row["mag_err"] or 0.0, c * e) for row, c, e in zip(group, term, previous_err, strict=True)]
+        )
         times = np.array([row["mjd"] for row in group])
         bands = [row["band"] if row["filter"] in STANDARD_FILTERS else None for row in group]
-        colour = solve_colours(bands, times, mag0, term, color_for_band)
-        for row, m0, c, own, t in zip(group, mag0, term, colour, times, strict=True):
-            if abs(t - mjd) > COLOR_WINDOW_DAYS:
+        colour, colour_err = solve_colours(bands, times, mag0, base_err, term, color_for_band)
+        for k, row in enumerate(group):
+            if abs(times[k] - mjd) > COLOR_WINDOW_DAYS:
                 continue  # its partners may lie outside what was read
+            c, change = term[k], row["diff_color_term"] or 0.0
             field_color = row["comparison_color"] or 0.0
             if row["band"] not in typical:
                 typical[row["band"]] = store.typical_colour(target, row["band"])
+            measured = bool(np.isfinite(colour[k]))
             stand_in = typical[row["band"]]
-            used = own if np.isfinite(own) else stand_in if stand_in is not None else field_color
-            change = row["diff_color_term"] or 0.0
-            was_assumed = bool(row["flags"] & assumed)
-            now_assumed = bool((c != 0 or change != 0) and not np.isfinite(own))
-            spread = (was_assumed, now_assumed)
+            used = colour[k] if measured else stand_in if stand_in is not None else field_color
+            used_err = float(colour_err[k]) if measured else ASSUMED_COLOR_SPREAD
             diff_mag, diff_err = row["diff_mag"], row["diff_mag_err"]
             if diff_mag is not None and change:
                 # diff_mag was made for the field's median colour, moved since by the colour last applied.
                 previous = row["color"] if row["color"] is not None else field_color
                 diff_mag += change * (used - previous)
-                diff_err = _with_colour_spread(diff_err, change, *spread)
+                diff_err = float(np.hypot(_without(diff_err, change * previous_err[k]), change * used_err))
+            now_assumed = bool((c != 0 or change != 0) and not measured)
             columns = ColourColumns(
-                mag=float(m0 + c * used), mag_err=_with_colour_spread(row["mag_err"] or 0.0, c, *spread),
-                diff_mag=diff_mag, diff_mag_err=diff_err, color=float(used),
+                mag=float(mag0[k] + c * used), mag_err=float(np.hypot(base_err[k], c * used_err)),
+                diff_mag=diff_mag, diff_mag_err=diff_err, color=float(used), color_err=used_err,
                 flags=row["flags"] & ~assumed | (assumed if now_assumed else 0),
             )  # fmt: skip
             store.set_point_colour(conn, row["sha256"], aperture, columns)
 
 
-def _with_colour_spread(error: float, term: float, was_assumed: bool, now_assumed: bool) -> float:
-    """An error with the uncertainty of an assumed colour (a field star's spread of colours, through the
-    colour term) taken out where it was in and put in where it now is."""
-    spread = term * ASSUMED_COLOR_SPREAD
-    measured = np.sqrt(max(error**2 - (was_assumed * spread) ** 2, 0.0))
-    return float(np.hypot(measured, now_assumed * spread))
+def _colour_error(row: sqlite3.Row) -> float:
+    """The error of the colour last applied to a point (none yet: 0; before colour errors were stored, an
+    assumed colour's spread)."""
+    if row["color_err"] is not None:
+        return float(row["color_err"])
+    return ASSUMED_COLOR_SPREAD if row["flags"] & flags.value("color_assumed") else 0.0
+
+
+def _without(error: float, part: float) -> float:
+    """An error with one independent part taken out (never below 0)."""
+    return float(np.sqrt(max(error**2 - part**2, 0.0)))
 
 
 class Pipeline:

@@ -514,19 +514,21 @@ def solve_colours(
     bands: list[str | None],
     mjd: NDArray[np.float64],
     mag0: NDArray[np.float64],
+    mag_err: NDArray[np.float64],
     color_term: NDArray[np.float64],
     colour_of_band: Callable[[str], tuple[str, str]],
-) -> NDArray[np.float64]:
-    """The target's colour at each point, from its own magnitudes in the colour's two bands the same night.
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The target's colour at each point, and its error, from its own magnitudes in the colour's two bands
+    in the same visit.
 
-    ``mag0`` are colour-0 magnitudes (``inst_mag + zp``); a point's standard magnitude is
-    ``mag0 + color_term * colour`` with the colour index of its band (``colour_of_band``, e.g. g - r for
-    r; a band of None, a non-standard filter, neither has nor gives a colour). Magnitudes and colours
-    depend on each other, so they are iterated, as lcogtsnpipe does; each point
-    takes the nearest point in time of each band of its colour within :data:`COLOR_WINDOW_DAYS`. NaN where
-    a band is missing.
+    ``mag0`` are colour-0 magnitudes (``inst_mag + zp``) with errors ``mag_err``; a point's standard
+    magnitude is ``mag0 + color_term * colour`` with the colour index of its band (``colour_of_band``, e.g.
+    g - r for r; a band of None, a non-standard filter, neither has nor gives a colour). Magnitudes and
+    colours depend on each other, so they are iterated, as lcogtsnpipe does; each point takes the nearest
+    point in time of each band of its colour within :data:`COLOR_WINDOW_DAYS`. NaN where a band is missing.
     """
     colour = np.full(len(bands), np.nan)
+    colour_err = np.full(len(bands), np.nan)
     band_array = np.array(bands)
     for _ in range(6):  # colour terms are ~0.1 mag/mag: the fixed point is reached to 1e-6 mag
         mags = mag0 + color_term * np.nan_to_num(colour)
@@ -541,4 +543,5 @@ def solve_colours(
                 nearest.append(candidates[np.argmin(np.abs(mjd[candidates] - mjd[i]))])
             else:
                 colour[i] = mags[nearest[0]] - mags[nearest[1]]
-    return colour
+                colour_err[i] = np.hypot(mag_err[nearest[0]], mag_err[nearest[1]])
+    return colour, colour_err

@@ -188,6 +188,7 @@ CREATE TABLE IF NOT EXISTS points (
     zp_err REAL,
     color_term REAL,
     color REAL,
+    color_err REAL,
     comparison_color REAL,
     zp_nstars INTEGER,
     zp_scatter REAL,
@@ -202,7 +203,7 @@ CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Add the nullable columns a table lacks: release 0.1 (no version yet) grew its tables by columns
-    only, and version 2 added ``points.diff_color_term``."""
+    only, and version 2 added ``points.diff_color_term`` and ``points.color_err``."""
     for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", STORE_TABLES, re.S):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for line in body.strip().splitlines():

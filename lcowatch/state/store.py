@@ -92,6 +92,7 @@ class ColourColumns(TypedDict):
     diff_mag: float | None
     diff_mag_err: float | None
     color: float
+    color_err: float
     flags: int
 
 
@@ -169,7 +170,7 @@ class Store(ReferenceRecords):
         """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture."""
         return conn.execute(
             "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.mag_err, p.color, p.color_term, "
-            "p.comparison_color, p.diff_mag, p.diff_mag_err, p.diff_color_term, p.flags, f.mjd "
+            "p.comparison_color, p.color_err, p.diff_mag, p.diff_mag_err, p.diff_color_term, p.flags, f.mjd "
             "FROM points p JOIN frames f USING (sha256) "
             "WHERE p.target = ? AND p.mag IS NOT NULL AND f.mjd BETWEEN ? AND ?",
             (target, mjd - days, mjd + days),
@@ -188,7 +189,7 @@ class Store(ReferenceRecords):
     def set_point_colour(conn: sqlite3.Connection, sha256: str, aperture: int, columns: ColourColumns) -> None:
         conn.execute(
             "UPDATE points SET mag = :mag, mag_err = :mag_err, diff_mag = :diff_mag, diff_mag_err = :diff_mag_err, "
-            "color = :color, flags = :flags WHERE sha256 = :sha256 AND aperture = :aperture",
+            "color = :color, color_err = :color_err, flags = :flags WHERE sha256 = :sha256 AND aperture = :aperture",
             {**columns, "sha256": sha256, "aperture": aperture},
         )
 
