@@ -701,3 +701,19 @@ def test_a_file_name_that_is_not_utf8_is_processed_and_the_daemon_keeps_going(
     daemon.start()  # the stored name does not stop a restart either
     assert daemon.stop() == 0
     assert os.fsencode(watch / odd) in {os.fsencode(p) for p in watch.iterdir()}
+
+
+def test_a_watched_folder_moved_away_and_made_anew_is_watched_again_at_once(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A watched folder swapped for a new one (moved away, deleted, recreated) is watched again within
+    seconds, not at the next reconcile scan (60 s here)."""
+    config = factory.config(tmp_path)
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    daemon = daemons(config).start()
+    watch.rename(tmp_path / "in.old")
+    watch.mkdir()
+    daemon.wait_event("watch_path_replaced", timeout=10.0)
+    drop(factory.frame(40), watch, how="rename")
+    wait_for(_done(ledger, 1), timeout=20.0, what="a frame in the new folder")
+    assert daemon.stop() == 0

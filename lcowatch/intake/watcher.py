@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,6 +65,15 @@ class _Recorder(FileSystemEventHandler):
             self.sink.add(Path(os.fsdecode(raw)), folder=event.is_directory)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder, None when it is not one (now)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
 class Watcher:
     """A watchdog observer over every watched folder (recursive), restarted when it dies."""
 
@@ -75,6 +85,7 @@ class Watcher:
         self.log = get_logger()
         self._observer: Any = None
         self._watched: list[Path] = []
+        self._identity: dict[Path, tuple[int, int] | None] = {}
         self.restarts = 0
 
     def _new_observer(self, polling: bool) -> Any:
@@ -104,6 +115,7 @@ class Watcher:
         observer.daemon = True
         observer.start()
         self._observer, self._watched = observer, watched
+        self._identity = {path: _identity(path) for path in watched}
         self.log.info(
             "watching", paths=[str(p) for p in watched], observer=type(observer).__name__,
         )  # fmt: skip
@@ -122,14 +134,18 @@ class Watcher:
         return all(emitter.is_alive() for emitter in observer.emitters)
 
     def check(self) -> bool:
-        """Restart the observer if it died or a missing folder appeared; True when it was restarted
+        """Restart the observer if it died, a missing folder appeared, or a watched folder was replaced (moved
+        away, deleted, made anew: the old watch sees nothing of the new one); True when it was restarted
 
         (events may have been lost: the caller rescans).
         """
         appeared = [p for p in self.paths if p not in self._watched and p.is_dir()]
-        if self.alive() and not appeared:
+        replaced = [p for p in self._watched if _identity(p) != self._identity.get(p)]
+        if self.alive() and not appeared and not replaced:
             return False
-        if appeared and self.alive():
+        if replaced:
+            self.log.warning("watch_path_replaced", paths=[str(p) for p in replaced])
+        elif appeared and self.alive():
             self.log.info("watch_path_appeared", paths=[str(p) for p in appeared])
         else:
             self.log.error("observer_died", restarts=self.restarts)
