@@ -336,14 +336,15 @@ def _path_problems(config: Config) -> list[str]:
     return problems
 
 
-#: A target's name becomes a file name (results/NAME.ecsv, plots/NAME.png): letters, digits and a few signs.
-TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.+-]*")
+#: A target's name becomes a file name (results/NAME.ecsv, plots/NAME.png): no path separator, no control
+#: character, no leading dot (nor "..": a way out of state_dir).
+TARGET_NAME = re.compile(r"[^/\\\x00-\x1f\x7f.][^/\\\x00-\x1f\x7f]*")
 
 
 def _name_problems(config: Config) -> list[str]:
     problems = [
-        f"targets.{name}: the name becomes a file name: use letters, digits, space and _ . + - "
-        "(and object_names for the OBJECT values it should match)"
+        f"targets.{name}: the name becomes a file name: no '/', '\\', '..', control character or leading '.' "
+        "(object_names can hold the OBJECT values it should match)"
         for name in config.targets
         if not TARGET_NAME.fullmatch(name) or ".." in name
     ]
