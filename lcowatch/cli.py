@@ -6,6 +6,8 @@ import argparse
 import csv
 import json
 import os
+import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -17,7 +19,7 @@ from lcowatch import __version__, log
 from lcowatch.config import Config, load
 from lcowatch.errors import ConfigError, Stop
 from lcowatch.intake.discovery import find_files
-from lcowatch.intake.quarantine import QUARANTINE_DIR, find_quarantined, release
+from lcowatch.intake.quarantine import QUARANTINE_DIR, find_quarantined, quarantined_names, release
 from lcowatch.log import get_logger
 from lcowatch.outputs.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
 from lcowatch.outputs.export import write_table as export_table
@@ -31,6 +33,7 @@ from lcowatch.states import LEDGER_STATES, State
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 TARGET_HELP = "a target's name, as in the config's targets"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 FINISHED_STATES = {State.DONE, State.REJECTED, State.QUARANTINED, State.IGNORED, State.SKIPPED}
 
 
@@ -303,22 +306,43 @@ def cmd_refstars(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, config: Config) -> int:
+    from lcowatch.intake.daemon import running_daemon  # not the daemon's machinery, only its lock
+
     ledger = Ledger(connect(config.state_dir))
-    quarantined = find_quarantined(args.file, config.state_dir)
+    wanted = args.file
+    if SHA256.fullmatch(wanted):
+        record = ledger.get(wanted)
+        if record is None:
+            print(f"lcowatch: no file with sha256 {wanted} in the ledger", file=sys.stderr)
+            return EXIT_USAGE
+        quarantined = next(
+            (
+                p for p in quarantined_names(Path(record.path).name, record.sha256, config.state_dir)
+                if p.is_file() and read_content(p)[1] == record.sha256
+            ),
+            None,
+        )  # fmt: skip
+        wanted = str(quarantined) if quarantined is not None else record.path
+    quarantined = find_quarantined(wanted, config.state_dir)
     if quarantined is not None:
         try:
             destination, sha256 = release(quarantined, config.watch.paths[0])
         except FileExistsError as exc:
             print(f"lcowatch: {exc}", file=sys.stderr)
             return EXIT_FAILURE
-    elif Path(args.file).is_file():
-        destination, sha256 = Path(args.file), read_content(Path(args.file))[1]
+    elif Path(wanted).is_file():
+        destination, sha256 = Path(wanted), read_content(Path(wanted))[1]
     else:
-        print(f"lcowatch: {args.file} is neither in {config.state_dir / QUARANTINE_DIR} nor a file", file=sys.stderr)
+        print(f"lcowatch: {wanted} is neither in {config.state_dir / QUARANTINE_DIR} nor a file", file=sys.stderr)
         return EXIT_USAGE
     if sha256 is not None:
         ledger.reset(sha256)
-    print(f"{destination}: pending again; the daemon (or `lcowatch process`) will work on it")
+    pid = running_daemon(config.state_dir)
+    if pid is not None:
+        os.kill(pid, signal.SIGHUP)  # its reload rescans the folders: the file is taken up now
+        print(f"{destination}: pending again; the running daemon (PID {pid}) is looking at it now")
+    else:
+        print(f"{destination}: pending again; the daemon (or `lcowatch process`) will work on it")
     return EXIT_OK
 
 
@@ -409,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     refstars.set_defaults(handler=cmd_refstars, writes_table=True)
 
     retry = _add_command(commands, "retry", parents=[common], help="put a quarantined or rejected file back in line")
-    retry.add_argument("file", metavar="FILE", help="the quarantined file (path or name), or a file to redo")
+    retry.add_argument(
+        "file", metavar="FILE", help="the quarantined file (path or name), a file to redo, or a file's sha256"
+    )
     retry.set_defaults(handler=cmd_retry, writes_table=False)
 
     plot = _add_command(commands, "plot", parents=[common], help="a PNG of a target's light curve")

@@ -15,6 +15,8 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -716,4 +718,27 @@ def test_a_watched_folder_moved_away_and_made_anew_is_watched_again_at_once(
     daemon.wait_event("watch_path_replaced", timeout=10.0)
     drop(factory.frame(40), watch, how="rename")
     wait_for(_done(ledger, 1), timeout=20.0, what="a frame in the new folder")
+    assert daemon.stop() == 0
+
+
+def test_retry_reaches_a_running_daemon_at_once(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """`lcowatch retry` of a rejected frame (it stays where it is: no file event) asks the running daemon to
+    look again, so it is worked on now, not at the next reconcile scan (an hour here)."""
+    config = factory.config(tmp_path, watch={"rescan_seconds": 3600.0})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    blind = factory.frame(75, "fz", wcs_error=True)  # cannot start a target: rejected, waiting for a template
+    daemon = daemons(config).start()
+    drop(blind, watch)
+    wait_for(lambda: ledger.count("rejected") == 1, what="the frame to be rejected")
+    sha256 = sha256_of(blind.path)
+    result = subprocess.run(
+        [sys.executable, "-m", "lcowatch", "retry", "--config", str(config), sha256],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0 and f"(PID {daemon.proc.pid})" in result.stdout, result.stdout + result.stderr
+    daemon.wait_event("config_reloaded", timeout=10.0)
+    wait_for(lambda: len(daemon.find("frame_processed", file=blind.name)) == 2, timeout=20.0, what="a second look")
+    assert ledger.count("rejected") == 1
     assert daemon.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -89,6 +90,18 @@ class TestBadInput:
         assert frame.exists()
         code, _ = _process(config, capsys, tmp_path / "in")
         assert code == 0 and _states(tmp_path) == {"big.fits.fz": "done"}
+
+    def test_retry_by_sha256(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, TARGETS, processing={"max_pixels": 1000})
+        frame = _frame(tmp_path / "in", "big.fits.fz")
+        sha256 = hashlib.sha256(frame.read_bytes()).hexdigest()
+        _process(config, capsys, tmp_path / "in")
+        assert not frame.exists()
+        assert main(["retry", "--config", str(config), sha256]) == 0
+        assert frame.exists() and _states(tmp_path) == {"big.fits.fz": "pending"}
+        assert "pending again" in capsys.readouterr().out
+        assert main(["retry", "--config", str(config), "0" * 64]) == 2
+        assert "no file with sha256" in capsys.readouterr().err
 
 
 class TestLedger:

@@ -86,6 +86,23 @@ def lock_state_dir(state_dir: Path) -> int:
     return fd
 
 
+def running_daemon(state_dir: Path) -> int | None:
+    """The PID of the daemon running on ``state_dir``, or None when none holds its lock."""
+    try:
+        fd = os.open(state_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        # A shared probe: it fails while a daemon holds the exclusive lock, and is dropped at once otherwise.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(holder) if holder.isdigit() else None
+    finally:
+        os.close(fd)
+    return None
+
+
 class Waker:
     """Wakes the main loop: from the worker thread (:meth:`wake`) and, through ``signal.set_wakeup_fd``,
     from signals, whose handlers then only set flags (a handler that takes a lock can deadlock against the
@@ -302,7 +319,8 @@ class Daemon:
                 new.watch.paths, self.sink, poll=new.watch.poll, poll_interval=new.watch.poll_interval
             )
             self.watcher.start()
-            self.admission.scan("config reloaded")
+        # Also how `lcowatch retry` reaches a running daemon: files made pending are looked at now.
+        self.admission.scan("config reloaded")
 
     # -- leaving ---------------------------------------------------------------------------------------
 
