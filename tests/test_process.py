@@ -436,6 +436,20 @@ class TestFirstCommands:
         assert code == 0 and _states(tmp_path) == {"later.fits.fz": "done"}
         assert [e["file"] for e in events if e["event"] == "ignored_frame_requeued"] == ["later.fits.fz"]
 
+    def test_a_target_far_from_its_frames_is_a_warning(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        # RA given in hours where degrees were meant: 80 deg is 5h20m; "5.333" as degrees is 75 deg away.
+        config = write_config(tmp_path, {"PTEST": {"ra": 5.333, "dec": 5.0}})
+        _frame(tmp_path / "in", "good.fits.fz", mjd_start=61000.1)
+        _, events = _process(config, capsys, tmp_path / "in")
+        (far,) = [e for e in events if e["event"] == "target_far_from_frame"]
+        assert far["file"] == "good.fits.fz" and far["distance_arcmin"] > 4000
+        config = write_config(tmp_path / "right", TARGETS)
+        _frame(tmp_path / "right" / "in", "good.fits.fz", mjd_start=61000.1)
+        _, events = _process(config, capsys, tmp_path / "right" / "in")
+        assert not [e for e in events if e["event"] == "target_far_from_frame"]
+
     def test_every_command_says_what_it_does(self, capsys: pytest.CaptureFixture[str]) -> None:
         for command in ("export", "plot", "frames", "process", "retry", "template"):
             with pytest.raises(SystemExit):

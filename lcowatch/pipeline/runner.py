@@ -11,8 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISREG
+from typing import Any
 
 import numpy as np
+from astropy.coordinates import SkyCoord
 
 from lcowatch import flags
 from lcowatch.bands import STANDARD_FILTERS
@@ -68,6 +70,10 @@ class Outcome:
     reason: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
+
+#: How far (arcmin) beyond a frame's half diagonal its target may lie before a warning: an unsolved WCS
+#: (WCSERR != 0) is the telescope pointing, off by a few arcminutes.
+TARGET_FAR_ARCMIN = 10.0
 
 #: Standard deviation of field stars' colours (mag): the error of a colour assumed to be their median.
 ASSUMED_COLOR_SPREAD = 0.3
@@ -310,6 +316,23 @@ class Pipeline:
         self.store.write_points(conn, work.points)
         apply_colours(conn, self.store, meta.target, meta.mjd_mid)
 
+    def _warn_if_target_far(self, frame: Frame, log: Any) -> None:
+        """Say so when the target's configured position lies far outside a frame whose OBJECT matched it:
+        a coordinate in the wrong unit (hours as degrees) would otherwise go unnoticed."""
+        target = self.config.targets[frame.meta.target] if frame.meta.target else None
+        if target is None or target.ra is None or target.dec is None or frame.wcs is None:
+            return
+        ny, nx = frame.meta.shape
+        centre = frame.wcs.pixel_to_world((nx - 1) / 2, (ny - 1) / 2)
+        distance = float(centre.separation(SkyCoord(target.ra, target.dec, unit="deg")).arcmin)
+        # Half the diagonal, plus what an unsolved pointing may be off by.
+        reach = frame.meta.pixscale * np.hypot(nx, ny) / 2 / 60 + TARGET_FAR_ARCMIN
+        if distance > reach:
+            log.warning(
+                "target_far_from_frame", distance_arcmin=round(distance, 1), frame_reach_arcmin=round(reach, 1),
+                note="check the target's ra/dec in the config (ra in degrees, or quoted hours)",
+            )  # fmt: skip
+
     def _superseded(self, work: FrameWork) -> bool:
         """Whether what this frame set up from an empty slot (the target's reference frame, its first field
         stars, a filter's reference magnitudes) was set up by another process (the daemon beside a
@@ -333,6 +356,7 @@ class Pipeline:
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=unmatched, identity=identity)
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
+        self._warn_if_target_far(frame, log)
         first = self.store.same_exposure(frame.sha256, meta)
         if first is not None:
             # Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name):
