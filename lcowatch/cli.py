@@ -172,8 +172,8 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
     progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
     log.configure(progress.beneath(sys.stdout), level=config.log_level)
     outcomes = []
-    for path in files:
-        outcomes.append(pipeline.process_unwatched(path))
+    for path, verdict in files:
+        outcomes.append(pipeline.process_unwatched(path, verdict))
         progress.update(outcomes[-1].state)
     # Frames that arrived before any frame could be a template get their turn once one exists.
     while waiting := pipeline.take_requeued():

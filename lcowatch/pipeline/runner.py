@@ -21,7 +21,7 @@ from lcowatch.bands import STANDARD_FILTERS
 from lcowatch.config import Config
 from lcowatch.errors import Quarantine, Reject, RetryLater, Stop
 from lcowatch.intake.quarantine import quarantine_file
-from lcowatch.intake.readiness import check_complete, max_frame_bytes
+from lcowatch.intake.readiness import Verdict, check_complete, max_frame_bytes
 from lcowatch.log import display_name, frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
 from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
@@ -40,7 +40,7 @@ from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
 )
-from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content, read_frame, read_observation_time
+from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content, read_frame
 from lcowatch.science.refcat import FieldCatalogs, color_for_band
 from lcowatch.science.register import (
     register,
@@ -210,8 +210,10 @@ class Pipeline:
             return
         work.log.info("diagnostic_written", path=str(path), kind=kind)
 
-    def unseen(self, paths: Iterable[Path]) -> list[Path]:
-        """Files not already finished (by path, size and mtime), in observation-time order."""
+    def unseen(self, paths: Iterable[Path]) -> list[tuple[Path, Verdict | None]]:
+        """Files not already finished (by path, size and mtime), each with its readiness verdict (None for
+        what is not a regular file), in observation-time order. The verdict is the daemon's: one walk of the
+        file gives both its completeness and its time."""
         pending = []
         for path in paths:
             try:
@@ -221,18 +223,21 @@ class Pipeline:
             sha = self.ledger.known_path(path, stat.st_size, stat.st_mtime_ns)
             record = self.ledger.get(sha) if sha else None
             if record is None or record.state not in TERMINAL_STATES:
-                pending.append(path)
-        times = {path: read_observation_time(path) for path in pending}
-        return sorted(pending, key=lambda p: (times[p] is not None, times[p] or 0.0, str(p)))
+                pending.append((path, self._readiness(path)))
+        return sorted(pending, key=lambda p: (p[1] is None or p[1].mjd is None, (p[1] and p[1].mjd) or 0.0, str(p[0])))
 
-    def process_unwatched(self, path: Path) -> Outcome:
-        """Process a file named on the command line, held to the daemon's readiness rules first: one that
-        is not whole (empty, truncated) or can never be a frame (a gzip bomb, not FITS) is quarantined with
-        the reason, without being read whole. Unlike the daemon's folders, nothing is still being written."""
-        if path.is_file():
-            verdict = check_complete(path, max_pixels=self.config.processing.max_pixels)
-            if verdict.kind != "ready":
-                return self.process_path(path, poison=verdict.reason)
+    def _readiness(self, path: Path) -> Verdict | None:
+        # A FIFO or a device is never opened: the read could block, or never end.
+        return check_complete(path, max_pixels=self.config.processing.max_pixels) if path.is_file() else None
+
+    def process_unwatched(self, path: Path, verdict: Verdict | None = None) -> Outcome:
+        """Process a file named on the command line, held to the daemon's readiness rules (``verdict``, found
+        here when not given): one that is not whole (empty, truncated) or can never be a frame (a gzip bomb,
+        not FITS) is quarantined with the reason, without being read whole. Unlike the daemon's folders,
+        nothing is still being written."""
+        verdict = verdict or self._readiness(path)
+        if verdict is not None and verdict.kind != "ready":
+            return self.process_path(path, poison=verdict.reason)
         return self.process_path(path)
 
     def process_path(self, path: Path, *, poison: str | None = None) -> Outcome:

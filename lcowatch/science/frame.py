@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import stat
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -342,33 +340,3 @@ def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame
         wcs=wcs if meta.wcs_usable else None,
         warnings=notes,
     )
-
-
-#: The headers that give a frame's time lie in its first blocks (LCO: an empty primary, then SCI).
-ORDERING_BYTES = 64 * FITS_BLOCK
-
-
-def read_observation_time(path: Path) -> float | None:
-    """MJD of the exposure start from the header alone, for ordering files; None when unreadable.
-
-    Reads (and inflates) no more than :data:`ORDERING_BYTES`: a gzip bomb or a huge file costs nothing
-    here. Not a regular file (a FIFO, a device): None, without opening it.
-    """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None
-        with open(path, "rb") as file:
-            head = file.read(ORDERING_BYTES)
-        if head[:2] == GZIP_MAGIC:
-            head = zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(head, ORDERING_BYTES)
-        header = fits.Header()
-        for start in range(0, len(head) - 79, 80):
-            key = head[start : start + 8].decode("ascii", "replace").strip()
-            if key in ("DATE-OBS", "MJD-OBS") and key not in header:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # a broken card is reported when the file is processed
-                    header.append(fits.Card.fromstring(head[start : start + 80].decode("ascii", "replace")))
-        return float(observation_start(header).mjd)
-    except (OSError, ValueError, zlib.error, Quarantine):
-        return None
-    return None

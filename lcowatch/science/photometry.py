@@ -120,25 +120,26 @@ def repair_apertures(
     """Replace masked pixels and cosmic-ray hits within ``reach`` pixels of each position, in place in
     ``frame.data`` and ``pre.subtracted``.
 
-    A pixel takes the value of its mirror image through the position (which a star's light makes equal),
-    or, where that is off the box or needs repair too, the mean of its good 4-neighbours. Masked pixels are
-    repaired first, so that hits are looked for on an image without holes.
+    A pixel takes the value of its mirror image through the position (which a star's light makes equal);
+    where that is off the box or needs repair too, a cubic across the row or column, else the mean of its
+    good 4-neighbours (see :meth:`_Boxes.fill`). Masked pixels are repaired first, so that hits are looked
+    for on an image without holes.
 
     Returns
     -------
     still_bad : numpy.ndarray
-        ``pre.bad`` without the repaired pixels: the mask to sum with.
+        ``pre.bad`` without the repaired pixels: the mask to sum with (``pre.bad`` itself, not a copy, when
+        nothing was repaired).
     repaired : numpy.ndarray
         (N,) how many pixels were replaced within ``radius`` of each position.
     """
-    still_bad = pre.bad.copy()
     repaired = np.zeros(len(x), dtype=int)
     ny, nx = pre.bad.shape
     half = int(np.ceil(reach)) + 1
     inside = np.isfinite(x) & np.isfinite(y) & (x >= half) & (x < nx - 1 - half) & (y >= half) & (y < ny - 1 - half)
     index = np.flatnonzero(inside)
     if not len(index):
-        return still_bad, repaired
+        return pre.bad, repaired
     ix, iy = np.rint(x[index]).astype(int), np.rint(y[index]).astype(int)
     dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
     rows, cols = iy[:, None, None] + dy, ix[:, None, None] + dx
@@ -149,14 +150,17 @@ def repair_apertures(
     if frame.err is None:
         noise = np.sqrt(noise**2 + np.maximum(boxes.values, 0.0) / frame.meta.gain)
     hit = _cosmic_ray_hits(boxes, noise) & ~masked
-    fixed = boxes.fill(hit) | (masked & filled)
+    fixed = boxes.fill(hit) | filled
+    if not fixed.any():
+        return pre.bad, repaired
     # The background model under each box (smooth on the mesh scale), from its unmasked pixels.
     model = np.where(masked, 0.0, frame.data[rows, cols] - pre.subtracted[rows, cols])
     level = model.sum(axis=(1, 2)) / np.maximum((~masked).sum(axis=(1, 2)), 1)
-    star, r, c = np.nonzero(fixed & (masked | hit))
+    star, r, c = np.nonzero(fixed)
     fr, fc = rows[star, r, c], cols[star, r, c]
     pre.subtracted[fr, fc] = boxes.values[star, r, c]
     frame.data[fr, fc] = boxes.values[star, r, c] + level[star]
+    still_bad = pre.bad.copy()  # only now: most frames' apertures need no repair
     still_bad[fr, fc] = False
     within = np.hypot(fc - x[index][star], fr - y[index][star]) <= radius
     np.add.at(repaired, index[star[within]], 1)
