@@ -24,6 +24,7 @@ from lcowatch.log import get_logger
 from lcowatch.outputs.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
 from lcowatch.outputs.export import write_table as export_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.pipeline.executor import make_executor
 from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import FieldCatalogs, standard_band
@@ -158,7 +159,19 @@ class _AboveProgress:
 
 
 def cmd_process(args: argparse.Namespace, config: Config) -> int:
-    pipeline = Pipeline(config, connect(config.state_dir))
+    try:
+        executor = make_executor(config, workers=args.workers, scheduler=args.scheduler)
+    except (OSError, TimeoutError) as exc:
+        get_logger().error("cluster_unreachable", scheduler=args.scheduler or config.processing.scheduler,
+                           error=str(exc))  # fmt: skip
+        return EXIT_FAILURE
+    try:
+        return _process_files(args, config, Pipeline(config, connect(config.state_dir), executor=executor))
+    finally:
+        executor.close()
+
+
+def _process_files(args: argparse.Namespace, config: Config, pipeline: Pipeline) -> int:
     pipeline.requeue_ignored()  # the config may have gained their target since
     files = pipeline.unseen(find_files(Path(p) for p in args.paths))
     missing = [p for p in args.paths if not Path(p).exists()]
@@ -171,9 +184,13 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
     missing += unusable
     progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
     log.configure(progress.beneath(sys.stdout), level=config.log_level)
+    readable = [path for path, verdict in files if verdict is not None and verdict.kind == "ready"]
     outcomes = []
+    readable_done = 0
     for path, verdict in files:
+        pipeline.executor.prefetch(readable, readable_done)  # this file first, when it is readable
         outcomes.append(pipeline.process_unwatched(path, verdict))
+        readable_done += verdict is not None and verdict.kind == "ready"
         progress.update(outcomes[-1].state)
     # Frames that arrived before any frame could be a template get their turn once one exists.
     while waiting := pipeline.take_requeued():
@@ -359,6 +376,21 @@ def _add_command(
     return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", **options)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_positive_int, metavar="N",
+                       help="frames at once, on a local Dask cluster (default: processing.workers)")  # fmt: skip
+    where.add_argument("--scheduler", metavar="ADDR",
+                       help="an existing Dask cluster, tcp://host:8786 (default: processing.scheduler)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
@@ -381,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     process = _add_command(commands, "process", parents=[common], help="process files or folders now")
     process.add_argument("paths", nargs="+", metavar="PATH")
+    _add_cluster_options(process)
     process.set_defaults(handler=cmd_process, writes_table=False)
 
     frames = _add_command(

@@ -183,8 +183,8 @@ class PhotometryConfig(Section):
 
 
 class ProcessingConfig(Section):
-    workers: int = Field(1, ge=1, description="frames at once (processing is serial in this release)")
-    scheduler: str | None = Field(None, description="tcp://host:port of a Dask cluster (not used in this release)")
+    workers: int = Field(1, ge=1, description="frames at once, on a local Dask cluster (1: all in this process)")
+    scheduler: str | None = Field(None, description="tcp://host:port of an existing Dask cluster to run frames on")
     max_attempts: int = Field(3, ge=1)
     max_pixels: int = Field(50_000_000, gt=0, description="a larger image is quarantined")
     results_interval: float = Field(

@@ -24,26 +24,35 @@ class NetworkAccessError(RuntimeError):
     """Raised by the socket guard; not an OSError, so neither urllib3 nor requests can swallow it."""
 
 
+#: Hosts a test may reach: this machine (a Dask cluster of the test's own on 127.0.0.1).
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test: an internet socket connection or a name lookup fails loudly (local sockets still work)."""
+    """Every test: a connection or name lookup beyond this machine fails loudly (local sockets still work)."""
     real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create_connection, real_getaddrinfo = socket.create_connection, socket.getaddrinfo
 
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise NetworkAccessError(f"test tried to use the network: {args!r}")
+    def local(address: Any) -> bool:
+        return isinstance(address, tuple) and address[0] in LOOPBACK
 
-    def guarded(real: Any) -> Any:
-        def connect(self: socket.socket, address: Any) -> Any:
-            if self.family == socket.AF_UNIX:
-                return real(self, address)
-            return refuse(self, address)
+    def guarded(real: Any, *, is_local: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if is_local(*args):
+                return real(*args, **kwargs)
+            raise NetworkAccessError(f"test tried to use the network: {args!r}")
 
-        return connect
+        return call
 
-    monkeypatch.setattr(socket.socket, "connect", guarded(real_connect))
-    monkeypatch.setattr(socket.socket, "connect_ex", guarded(real_connect_ex))
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    on_socket = guarded(real_connect, is_local=lambda sock, address: sock.family == socket.AF_UNIX or local(address))
+    on_socket_ex = guarded(
+        real_connect_ex, is_local=lambda sock, address: sock.family == socket.AF_UNIX or local(address)
+    )
+    monkeypatch.setattr(socket.socket, "connect", on_socket)
+    monkeypatch.setattr(socket.socket, "connect_ex", on_socket_ex)
+    monkeypatch.setattr(socket, "create_connection", guarded(real_create_connection, is_local=lambda a, *r: local(a)))
+    monkeypatch.setattr(socket, "getaddrinfo", guarded(real_getaddrinfo, is_local=lambda host, *r: host in LOOPBACK))
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from lcowatch.intake.readiness import Verdict, check_complete, max_frame_bytes
 from lcowatch.log import display_name, frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
 from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
+from lcowatch.pipeline.executor import Executor, SerialExecutor
+from lcowatch.pipeline.pixels import PixelSite, image_of
 from lcowatch.pipeline.stages import (
     CatalogMatcher,
     FrameWork,
@@ -40,7 +42,7 @@ from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
 )
-from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content, read_frame
+from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content
 from lcowatch.science.refcat import FieldCatalogs, color_for_band
 from lcowatch.science.register import (
     register,
@@ -146,8 +148,12 @@ def _without(error: float, part: float) -> float:
 class Pipeline:
     """Runs files through the stages and records every outcome in the ledger and store."""
 
-    def __init__(self, config: Config, conn: sqlite3.Connection, stages: Sequence[Stage] | None = None):
+    def __init__(
+        self, config: Config, conn: sqlite3.Connection, stages: Sequence[Stage] | None = None,
+        executor: Executor | None = None,
+    ):  # fmt: skip
         self.config = config
+        self.executor = executor or SerialExecutor(config)
         self.ledger = Ledger(conn)
         self.store = Store(conn)
         self.stages = list(stages) if stages is not None else default_stages(config)
@@ -202,7 +208,8 @@ class Pipeline:
         path = self.config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
         try:
             plot_frame_preview(
-                frame.data, path, title=f"{frame.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
+                work.pixels.run(image_of), path,
+                title=f"{frame.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
                 target_xy=target_xy, star_xy=stars, radius=radius,
             )  # fmt: skip
         except (OSError, ValueError) as exc:
@@ -275,11 +282,15 @@ class Pipeline:
             )
             return self._quarantine(path, sha256, Quarantine(poison, step=Step.READ))
         try:
-            frame = read_frame(path, content, sha256, self.config)
+            frame, pixels = self.executor.open(path, content, sha256)
         except Quarantine as exc:
             return self._quarantine(path, sha256, exc)
+        except RetryLater as exc:
+            self.log.warning("frame_retry_later", file=path.name, step=Step.READ, reason=str(exc))
+            self.ledger.uncount_attempt(sha256)
+            return Outcome(path, State.RETRY, sha256, str(exc))
         del content
-        return self._run_stages(frame)
+        return self._run_stages(frame, pixels)
 
     def _quarantine(self, path: Path, sha256: str, exc: Quarantine) -> Outcome:
         destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
@@ -350,7 +361,7 @@ class Pipeline:
             return True
         return work.first_in_filter and bool(self.store.star_refs(target, filter))
 
-    def _run_stages(self, frame: Frame, *, first_try: bool = True) -> Outcome:
+    def _run_stages(self, frame: Frame, pixels: PixelSite, *, first_try: bool = True) -> Outcome:
         meta = frame.meta
         log = frame_logger(frame.name, frame.sha256, meta.target, meta.filter)
         identity = {"object": meta.object, "target": meta.target, "filter": meta.filter, "mjd": meta.mjd_mid}
@@ -371,7 +382,7 @@ class Pipeline:
             log.info("frame_duplicate", reason=duplicate, first=first)
             return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
-        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store)
+        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels)
         seconds: dict[str, float] = {}
         step: str = Step.READ
         try:
@@ -414,7 +425,7 @@ class Pipeline:
             if not first_try:
                 raise RuntimeError("another process keeps changing the target's reference frame") from None
             log.info("frame_redone", reason="another process set up the target first; measured again against it")
-            return self._run_stages(frame, first_try=False)
+            return self._run_stages(frame, pixels, first_try=False)
         self._requeued.extend(requeued)
         if state == State.DONE and meta.target is not None and work.fill_in_calibration:
             examined, calibrated = recalibrate(self.config, self.ledger.conn, meta.target)

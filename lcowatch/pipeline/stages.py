@@ -18,8 +18,9 @@ from scipy.spatial import cKDTree
 
 from lcowatch import flags
 from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
-from lcowatch.config import Config
+from lcowatch.config import Config, PhotometryConfig
 from lcowatch.errors import Reject
+from lcowatch.pipeline.pixels import Pixels, PixelSite
 from lcowatch.science.calibrate import (
     Calibration,
     TooFewStars,
@@ -28,8 +29,7 @@ from lcowatch.science.calibrate import (
 )
 from lcowatch.science.frame import Frame
 from lcowatch.science.photometry import Photometry, comparison_mask, comparison_stars, measure
-from lcowatch.science.preprocess import Preprocessed, preprocess
-from lcowatch.science.quality import Quality, detect_sources, measure_quality
+from lcowatch.science.quality import Quality, judge_quality
 from lcowatch.science.refcat import FieldCatalogs
 from lcowatch.science.register import (
     IDENTITY,
@@ -69,7 +69,7 @@ class FrameWork:
     config: Config
     log: Any
     store: Store
-    pre: Preprocessed | None = None
+    pixels: PixelSite
     sources: np.ndarray | None = None
     quality: Quality | None = None
     reference: Reference | None = None
@@ -106,7 +106,7 @@ class Preprocess:
     name = Step.PREPROCESS
 
     def __call__(self, work: FrameWork) -> None:
-        work.pre = preprocess(work.frame)
+        work.pixels.preprocess()
 
 
 class MeasureQuality:
@@ -119,10 +119,10 @@ class MeasureQuality:
 
     def __call__(self, work: FrameWork) -> None:
         meta = work.frame.meta
-        assert work.pre is not None and meta.target is not None
-        work.sources = detect_sources(work.pre, work.config.quality)
+        assert meta.target is not None
+        work.sources, measured = work.pixels.image_quality()
         history = work.store.instrument_history(meta.target, meta.instrument)
-        work.quality = measure_quality(work.frame, work.pre, work.sources, work.config.quality, history)
+        work.quality = judge_quality(measured, meta.pixscale, work.config.quality, history)
         if not work.quality.measurable:
             work.rejection.extend(work.quality.reasons)
 
@@ -253,8 +253,8 @@ def wcs_text(frame: Frame) -> str | None:
 
 def _linear_peak(work: FrameWork) -> float | None:
     """The highest linear peak above the background (electrons), or None when the header gives none."""
-    limit, pre = work.frame.meta.linearity_limit, work.pre
-    return None if limit is None or pre is None else limit - pre.background_level
+    limit, quality = work.frame.meta.linearity_limit, work.quality
+    return None if limit is None or quality is None else limit - quality.background
 
 
 def _catalog_band(filter: str) -> str:
@@ -365,8 +365,8 @@ class MeasurePhotometry:
     name = Step.PHOTOMETRY
 
     def __call__(self, work: FrameWork) -> None:
-        reference, to_frame, quality, pre = work.reference, work.to_frame, work.quality, work.pre
-        assert reference is not None and to_frame is not None and quality is not None and pre is not None
+        reference, to_frame, quality = work.reference, work.to_frame, work.quality
+        assert reference is not None and to_frame is not None and quality is not None
         assert work.sources is not None and work.frame.meta.target is not None
         config = work.config
         star_ids, field_ref = work.store.field_stars(work.frame.meta.target)
@@ -377,12 +377,7 @@ class MeasurePhotometry:
         xy = apply_affine(to_frame, np.vstack([reference.target_xy, field_ref]))
         if reference.target_placed_by_wcs:
             xy[0] = self._acquire_target(work, xy[0])
-        work.photometry = phot = measure(
-            work.frame, pre, work.sources, xy[:, 0], xy[:, 1],
-            config.photometry.apertures, config.photometry.annulus, quality.fwhm_pix,
-            recentre_snr=config.photometry.recentre_snr, min_snr=config.photometry.min_snr,
-            max_shift=max(1.0, 0.5 * quality.fwhm_pix),
-        )  # fmt: skip
+        work.photometry = phot = work.pixels.run(_measure, xy, config.photometry, quality.fwhm_pix)
         snr = phot.flux[0, 0] / phot.flux_err[0, 0]
         clean = phot.flags[0, 0] & flags.value("forced_position", "blended", "saturated", "nonlinear", "bad_pixel") == 0
         if clean and snr >= TARGET_CENTROID_SNR and quality.flags == 0:
@@ -403,6 +398,14 @@ class MeasurePhotometry:
         if distance[nearest] > SOLVED_WCS_ERROR_ARCSEC / meta.pixscale:
             return predicted
         return np.array([bright["x"][nearest], bright["y"][nearest]])
+
+
+def _measure(pixels: Pixels, xy: np.ndarray, config: PhotometryConfig, fwhm_pix: float) -> Photometry:
+    """Aperture photometry at ``xy`` (frame pixels), where the pixels are."""
+    return measure(
+        pixels.frame, pixels.pre, pixels.sources, xy[:, 0], xy[:, 1], config.apertures, config.annulus, fwhm_pix,
+        recentre_snr=config.recentre_snr, min_snr=config.min_snr, max_shift=max(1.0, 0.5 * fwhm_pix),
+    )  # fmt: skip
 
 
 class DifferentialPhotometry:

@@ -229,19 +229,19 @@ class InstrumentHistory:
 MIN_HISTORY_FRAMES = 5  # frames of an instrument before its own medians set the gates
 
 
-def measure_quality(
-    frame: Frame,
-    pre: Preprocessed,
-    sources: np.ndarray,
-    config: QualityConfig,
-    history: InstrumentHistory | None = None,
-) -> Quality:
-    """Measure FWHM, ellipticity and star count, and judge the frame.
+@dataclass(frozen=True)
+class ImageQuality:
+    """What the pixels alone tell of a frame's quality (see :class:`Quality` for units)."""
 
-    Seeing and star count are judged against the instrument's own medians for the target (``history``,
-    once it has :data:`MIN_HISTORY_FRAMES` frames): a 0.4 m telescope's 4" is normal, a 1 m's is not.
-    Each failed gate adds a reason and a frame flag (:data:`lcowatch.flags.FRAME_FLAGS`).
-    """
+    background: float
+    background_rms: float
+    fwhm_pix: float
+    ellipticity: float
+    nstars: int
+
+
+def measure_image_quality(pre: Preprocessed, sources: np.ndarray) -> ImageQuality:
+    """Measure FWHM, ellipticity and star count; ``sources`` get their FWHM and refined centroids."""
     bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"] & ~sources["sharp"]
     typical_sigma = float(np.median(np.sqrt(sources["a"][bright] * sources["b"][bright]))) if bright.any() else 2.0
     # sep's thresholded moments understate the size; 2.5x their FWHM spans a star's half-maximum core.
@@ -252,7 +252,31 @@ def measure_quality(
     used = np.isfinite(sources["fwhm"])
     ellipticity = _clipped_mean(1.0 - sources["b"][used] / sources["a"][used]) if used.any() else float("nan")
     nstars = int(((sources["snr"] >= MIN_STAR_SNR) & ~sources["sharp"]).sum())
-    fwhm_arcsec = fwhm_pix * frame.meta.pixscale
+    return ImageQuality(pre.background_level, pre.background_rms, fwhm_pix, ellipticity, nstars)
+
+
+def measure_quality(
+    frame: Frame,
+    pre: Preprocessed,
+    sources: np.ndarray,
+    config: QualityConfig,
+    history: InstrumentHistory | None = None,
+) -> Quality:
+    """Measure the frame's quality and judge it (:func:`measure_image_quality`, then :func:`judge_quality`)."""
+    return judge_quality(measure_image_quality(pre, sources), frame.meta.pixscale, config, history)
+
+
+def judge_quality(
+    measured: ImageQuality, pixscale: float, config: QualityConfig, history: InstrumentHistory | None = None
+) -> Quality:
+    """Judge a frame's measured quality; ``pixscale`` in arcsec per pixel.
+
+    Seeing and star count are judged against the instrument's own medians for the target (``history``,
+    once it has :data:`MIN_HISTORY_FRAMES` frames): a 0.4 m telescope's 4" is normal, a 1 m's is not.
+    Each failed gate adds a reason and a frame flag (:data:`lcowatch.flags.FRAME_FLAGS`).
+    """
+    fwhm_pix, ellipticity, nstars = measured.fwhm_pix, measured.ellipticity, measured.nstars
+    fwhm_arcsec = fwhm_pix * pixscale
 
     failed: list[tuple[str, str]] = []  # (frame flag, reason); no flag: the frame cannot be measured
     own = history if history is not None and history.frames >= MIN_HISTORY_FRAMES else None
@@ -270,11 +294,11 @@ def measure_quality(
         failed.append(("few_stars", f"nstars {nstars} < {config.min_nstars}"))
     if np.isfinite(ellipticity) and ellipticity > config.max_ellipticity:
         failed.append(("elongated", f"ellipticity {ellipticity:.2f} > {config.max_ellipticity:g}"))
-    if config.max_background is not None and pre.background_level > config.max_background:
-        failed.append(("high_background", f"background {pre.background_level:.0f} e- > {config.max_background:g} e-"))
+    if config.max_background is not None and measured.background > config.max_background:
+        failed.append(("high_background", f"background {measured.background:.0f} e- > {config.max_background:g} e-"))
     return Quality(
-        background=pre.background_level,
-        background_rms=pre.background_rms,
+        background=measured.background,
+        background_rms=measured.background_rms,
         fwhm_pix=fwhm_pix,
         fwhm_arcsec=fwhm_arcsec,
         ellipticity=ellipticity,

@@ -1,0 +1,176 @@
+"""Processing on a Dask cluster: a real ``LocalCluster`` and a real ``dask scheduler`` with ``dask worker``
+processes on 127.0.0.1, against serial processing of the same files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import write_config
+from lcowatch.cli import main
+from lcowatch.simulation.simulate import make_field, simulate_series, write_refcat
+
+FIELD = make_field("SCALE", 150.0, 2.0, nstars=600, radius_arcmin=4.0, seed=3)
+#: Every table a frame writes, with the order that makes two runs comparable row by row.
+TABLES = {
+    "frames": "sha256",
+    "points": "sha256, aperture",
+    "photometry": "sha256, star_id, aperture",
+    "star_refs": "star_id, filter",
+    "comparison_stars": "star_id",
+    "target_centroids": "sha256",
+    "sources": "sha256, x, y",
+    "templates": "filter, sha256",
+    "reference_frames": "target",
+}
+#: Columns that say when a row was written, not what was measured.
+WRITE_TIMES = {"created"}
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two nights of a target in two filters: 16 small frames and a reference catalog."""
+    folder = tmp_path_factory.mktemp("scaleout")
+    simulate_series(FIELD, folder / "frames", nights=2, frames_per_night=4, filters=("rp", "gp"), shape=(384, 384),
+                    seed=5)  # fmt: skip
+    write_refcat(FIELD, folder / "stars.csv")
+    return folder
+
+
+def _config(folder: Path, frames: Path) -> Path:
+    target = {"ra": FIELD.ra, "dec": FIELD.dec, "refcat": str(frames / "stars.csv")}
+    return write_config(folder, {"SCALE": target})
+
+
+def _rows(folder: Path) -> dict[str, list[tuple[object, ...]]]:
+    rows = {}
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        for table, order in TABLES.items():
+            columns = [c[1] for c in conn.execute(f"PRAGMA table_info({table})") if c[1] not in WRITE_TIMES]
+            rows[table] = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def serial_rows(frames: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[object, ...]]]:
+    folder = tmp_path_factory.mktemp("serial")
+    assert main(["process", "--config", str(_config(folder, frames)), str(frames / "frames")]) == 0
+    rows = _rows(folder)
+    assert len(rows["frames"]) == 16 and len(rows["points"]) == 16 * 3
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen[bytes]]]]:
+    """A ``dask scheduler`` and two ``dask worker`` processes (one thread each) on 127.0.0.1."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = [sys.executable, "-m", "dask"]
+    logs = open(tmp_path / "cluster.log", "wb")  # noqa: SIM115 -- closed below, after the processes
+    scheduler = subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                                  "--no-dashboard"], stdout=logs, stderr=logs)  # fmt: skip
+    worker = [*dask, "worker", address, "--nthreads", "1", "--no-dashboard"]
+    workers = [
+        subprocess.Popen([*worker, "--local-directory", str(tmp_path / f"w{k}")], stdout=logs, stderr=logs)
+        for k in range(2)
+    ]
+    processes = [scheduler, *workers]
+    try:
+        _wait_for_workers(address, 2)
+        yield address, workers
+    finally:
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        logs.close()
+
+
+def _wait_for_workers(address: str, count: int) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(count, timeout=60)
+
+
+class TestLocalCluster:
+    """``process --workers 2`` starts a LocalCluster and writes exactly the rows serial processing writes."""
+
+    def test_same_rows_as_serial(
+        self, frames: Path, serial_rows: dict[str, list[tuple[object, ...]]], tmp_path: Path
+    ) -> None:
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), "--workers", "2", str(frames / "frames")]) == 0
+        assert _rows(tmp_path) == serial_rows
+
+
+@pytest.mark.slow
+class TestExistingCluster:
+    """``--scheduler ADDR`` uses a running cluster; a worker killed mid-run still leaves every frame once."""
+
+    def test_same_rows_as_serial(
+        self, frames: Path, serial_rows: dict[str, list[tuple[object, ...]]], tmp_path: Path,
+        cluster: tuple[str, list[subprocess.Popen[bytes]]],
+    ) -> None:  # fmt: skip
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), "--scheduler", cluster[0], str(frames / "frames")]) == 0
+        assert _rows(tmp_path) == serial_rows
+
+    def test_worker_killed_mid_run(
+        self, frames: Path, serial_rows: dict[str, list[tuple[object, ...]]], tmp_path: Path,
+        cluster: tuple[str, list[subprocess.Popen[bytes]]],
+    ) -> None:  # fmt: skip
+        address, workers = cluster
+        config = _config(tmp_path, frames)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "lcowatch", "process", "--config", str(config), "--scheduler", address,
+             str(frames / "frames")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        ledger = tmp_path / "state" / "lcowatch.sqlite"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _done(ledger) < 3:
+            time.sleep(0.05)
+        done_when_killed = _done(ledger)
+        workers[0].kill()
+        assert run.wait(timeout=300) == 0
+        assert 3 <= done_when_killed < 16, "the worker must die mid-run"
+        assert _rows(tmp_path) == serial_rows
+
+
+def _done(ledger: Path) -> int:
+    try:
+        with sqlite3.connect(ledger, timeout=1) as conn:
+            return int(conn.execute("SELECT count(*) FROM files WHERE state = 'done'").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+class TestUnreachableScheduler:
+    """A scheduler that does not answer is a clear error (exit 1), not a hang or a traceback."""
+
+    def test_exit_1_naming_the_address(self, frames: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = _config(tmp_path, frames)
+        address = f"tcp://127.0.0.1:{_free_port()}"
+        code = main(["process", "--config", str(config), "--scheduler", address, str(frames / "frames")])
+        assert code == 1
+        captured = capsys.readouterr()
+        assert address in captured.out + captured.err
