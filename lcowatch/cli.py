@@ -24,7 +24,8 @@ from lcowatch.log import get_logger
 from lcowatch.outputs.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
 from lcowatch.outputs.export import write_table as export_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
-from lcowatch.pipeline.executor import make_executor
+from lcowatch.pipeline.executor import Executor, make_executor
+from lcowatch.pipeline.reprocess import ReprocessError, reprocess
 from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import FieldCatalogs, standard_band
@@ -158,17 +159,43 @@ class _AboveProgress:
         return self.stream.isatty()
 
 
-def cmd_process(args: argparse.Namespace, config: Config) -> int:
+def _executor(args: argparse.Namespace, config: Config) -> Executor | None:
+    """The executor the command line or the config asks for; None (said in the log) when a cluster cannot
+    be reached."""
     try:
-        executor = make_executor(config, workers=args.workers, scheduler=args.scheduler)
+        return make_executor(config, workers=args.workers, scheduler=args.scheduler)
     except (OSError, TimeoutError) as exc:
         get_logger().error("cluster_unreachable", scheduler=args.scheduler or config.processing.scheduler,
                            error=str(exc))  # fmt: skip
+        return None
+
+
+def cmd_process(args: argparse.Namespace, config: Config) -> int:
+    executor = _executor(args, config)
+    if executor is None:
         return EXIT_FAILURE
     try:
         return _process_files(args, config, Pipeline(config, connect(config.state_dir), executor=executor))
     finally:
         executor.close()
+
+
+def cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    executor = _executor(args, config)
+    if executor is None:
+        return EXIT_FAILURE
+    try:
+        rebuilt = reprocess(config, args.target, executor)
+    except ReprocessError as exc:
+        get_logger().error("reprocess_failed", target=args.target, reason=str(exc))
+        return EXIT_FAILURE
+    finally:
+        executor.close()
+    update_result_file(Store(connect(config.state_dir)), args.target, config.state_dir)
+    unfinished = set(rebuilt.outcomes) - set(FINISHED_STATES)
+    return EXIT_FAILURE if unfinished else EXIT_OK
 
 
 def _process_files(args: argparse.Namespace, config: Config, pipeline: Pipeline) -> int:
@@ -449,6 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--set", metavar="FILE", help="pin this processed frame (name or sha256) as the template")
     choice.add_argument("--unpin", action="store_true", help="let better frames replace the template again")
     template.set_defaults(handler=cmd_template, writes_table=True)
+
+    again = _add_command(
+        commands, "reprocess", parents=[common],
+        help="measure a target's frames again under the current config; the new light curve replaces the old at once",
+    )  # fmt: skip
+    again.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    _add_cluster_options(again)
+    again.set_defaults(handler=cmd_reprocess, writes_table=False)
 
     recal = _add_command(commands, "recalibrate", parents=[common], help="calibrate stored points again (no images)")
     recal.add_argument("target", metavar="TARGET", help=TARGET_HELP)

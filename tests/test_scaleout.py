@@ -4,6 +4,7 @@ processes on 127.0.0.1, against serial processing of the same files."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import write_config
 from lcowatch.cli import main
@@ -32,8 +34,8 @@ TABLES = {
     "templates": "filter, sha256",
     "reference_frames": "target",
 }
-#: Columns that say when a row was written, not what was measured.
-WRITE_TIMES = {"created"}
+#: Columns that say when a row was written or number it in the database, not what was measured.
+NOT_MEASURED = {"created", "templates.id"}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,11 @@ def _rows(folder: Path) -> dict[str, list[tuple[object, ...]]]:
     rows = {}
     with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
         for table, order in TABLES.items():
-            columns = [c[1] for c in conn.execute(f"PRAGMA table_info({table})") if c[1] not in WRITE_TIMES]
+            columns = [
+                c[1]
+                for c in conn.execute(f"PRAGMA table_info({table})")
+                if {c[1], f"{table}.{c[1]}"}.isdisjoint(NOT_MEASURED)
+            ]
             rows[table] = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}").fetchall()
     return rows
 
@@ -174,3 +180,71 @@ class TestUnreachableScheduler:
         assert code == 1
         captured = capsys.readouterr()
         assert address in captured.out + captured.err
+
+
+def _with_apertures(config: Path, apertures: list[str]) -> None:
+    document = yaml.safe_load(config.read_text())
+    document["photometry"] = {"apertures": apertures}
+    config.write_text(yaml.safe_dump(document))
+
+
+NEW_APERTURES = ["3 arcsec", "5 arcsec"]
+
+
+@pytest.fixture(scope="module")
+def rows_with_new_apertures(frames: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple]]:
+    """What processing the frames afresh under the new apertures writes."""
+    folder = tmp_path_factory.mktemp("fresh")
+    config = _config(folder, frames)
+    _with_apertures(config, NEW_APERTURES)
+    assert main(["process", "--config", str(config), str(frames / "frames")]) == 0
+    return _rows(folder)
+
+
+class TestReprocess:
+    """``reprocess TARGET`` measures a target's frames again under the current config and swaps the new light
+    curve in at once: the rows equal a fresh run's; until the swap, the old curve stays."""
+
+    def test_after_an_aperture_change_equals_a_fresh_run(
+        self, frames: Path, rows_with_new_apertures: dict[str, list[tuple]], tmp_path: Path
+    ) -> None:
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), str(frames / "frames")]) == 0
+        _with_apertures(config, NEW_APERTURES)
+        assert main(["reprocess", "--config", str(config), "SCALE", "--workers", "2"]) == 0
+        assert _rows(tmp_path) == rows_with_new_apertures
+        assert not (tmp_path / "state" / "reprocess" / "SCALE").exists()
+        result = (tmp_path / "state" / "results" / "SCALE.ecsv").read_text()
+        assert "3 arcsec" in result and "1 fwhm" not in result
+
+    def test_a_missing_image_changes_nothing(self, frames: Path, tmp_path: Path) -> None:
+        images = tmp_path / "images"
+        shutil.copytree(frames / "frames", images)
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), str(images)]) == 0
+        before = _rows(tmp_path)
+        sorted(images.iterdir())[5].unlink()
+        _with_apertures(config, NEW_APERTURES)
+        assert main(["reprocess", "--config", str(config), "SCALE"]) == 1
+        assert _rows(tmp_path) == before
+
+    @pytest.mark.slow
+    def test_kill_9_mid_rebuild_leaves_the_old_curve(
+        self, frames: Path, rows_with_new_apertures: dict[str, list[tuple]], tmp_path: Path
+    ) -> None:
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), str(frames / "frames")]) == 0
+        before = _rows(tmp_path)
+        _with_apertures(config, NEW_APERTURES)
+        command = [sys.executable, "-m", "lcowatch", "reprocess", "--config", str(config), "SCALE"]
+        run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        scratch = tmp_path / "state" / "reprocess" / "SCALE" / "lcowatch.sqlite"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _done(scratch) < 4:
+            time.sleep(0.02)
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+        assert 4 <= _done(scratch) < 16, "killed mid-rebuild"
+        assert _rows(tmp_path) == before
+        assert main(["reprocess", "--config", str(config), "SCALE"]) == 0
+        assert _rows(tmp_path) == rows_with_new_apertures

@@ -1,0 +1,83 @@
+"""``lcowatch reprocess``: a target's whole light curve measured again from its images under the current
+config (template choice, apertures, catalog), built beside the live one and swapped in atomically
+(:mod:`lcowatch.state.rebuild`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+
+from lcowatch.config import Config
+from lcowatch.intake.quarantine import QUARANTINE_DIR
+from lcowatch.log import get_logger
+from lcowatch.pipeline.executor import Executor
+from lcowatch.pipeline.runner import Pipeline
+from lcowatch.science.refcat import CACHE_DIR
+from lcowatch.state.ledger import LEDGER_NAME, connect
+from lcowatch.state.rebuild import TargetFile, measured_files, swap_in
+
+#: Under ``state_dir``: one scratch folder per target being rebuilt.
+SCRATCH_DIR = "reprocess"
+#: Rounds of "measure what arrived during the rebuild, try the swap again" before giving up.
+MAX_ROUNDS = 5
+
+
+class ReprocessError(Exception):
+    """The rebuild cannot be done; the live light curve is unchanged."""
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    files: int
+    outcomes: dict[str, int]
+
+
+def reprocess(config: Config, target: str, executor: Executor) -> Rebuilt:
+    """Measure ``target``'s frames again into a scratch state and swap the result in.
+
+    Raises
+    ------
+    ReprocessError
+        An image is no longer where the ledger saw it, or frames kept arriving; nothing was changed.
+    """
+    log = get_logger().bind(target=target)
+    live = connect(config.state_dir)
+    scratch_dir = config.state_dir / SCRATCH_DIR / target
+    shutil.rmtree(scratch_dir, ignore_errors=True)  # what a killed rebuild left
+    scratch_dir.mkdir(parents=True, mode=0o700)
+    # The rebuild reads the live catalog cache (no new queries for what is cached); what it quarantines
+    # goes where every quarantined file goes.
+    for shared in (CACHE_DIR, QUARANTINE_DIR):
+        (config.state_dir / shared).mkdir(exist_ok=True)
+        os.symlink(config.state_dir / shared, scratch_dir / shared)
+    scratch = config.model_copy(update={"state_dir": scratch_dir, "targets": {target: config.targets[target]}})
+    pipeline = Pipeline(scratch, connect(scratch_dir), executor=executor)
+    outcomes: Counter[str] = Counter()
+    todo = measured_files(live, target)
+    for _ in range(MAX_ROUNDS):
+        _measure(pipeline, todo, outcomes)
+        log.info("reprocess_measured", files=len(todo))
+        arrived = set(swap_in(live, scratch_dir / LEDGER_NAME, target))
+        if not arrived:
+            break
+        todo = [f for f in measured_files(live, target) if f.sha256 in arrived]
+    else:
+        raise ReprocessError(f"frames of {target} kept arriving during {MAX_ROUNDS} rounds; try again when quiet")
+    shutil.rmtree(scratch_dir, ignore_errors=True)
+    log.info("reprocess_swapped", files=sum(outcomes.values()), **outcomes)
+    return Rebuilt(sum(outcomes.values()), dict(outcomes))
+
+
+def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str]) -> None:
+    gone = [str(f.path) for f in files if not f.path.is_file()]
+    if gone:
+        raise ReprocessError(f"{len(gone)} image(s) are no longer where they were seen, e.g. {gone[0]}")
+    paths = [f.path for f in files]
+    for k, path in enumerate(paths):
+        pipeline.executor.prefetch(paths, k)
+        outcomes[pipeline.process_unwatched(path).state] += 1
+    while waiting := pipeline.take_requeued():
+        for path in waiting:
+            outcomes[pipeline.process_unwatched(path).state] += 1
