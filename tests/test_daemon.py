@@ -281,6 +281,29 @@ def test_sigterm_during_a_burst_exits_0_within_the_budget_and_the_rest_follows(
     assert_exactly_once(ledger, burst)
 
 
+@pytest.mark.slow
+def test_workers_on_a_local_cluster_exactly_once_under_kill_9(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """``processing.workers: 2``: the daemon measures frames on a LocalCluster of two processes; killed -9
+    mid-burst and started again, every frame still ends with exactly one set of rows."""
+    config = factory.config(tmp_path, processing={"workers": 2})
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    burst = [factory.frame(i) for i in range(100, 130)]
+    daemon = daemons(config).start()
+    for frame in burst:
+        drop(frame, watch)
+    assert daemon.wait_event("cluster_ready")["workers"] == 2
+    wait_for(_done(ledger, 5), what="the first frames")
+    daemon.kill9()
+    assert ledger.count("done") < len(burst), "the burst was over before the kill: nothing tested"
+
+    daemon.start()
+    wait_for(_done(ledger, len(burst)), what="the rest of the burst")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, burst)
+
+
 class Datagrams:
     """A fake systemd: a datagram socket that records every message with its arrival time."""
 

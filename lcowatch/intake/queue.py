@@ -56,6 +56,11 @@ class WorkQueue:
             self._members.discard(item.path)
             return item
 
+    def upcoming(self, count: int) -> list[Path]:
+        """The next ``count`` paths in their order, left in the queue."""
+        with self._cond:
+            return [item.path for item in heapq.nsmallest(count, self._heap)]
+
     def close(self) -> None:
         """Wake the worker and give it nothing more."""
         with self._cond:

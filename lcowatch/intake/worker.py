@@ -31,6 +31,7 @@ from lcowatch.errors import Stop
 from lcowatch.intake.admission import is_within
 from lcowatch.intake.queue import QueueItem, WorkQueue
 from lcowatch.intake.watcher import PathSink
+from lcowatch.pipeline.executor import Executor, SerialExecutor, make_executor
 from lcowatch.pipeline.runner import Outcome, Pipeline, warm_up
 from lcowatch.pipeline.stages import Stage
 from lcowatch.state.ledger import Ledger, connect
@@ -156,6 +157,7 @@ class Worker:
             self._fail(Stop(f"cannot open the ledger: {exc}"))
             return
         pipeline: Pipeline | None = None
+        executor: Executor | None = None
         warm_up()  # not in the first frame's latency
         try:
             while not self.stopping.is_set():
@@ -170,7 +172,9 @@ class Worker:
                     continue
                 if pipeline is None or settings is not self._settings:
                     settings = self._settings
-                    pipeline = Pipeline(settings.config, conn, self.stages)
+                    executor = self._executor(settings.config, executor)
+                    pipeline = Pipeline(settings.config, conn, self.stages, executor=executor)
+                pipeline.executor.prefetch([item.path, *self.queue.upcoming(pipeline.executor.ahead)], 0)
                 self._process(pipeline, item, settings.config)
                 for path in pipeline.take_requeued():
                     self.sink.add(path)  # a template exists now: admission queues them at once
@@ -183,6 +187,20 @@ class Worker:
                     pipeline.flush_results(force=True)
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+            if executor is not None:
+                executor.close()
+
+    def _executor(self, config: Config, previous: Executor | None) -> Executor:
+        """Where frames are measured under ``config`` (a reload may change it): a cluster that cannot be
+        reached is said in the log, and frames are measured here meanwhile."""
+        if previous is not None:
+            previous.close()
+        try:
+            return make_executor(config)
+        except (OSError, TimeoutError) as exc:
+            self.log.error("cluster_unreachable", scheduler=config.processing.scheduler, error=str(exc),
+                           note="processing in this process until the next reload")  # fmt: skip
+            return SerialExecutor(config)
 
     def _fail(self, exc: BaseException) -> None:
         self.fatal = exc

@@ -32,11 +32,16 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 T = TypeVar("T")
 
+#: A worker resource: a worker reads one frame ahead at a time (``dask worker --resources frames=1``).
+LOAD_SLOT = "frames"
 #: Seconds to reach an existing scheduler before giving up.
 CONNECT_TIMEOUT = 10.0
 
 
 class Executor(Protocol):
+    #: How many files beyond the one in hand are worth reading ahead.
+    ahead: int
+
     def prefetch(self, files: Sequence[Path], start: int) -> None:
         """Start reading files ahead of their turn (where that helps): ``files[start:]`` come next, in order."""
 
@@ -49,6 +54,8 @@ class Executor(Protocol):
 
 class SerialExecutor:
     """Everything in this process, each frame when its turn comes."""
+
+    ahead = 0
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -79,7 +86,7 @@ class RemotePixels:
         return self._prepared.sources, self._prepared.image_quality
 
     def run(self, fn: Callable[Concatenate[Pixels, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
-        result: T = self._client.submit(fn, self._future, *args, pure=False, **kwargs).result()
+        result: T = self._client.submit(fn, self._future, *args, pure=False, priority=1, **kwargs).result()
         return result
 
 
@@ -96,15 +103,19 @@ class DaskExecutor:
             self._cluster: Any = None
         else:
             self._cluster = LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, silence_logs=logging.WARNING,
-                dashboard_address=":0" if _has_dashboard() else None,
+                n_workers=workers, threads_per_worker=2, resources={LOAD_SLOT: 1}, processes=True,
+                silence_logs=logging.WARNING, dashboard_address=":0" if _has_dashboard() else None,
             )  # fmt: skip
             self.client = Client(self._cluster)
-        workers_now = len(self.client.scheduler_info(n_workers=-1)["workers"])
-        self.ahead = max(1, workers_now)
+        found = self.client.scheduler_info(n_workers=-1)["workers"].values()
+        self.ahead = max(1, len(found))
+        # Workers with a load slot read one frame at a time and keep a thread free for the aperture sums of
+        # the frame in hand, which would otherwise wait behind the next frame's read.
+        slots = bool(found) and all(LOAD_SLOT in w.get("resources", {}) for w in found)
+        self._load_slot = {LOAD_SLOT: 1} if slots else None
         self._pending: dict[Path, Future] = {}
-        self.log.info("cluster_ready", scheduler=self.client.scheduler_info()["address"], workers=workers_now,
-                      dashboard=self.client.dashboard_link if _has_dashboard() else None)  # fmt: skip
+        self.log.info("cluster_ready", scheduler=self.client.scheduler_info()["address"], workers=len(found),
+                      load_slots=slots, dashboard=self.client.dashboard_link if _has_dashboard() else None)  # fmt: skip
 
     def prefetch(self, files: Sequence[Path], start: int) -> None:
         wanted = list(files[start : start + self.ahead + 1])
@@ -112,19 +123,22 @@ class DaskExecutor:
         self._pending = {path: future for path, future in self._pending.items() if path in wanted}
         for path in wanted:
             if path not in self._pending:
-                self._pending[path] = self.client.submit(load_pixels, path, self.config, pure=False)
+                self._pending[path] = self._load(path)
 
     def open(self, path: Path, content: bytes, sha256: str) -> tuple[Frame, PixelSite]:
         del content  # the worker reads the file itself: it must see the same file system
         future = self._pending.pop(path, None)
         ready = self._prepared(future) if future is not None else None
         if ready is None or ready.frame.sha256 != sha256:  # the file changed since it was read ahead
-            future = self.client.submit(load_pixels, path, self.config, pure=False)
+            future = self._load(path)
             ready = self._prepared(future)
             if ready.frame.sha256 != sha256:
                 raise RetryLater(f"{path.name} changed while it was read", step="read")
         assert future is not None
         return ready.frame, RemotePixels(self.client, future, ready)
+
+    def _load(self, path: Path) -> Future:
+        return self.client.submit(load_pixels, path, self.config, pure=False, resources=self._load_slot)
 
     def _prepared(self, future: Future) -> Prepared:
         try:
