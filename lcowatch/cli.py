@@ -29,6 +29,7 @@ from lcowatch.pipeline.reprocess import ReprocessError, reprocess
 from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import FieldCatalogs, standard_band
+from lcowatch.state.images import reference_images
 from lcowatch.state.ledger import Ledger, connect
 from lcowatch.state.store import FRAME_COLUMNS, Store
 from lcowatch.states import LEDGER_STATES, State
@@ -322,6 +323,19 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_reference(args: argparse.Namespace, config: Config) -> int:
+    if not _known_target(config, args.target):
+        return EXIT_USAGE
+    rows = [row for row in reference_images(connect(config.state_dir), args.target)
+            if args.filter is None or row["filter"] == args.filter]  # fmt: skip
+    if not rows and config.targets[args.target].method != "difference":
+        print(f"lcowatch: {args.target} has method: aperture; it uses no reference image", file=sys.stderr)
+        return EXIT_USAGE
+    columns = ["filter", "instrument_class", "file", "mjd", "fwhm_pix", "nx", "ny", "reason"]
+    write_table(rows, columns, "table", sys.stdout)
+    return EXIT_OK
+
+
 def cmd_recalibrate(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
@@ -418,6 +432,27 @@ def _add_cluster_options(parser: argparse.ArgumentParser) -> None:
                        help="an existing Dask cluster, tcp://host:8786 (default: processing.scheduler)")  # fmt: skip
 
 
+def _add_rebuild_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """``reprocess`` and ``reference``: a target's light curve built again, and what it is built against."""
+    again = _add_command(
+        commands, "reprocess", parents=[common],
+        help="measure a target's frames again under the current config; the new light curve replaces the old at once",
+    )  # fmt: skip
+    again.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    _add_cluster_options(again)
+    again.set_defaults(handler=cmd_reprocess, writes_table=False)
+
+    reference = _add_command(
+        commands, "reference", parents=[common],
+        help="a difference target's reference images (to change them: reference_before/after, then reprocess)",
+    )  # fmt: skip
+    reference.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    reference.add_argument("--filter", help="only this filter")
+    reference.set_defaults(handler=cmd_reference, writes_table=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lcowatch", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lcowatch {__version__}")
@@ -477,13 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--unpin", action="store_true", help="let better frames replace the template again")
     template.set_defaults(handler=cmd_template, writes_table=True)
 
-    again = _add_command(
-        commands, "reprocess", parents=[common],
-        help="measure a target's frames again under the current config; the new light curve replaces the old at once",
-    )  # fmt: skip
-    again.add_argument("target", metavar="TARGET", help=TARGET_HELP)
-    _add_cluster_options(again)
-    again.set_defaults(handler=cmd_reprocess, writes_table=False)
+    _add_rebuild_commands(commands, common)
 
     recal = _add_command(commands, "recalibrate", parents=[common], help="calibrate stored points again (no images)")
     recal.add_argument("target", metavar="TARGET", help=TARGET_HELP)

@@ -7,11 +7,13 @@ resolve against the folder of the config file. Unknown keys are errors.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -96,6 +98,22 @@ class TargetConfig(Section):
     y: float | None = None
     object_names: list[str] = Field(default_factory=list)
     refcat: Path | None = None
+    method: Literal["aperture", "difference"] = Field(
+        "aperture", description="difference: subtract a reference image first (a target on a galaxy)"
+    )
+    reference_before: datetime | date | None = Field(
+        None, description="difference: the reference image is taken from frames before this (UTC)"
+    )
+    reference_after: datetime | date | None = Field(
+        None, description="difference: ... or from frames after this (UTC; e.g. once the transient faded)"
+    )
+
+    def reference_window(self) -> tuple[float, float] | None:
+        """The MJD ranges a reference image may come from: frames with MJD < first or > second; None: any."""
+        if self.reference_before is None and self.reference_after is None:
+            return None
+        return (_mjd(self.reference_before) if self.reference_before is not None else -math.inf,
+                _mjd(self.reference_after) if self.reference_after is not None else math.inf)  # fmt: skip
 
     @model_validator(mode="after")
     def _has_position(self) -> TargetConfig:
@@ -106,6 +124,24 @@ class TargetConfig(Section):
         if self.ra is None and self.x is None:
             raise ValueError("needs a position: ra/dec, or x/y on a pinned template")
         return self
+
+
+def _mjd(when: datetime | date) -> float:
+    moment = when if isinstance(when, datetime) else datetime(when.year, when.month, when.day, tzinfo=UTC)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return (moment - MJD_ZERO).total_seconds() / 86400.0
+
+
+MJD_ZERO = datetime(1858, 11, 17, tzinfo=UTC)
+
+
+class SubtractionConfig(Section):
+    """Image subtraction for targets with ``method: difference``."""
+
+    cutout: int = Field(256, ge=64, le=2048, description="side of the square cutout around the target (pixels)")
+    max_residual: float = Field(
+        3.0, gt=0, description="flag bad_subtraction above this RMS of the difference/sigma at bright stars"
+    )
 
 
 class CatalogConfig(Section):
@@ -218,6 +254,7 @@ class Config(Section):
     daemon: DaemonConfig = DaemonConfig()
     template: TemplateConfig = TemplateConfig()
     photometry: PhotometryConfig = PhotometryConfig()
+    subtraction: SubtractionConfig = SubtractionConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     aavso_obscode: str = Field("na", description="your AAVSO observer code, for `lcowatch export --format aavso`")
     plot_after_each_frame: bool = Field(False, description="keep state_dir/plots/<target>.png up to date")

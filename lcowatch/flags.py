@@ -49,6 +49,12 @@ FLAGS: tuple[Flag, ...] = (
         "repaired",
         "cosmic-ray or masked pixels in the aperture were replaced by their mirror image through the star",
     ),
+    Flag(
+        20,
+        "bad_subtraction",
+        "the difference image leaves residuals at bright stars above subtraction.max_residual times the noise",
+    ),
+    Flag(21, "is_reference", "this frame is the reference image: its difference flux is 0 by definition"),
 )
 
 #: Flags of the whole frame, set by quality control; such a frame still gives points.

@@ -35,6 +35,7 @@ class Step(StrEnum):
     TEMPLATE = "template"
     REGISTER = "register"
     PHOTOMETRY = "photometry"
+    SUBTRACT = "subtract"
     DIFFERENTIAL = "differential"
     CATALOG = "refcat"
     CALIBRATE = "calibrate"

@@ -64,7 +64,17 @@ class TestSchemaVersion:
         connect(tmp_path).close()
         assert "diff_color_term" in columns(tmp_path / LEDGER_NAME, "points")
         with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+    def test_version_2_gains_reference_images(self, tmp_path: Path) -> None:
+        connect(tmp_path).close()
+        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
+            conn.execute("ALTER TABLE points DROP COLUMN reference")
+            conn.execute("DROP TABLE reference_images")
+            conn.execute("PRAGMA user_version = 2")
+        connect(tmp_path).close()
+        assert "reference" in columns(tmp_path / LEDGER_NAME, "points")
+        assert "image" in columns(tmp_path / LEDGER_NAME, "reference_images")
 
     def test_a_new_database_starts_at_the_current_version(self, tmp_path: Path) -> None:
         connect(tmp_path).close()

@@ -46,6 +46,7 @@ LIGHTCURVE_COLUMNS: dict[str, tuple[str, u.UnitBase | None, str]] = {
     "registration_rms": ("f8", u.pix, "residual RMS of the registration"),
     "n_comparison": ("i8", None, "comparison stars used"),
     "template": ("str", None, "template frame"),
+    "reference": ("str", None, "reference image subtracted (method: difference; empty for aperture photometry)"),
     "flags": ("i8", None, "quality-flag bits (see flag_names)"),
     "flag_names": ("str", None, "names of the flags set"),
 }

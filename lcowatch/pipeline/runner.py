@@ -53,6 +53,7 @@ from lcowatch.science.template import (
     Template,
     template_score,
 )
+from lcowatch.state.images import reference_image, write_reference_image
 from lcowatch.state.ledger import UNMATCHED, Ledger, transaction
 from lcowatch.state.store import ColourColumns, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
@@ -317,8 +318,10 @@ class Pipeline:
         assert meta.target is not None and work.star_ids is not None and work.photometry is not None
         if work.reference_changed and work.reference is not None:
             self.store.write_reference(conn, work.reference)
-        if work.new_reference:
-            requeued.extend(self.ledger.requeue_waiting_for_template(conn, meta.target))
+        if work.new_reference_image is not None:
+            write_reference_image(conn, work.new_reference_image)
+        if work.new_reference or work.new_reference_image is not None:
+            requeued.extend(self.ledger.requeue_waiting(conn, meta.target))
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
         if work.new_field_ids is not None and work.new_field_ref is not None:
@@ -332,23 +335,6 @@ class Pipeline:
         self.store.write_points(conn, work.points)
         apply_colours(conn, self.store, meta.target, meta.mjd_mid)
 
-    def _warn_if_target_far(self, frame: Frame, log: Any) -> None:
-        """Say so when the target's configured position lies far outside a frame whose OBJECT matched it:
-        a coordinate in the wrong unit (hours as degrees) would otherwise go unnoticed."""
-        target = self.config.targets[frame.meta.target] if frame.meta.target else None
-        if target is None or target.ra is None or target.dec is None or frame.wcs is None:
-            return
-        ny, nx = frame.meta.shape
-        centre = frame.wcs.pixel_to_world((nx - 1) / 2, (ny - 1) / 2)
-        distance = float(centre.separation(SkyCoord(target.ra, target.dec, unit="deg")).arcmin)
-        # Half the diagonal, plus what an unsolved pointing may be off by.
-        reach = frame.meta.pixscale * np.hypot(nx, ny) / 2 / 60 + TARGET_FAR_ARCMIN
-        if distance > reach:
-            log.warning(
-                "target_far_from_frame", distance_arcmin=round(distance, 1), frame_reach_arcmin=round(reach, 1),
-                note="check the target's ra/dec in the config (ra in degrees, or quoted hours)",
-            )  # fmt: skip
-
     def _superseded(self, work: FrameWork) -> bool:
         """Whether what this frame set up from an empty slot (the target's reference frame, its first field
         stars, a filter's reference magnitudes) was set up by another process (the daemon beside a
@@ -359,6 +345,10 @@ class Pipeline:
             return True
         if work.new_field_ids is not None and np.isin(work.new_field_ids, self.store.field_stars(target)[0]).any():
             return True
+        if work.new_reference_image is not None:
+            image = work.new_reference_image
+            if reference_image(self.store.conn, target, filter, image.instrument_class) is not None:
+                return True
         return work.first_in_filter and bool(self.store.star_refs(target, filter))
 
     def _run_stages(self, frame: Frame, pixels: PixelSite, *, first_try: bool = True) -> Outcome:
@@ -372,7 +362,7 @@ class Pipeline:
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=unmatched, identity=identity)
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
-        self._warn_if_target_far(frame, log)
+        warn_if_target_far(self.config, frame, log)
         first = self.store.same_exposure(frame.sha256, meta)
         if first is not None:
             # Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name):
@@ -443,6 +433,24 @@ class Pipeline:
             nstars=quality.nstars if quality else None,
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def warn_if_target_far(config: Config, frame: Frame, log: Any) -> None:
+    """Say so when the target's configured position lies far outside a frame whose OBJECT matched it:
+    a coordinate in the wrong unit (hours as degrees) would otherwise go unnoticed."""
+    target = config.targets[frame.meta.target] if frame.meta.target else None
+    if target is None or target.ra is None or target.dec is None or frame.wcs is None:
+        return
+    ny, nx = frame.meta.shape
+    centre = frame.wcs.pixel_to_world((nx - 1) / 2, (ny - 1) / 2)
+    distance = float(centre.separation(SkyCoord(target.ra, target.dec, unit="deg")).arcmin)
+    # Half the diagonal, plus what an unsolved pointing may be off by.
+    reach = frame.meta.pixscale * np.hypot(nx, ny) / 2 / 60 + TARGET_FAR_ARCMIN
+    if distance > reach:
+        log.warning(
+            "target_far_from_frame", distance_arcmin=round(distance, 1), frame_reach_arcmin=round(reach, 1),
+            note="check the target's ra/dec in the config (ra in degrees, or quoted hours)",
+        )  # fmt: skip
 
 
 def warm_up() -> None:

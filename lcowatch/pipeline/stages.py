@@ -21,6 +21,7 @@ from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
 from lcowatch.config import Config, PhotometryConfig
 from lcowatch.errors import Reject
 from lcowatch.pipeline.pixels import Pixels, PixelSite
+from lcowatch.pipeline.subtraction import SubtractReference
 from lcowatch.science.calibrate import (
     Calibration,
     TooFewStars,
@@ -51,6 +52,7 @@ from lcowatch.science.template import (
     fit_sky_fix,
     template_score,
 )
+from lcowatch.state.images import ReferenceImage
 from lcowatch.state.store import CalibrationColumns, PointRecord, Store
 from lcowatch.states import Step
 
@@ -91,6 +93,8 @@ class FrameWork:
     first_in_filter: bool = False  # this frame set its filter's reference magnitudes
     points: list[PointRecord] = field(default_factory=list)
     rejection: list[str] = field(default_factory=list)
+    new_reference_image: ReferenceImage | None = None  # this frame became a reference image
+    reference_image_file: str | None = None  # the reference image the target's flux was measured against
 
 
 class Stage(Protocol):
@@ -375,9 +379,13 @@ class MeasurePhotometry:
             field_ref = np.vstack([field_ref, work.new_field_ref])
         work.star_ids, work.field_ref = np.concatenate([[0], star_ids]), field_ref
         xy = apply_affine(to_frame, np.vstack([reference.target_xy, field_ref]))
-        if reference.target_placed_by_wcs:
+        # On a galaxy, the nearest detection and the light's centroid are the host's, not the target's.
+        on_host = config.targets[work.frame.meta.target].method == "difference"
+        if reference.target_placed_by_wcs and not on_host:
             xy[0] = self._acquire_target(work, xy[0])
         work.photometry = phot = work.pixels.run(_measure, xy, config.photometry, quality.fwhm_pix)
+        if on_host:
+            return
         snr = phot.flux[0, 0] / phot.flux_err[0, 0]
         clean = phot.flags[0, 0] & flags.value("forced_position", "blended", "saturated", "nonlinear", "bad_pixel") == 0
         if clean and snr >= TARGET_CENTROID_SNR and quality.flags == 0:
@@ -492,6 +500,7 @@ class DifferentialPhotometry:
                     "ensemble_scatter": _finite(scatter), "diff_color_term": term_change,
                     "n_comparison": n_used, "registration_rms": registration.rms,
                     "n_matched": registration.n_matched, "template": template.file,
+                    "reference": work.reference_image_file,
                     "flags": point_flags | flags.value("uncalibrated"),
                 }
             )  # fmt: skip
@@ -733,5 +742,5 @@ def default_stages(config: Config) -> list[Stage]:
     catalogs = FieldCatalogs(config)
     return [
         Preprocess(), MeasureQuality(), SelectTemplate(catalogs), Register(), MeasurePhotometry(),
-        MatchCatalog(CatalogMatcher(catalogs)), DifferentialPhotometry(), Calibrate(),
+        SubtractReference(), MatchCatalog(CatalogMatcher(catalogs)), DifferentialPhotometry(), Calibrate(),
     ]  # fmt: skip

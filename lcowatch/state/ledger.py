@@ -199,13 +199,13 @@ class Ledger:
             )
 
     @staticmethod
-    def requeue_waiting_for_template(conn: sqlite3.Connection, target: str) -> list[Path]:
-        """Make a target's frames rejected for want of a reference frame pending again (inside the caller's
-        transaction).
+    def requeue_waiting(conn: sqlite3.Connection, target: str) -> list[Path]:
+        """Make a target's frames rejected for want of a reference frame or a reference image pending again
+        (inside the caller's transaction).
 
         Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
         """
-        where = f"state = '{State.REJECTED}' AND step = '{Step.TEMPLATE}' AND target = ?"
+        where = f"state = '{State.REJECTED}' AND step IN ('{Step.TEMPLATE}', '{Step.SUBTRACT}') AND target = ?"
         paths = [Path(path_text(row[0])) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
         conn.execute(
             f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)

@@ -24,6 +24,7 @@ TARGET_ROWS = {
     "target_centroids": _OF_TARGET,
     "comparison_stars": _OF_TARGET,
     "star_refs": _OF_TARGET,
+    "reference_images": _OF_TARGET,
     "frames": _OF_TARGET,
 }
 #: Columns the live database numbers itself.

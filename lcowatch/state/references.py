@@ -17,11 +17,11 @@ ANY_FILTER = "(? IS NULL OR {column} = ?)"  # bound twice to the filter: None ma
 TEMPLATE_ROW = "id, target, filter, sha256, file, score, pinned, nx, ny, wcs_header, from_reference"
 
 
-def _affine(text: str | None) -> Affine:
+def affine_from_text(text: str | None) -> Affine:
     return np.array(json.loads(text), dtype=float).reshape(2, 3) if text else IDENTITY
 
 
-def _affine_text(matrix: Affine) -> str:
+def affine_to_text(matrix: Affine) -> str:
     return json.dumps([float(v) for v in np.asarray(matrix).ravel()])
 
 
@@ -77,7 +77,7 @@ class ReferenceRecords:
                     id=row["id"], target=target, filter=row["filter"], sha256=row["sha256"], file=row["file"],
                     score=row["score"], pinned=bool(row["pinned"]), shape=(row["ny"], row["nx"]),
                     wcs_header=row["wcs_header"] or None, sources=self.sources(row["sha256"]),
-                    from_reference=_affine(row["from_reference"]),
+                    from_reference=affine_from_text(row["from_reference"]),
                 )  # fmt: skip
             templates.append(self._templates[key])
         return templates
@@ -95,7 +95,7 @@ class ReferenceRecords:
             (
                 template.target, template.filter, template.sha256, template.file, template.score,
                 int(template.pinned), time.time(), reason, template.shape[1], template.shape[0],
-                template.wcs_header or "", _affine_text(template.from_reference),
+                template.wcs_header or "", affine_to_text(template.from_reference),
             ),
         )  # fmt: skip
 
@@ -159,7 +159,7 @@ class ReferenceRecords:
         return Reference(
             target=target, sha256=row["sha256"], file=row["file"], shape=(row["ny"], row["nx"]),
             pixscale=row["pixscale"], wcs_header=row["wcs_header"],
-            sky_fix=_affine(row["sky_fix"]) if row["sky_fix"] else None,
+            sky_fix=affine_from_text(row["sky_fix"]) if row["sky_fix"] else None,
             target_xy=np.array([row["target_x"], row["target_y"]]), target_origin=row["target_origin"],
         )  # fmt: skip
 
@@ -170,7 +170,7 @@ class ReferenceRecords:
             (
                 reference.target, reference.sha256, reference.file, reference.shape[1], reference.shape[0],
                 reference.pixscale, reference.wcs_header,
-                _affine_text(reference.sky_fix) if reference.sky_fix is not None else None,
+                affine_to_text(reference.sky_fix) if reference.sky_fix is not None else None,
                 float(reference.target_xy[0]), float(reference.target_xy[1]), reference.target_origin, time.time(),
             ),
         )  # fmt: skip

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lcowatch.errors import Stop
 
 #: Version of the tables below; one more for each entry of :data:`MIGRATIONS`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 LEDGER_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -194,16 +194,37 @@ CREATE TABLE IF NOT EXISTS points (
     zp_scatter REAL,
     catalog TEXT,
     band TEXT,
+    reference TEXT,
     flags INTEGER NOT NULL,
     PRIMARY KEY (sha256, aperture)
 );
 CREATE INDEX IF NOT EXISTS points_target ON points (target, filter);
+CREATE TABLE IF NOT EXISTS reference_images (
+    target TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    instrument_class TEXT NOT NULL,
+    sha256 TEXT NOT NULL REFERENCES frames (sha256),
+    file TEXT NOT NULL,
+    mjd REAL NOT NULL,
+    fwhm_pix REAL NOT NULL,
+    origin_x INTEGER NOT NULL,
+    origin_y INTEGER NOT NULL,
+    nx INTEGER NOT NULL,
+    ny INTEGER NOT NULL,
+    frame_from_reference TEXT NOT NULL,
+    image BLOB NOT NULL,
+    variance BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (target, filter, instrument_class)
+);
 """
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Add the nullable columns a table lacks: release 0.1 (no version yet) grew its tables by columns
-    only, and version 2 added ``points.diff_color_term`` and ``points.color_err``."""
+    only, version 2 added ``points.diff_color_term`` and ``points.color_err``, version 3 ``points.reference``
+    (and the ``reference_images`` table)."""
     for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", STORE_TABLES, re.S):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for line in body.strip().splitlines():
@@ -214,7 +235,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 #: ``MIGRATIONS[v]`` brings a database from version ``v`` to ``v + 1`` (after the tables of the current
 #: schema that it lacks entirely have been created).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns, _add_missing_columns]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns] * 3
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 

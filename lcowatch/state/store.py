@@ -70,6 +70,7 @@ class PointRecord(TypedDict):
     registration_rms: float
     n_matched: int
     template: str
+    reference: str | None  # the reference image subtracted (method: difference), else None
     flags: int
     mag: NotRequired[float | None]
     mag_err: NotRequired[float | None]
@@ -236,7 +237,7 @@ class Store(ReferenceRecords):
             "SELECT f.file, f.mjd, f.bjd_tdb, p.filter, p.mag, p.mag_err, p.zp, p.zp_err, f.fwhm, f.airmass, "
             "p.flags, p.diff_mag, p.diff_mag_err, p.aperture_text AS aperture, p.x, p.y, p.registration_rms, "
             "p.flux, p.flux_err, p.snr, p.limit_mag, p.color, p.color_term, "
-            "p.template, p.band, p.n_comparison, p.n_matched, f.exptime, f.sha256 "
+            "p.template, p.reference, p.band, p.n_comparison, p.n_matched, f.exptime, f.sha256 "
             "FROM points p JOIN frames f USING (sha256) WHERE p.target = ? "
             f"AND {ANY_FILTER.format(column='p.filter')} ORDER BY f.mjd, f.file, p.aperture"
         )

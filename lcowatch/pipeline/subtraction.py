@@ -1,0 +1,168 @@
+"""Image subtraction for targets with ``method: difference`` (a transient on its host galaxy): the target's
+flux is measured on the frame minus its reference image, so the host's light, which aperture photometry
+would add to every point, cancels.
+
+One reference image per target, filter and instrument class (:mod:`lcowatch.state.images`): the first good
+frame of that filter and class inside the target's reference window (``reference_before`` /
+``reference_after``; any frame without them). Frames that come before a reference exists and cannot be one
+wait, and are processed again once it is made. The difference flux replaces the target's aperture flux
+before the differential and calibration stages, whose zero points come from the unsubtracted comparison
+stars in the same apertures (as lcogtsnpipe does), so ``diff_mag``, ``mag`` and ``limit_mag`` follow
+unchanged. A point is relative to the reference: the reference frame's own point has flux 0 by definition
+(flag ``is_reference``), so the reference should hold no transient light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lcowatch import flags
+from lcowatch.errors import Reject
+from lcowatch.pipeline.pixels import Pixels
+from lcowatch.science.register import Affine, apply_affine, compose, invert
+from lcowatch.science.subtract import Difference, forced_photometry, resample_reference, subtract
+from lcowatch.state.images import ReferenceImage, reference_image
+from lcowatch.states import Step
+
+if TYPE_CHECKING:
+    from lcowatch.pipeline.stages import FrameWork
+
+#: Flags of the unsubtracted target that the subtraction removes (the host made it look blended).
+CLEARED_BY_SUBTRACTION = flags.value("blended")
+
+
+def instrument_class(instrument: str | None) -> str:
+    """The camera family of an LCO instrument name (``fa`` Sinistro, ``kb`` SBIG, ``sq`` QHY600, ``ep``
+    MuSCAT): frames of one family share pixel scale and PSF shape well enough to share a reference."""
+    return (instrument or "unknown")[:2].lower()
+
+
+class SubtractReference:
+    """For a ``difference`` target: the target's flux in each aperture on the frame minus its reference."""
+
+    name = Step.SUBTRACT
+
+    def __call__(self, work: FrameWork) -> None:
+        meta, config = work.frame.meta, work.config
+        assert meta.target is not None
+        if config.targets[meta.target].method != "difference":
+            return
+        assert work.to_frame is not None and work.reference is not None and work.photometry is not None
+        assert work.quality is not None
+        target_xy = apply_affine(work.to_frame, work.reference.target_xy[None, :])[0]
+        klass = instrument_class(meta.instrument)
+        reference = reference_image(work.store.conn, meta.target, meta.filter, klass)
+        if reference is None:
+            if not self._may_be_reference(work):
+                raise Reject(f"waiting for a reference image of {meta.filter} ({klass})", step=Step.SUBTRACT)
+            reference = self._new_reference(work, target_xy, klass)
+            work.new_reference_image = reference
+            flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
+        else:
+            flux, flux_err, residual = work.pixels.run(
+                _difference_flux, reference, _cutout_map(reference, work.to_frame), config.subtraction.cutout,
+                target_xy, work.photometry.radii, work.quality.fwhm_pix,
+            )  # fmt: skip
+        work.reference_image_file = reference.file
+        is_reference = work.new_reference_image is not None
+        self._replace_target(work, target_xy, flux, flux_err, residual, is_reference=is_reference)
+
+    @staticmethod
+    def _may_be_reference(work: FrameWork) -> bool:
+        meta, quality = work.frame.meta, work.quality
+        assert meta.target is not None and quality is not None
+        window = work.config.targets[meta.target].reference_window()
+        inside = window is None or not window[0] <= meta.mjd_mid <= window[1]
+        return inside and quality.flags == 0
+
+    @staticmethod
+    def _new_reference(work: FrameWork, target_xy: np.ndarray, klass: str) -> ReferenceImage:
+        meta, quality, to_frame = work.frame.meta, work.quality, work.to_frame
+        assert meta.target is not None and quality is not None and to_frame is not None
+        # Twice the cutout: a frame whose cutout has too few stars to fit the kernel tries twice the size.
+        image, variance, origin = work.pixels.run(_cutout, target_xy, 2 * work.config.subtraction.cutout)
+        window = work.config.targets[meta.target].reference_window()
+        reason = "first good frame" + ("" if window is None else " outside the transient's window")
+        return ReferenceImage(
+            meta.target, meta.filter, klass, work.frame.sha256, work.frame.name, meta.mjd_mid, quality.fwhm_pix,
+            origin, to_frame, image, variance, reason,
+        )  # fmt: skip
+
+    @staticmethod
+    def _replace_target(
+        work: FrameWork, target_xy: np.ndarray, flux: np.ndarray, flux_err: np.ndarray, residual: float, *,
+        is_reference: bool,
+    ) -> None:  # fmt: skip
+        phot = work.photometry
+        assert phot is not None
+        exptime = work.frame.meta.exptime
+        with np.errstate(divide="ignore", invalid="ignore"):
+            phot.inst_mag[0] = np.where(flux > 0, -2.5 * np.log10(flux / exptime), np.nan)
+            phot.inst_err[0] = np.where(flux > 0, 2.5 / np.log(10) * flux_err / flux, np.nan)
+        phot.flux[0], phot.flux_err[0] = flux, flux_err
+        phot.x[0], phot.y[0] = target_xy  # not where recentring on the host's light put it
+        mark = flags.value("is_reference") if is_reference else 0
+        if residual > work.config.subtraction.max_residual:
+            mark |= flags.value("bad_subtraction")
+        phot.flags[0] = phot.flags[0] & ~CLEARED_BY_SUBTRACTION | mark
+        work.log.info("target_subtracted", residual_rms=round(float(residual), 3), is_reference=is_reference,
+                      flux=[round(float(f), 1) for f in flux])  # fmt: skip
+
+
+def _cutout_map(reference: ReferenceImage, frame_from_reference_frame: Affine) -> np.ndarray:
+    """The 3x3 map from the reference image's cutout pixels into this frame's pixels."""
+    shift = np.array([[1.0, 0.0, reference.origin[0]], [0.0, 1.0, reference.origin[1]]])
+    two_by_three = compose(frame_from_reference_frame, compose(invert(reference.frame_from_reference), shift))
+    return np.vstack([two_by_three, [0.0, 0.0, 1.0]])
+
+
+def _window(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[slice, slice, tuple[int, int]]:
+    ny, nx = pixels.frame.meta.shape
+    x0 = int(np.clip(round(target_xy[0]) - size // 2, 0, max(nx - size, 0)))
+    y0 = int(np.clip(round(target_xy[1]) - size // 2, 0, max(ny - size, 0)))
+    return slice(y0, min(y0 + size, ny)), slice(x0, min(x0 + size, nx)), (x0, y0)
+
+
+def _science(pixels: Pixels, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Background-subtracted electrons, their variance (sky and read noise from the background RMS, plus the
+    sources' own shot noise) and the mask, on a window of the frame."""
+    pre = pixels.pre
+    image = pre.subtracted[rows, cols].astype(np.float64)
+    variance = pre.rms[rows, cols].astype(np.float64) ** 2 + np.clip(image, 0.0, None)
+    return image, variance, pre.mask[rows, cols]
+
+
+def _cutout(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """A frame's cutout to keep as a reference image: masked pixels NaN."""
+    rows, cols, origin = _window(pixels, target_xy, size)
+    image, variance, mask = _science(pixels, rows, cols)
+    image[mask] = np.nan
+    variance[mask] = np.nan
+    return image.astype(np.float32), variance.astype(np.float32), origin
+
+
+def _difference_flux(
+    pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, size: int, target_xy: np.ndarray,
+    radii: np.ndarray, fwhm_pix: float,
+) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+    """Flux and error (electrons) at the target in each aperture radius (pixels) on the frame minus its
+    reference, and the subtraction's residual RMS at bright stars (about 1 when good)."""
+    scale = float(np.sqrt(abs(np.linalg.det(cutout_map[:2, :2]))))
+    for side in (size, 2 * size):
+        rows, cols, origin = _window(pixels, target_xy, side)
+        science, variance, mask = _science(pixels, rows, cols)
+        ref, ref_var = resample_reference(reference.image, reference.variance, cutout_map, science.shape, origin)
+        at = (float(target_xy[0] - origin[0]), float(target_xy[1] - origin[1]))
+        try:
+            difference: Difference = subtract(
+                science, variance, ref, ref_var, mask, fwhm_science=fwhm_pix,
+                fwhm_reference=reference.fwhm_pix * scale, exclude_xy=[at],
+            )  # fmt: skip
+        except ValueError as exc:  # too few stars to fit a kernel on the cutout
+            failure = exc
+            continue
+        flux, flux_err = forced_photometry(difference, at[0], at[1], [float(r) for r in radii])
+        return flux, flux_err, difference.residual_rms
+    raise Reject(f"cannot subtract the reference: {failure}", step=Step.SUBTRACT)

@@ -1,0 +1,80 @@
+"""Reference images for image subtraction: one cutout around the target per target, filter and instrument
+class, with where it came from; kept in the database so that it changes in the same transaction as the
+points measured against it."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from lcowatch.science.register import Affine
+from lcowatch.state.references import affine_from_text, affine_to_text
+
+
+@dataclass(frozen=True)
+class ReferenceImage:
+    """A cutout of one frame around a target: the reference that frames of its filter and instrument class
+    are subtracted from.
+
+    ``image`` is background-subtracted electrons (NaN where masked) and ``variance`` electrons**2, both
+    float32 of shape (ny, nx); the cutout's pixel (0, 0) is the frame's pixel ``origin`` (x, y), 0-based.
+    ``frame_from_reference`` maps the target's reference pixel frame into the frame's pixels; ``fwhm_pix``
+    is the frame's seeing in its own pixels.
+    """
+
+    target: str
+    filter: str
+    instrument_class: str
+    sha256: str
+    file: str
+    mjd: float
+    fwhm_pix: float
+    origin: tuple[int, int]
+    frame_from_reference: Affine
+    image: np.ndarray
+    variance: np.ndarray
+    reason: str
+
+
+def write_reference_image(conn: sqlite3.Connection, ref: ReferenceImage) -> None:
+    ny, nx = ref.image.shape
+    conn.execute(
+        "INSERT OR REPLACE INTO reference_images (target, filter, instrument_class, sha256, file, mjd, fwhm_pix, "
+        "origin_x, origin_y, nx, ny, frame_from_reference, image, variance, reason, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            ref.target, ref.filter, ref.instrument_class, ref.sha256, ref.file, ref.mjd, ref.fwhm_pix,
+            ref.origin[0], ref.origin[1], nx, ny, affine_to_text(ref.frame_from_reference),
+            ref.image.astype(np.float32).tobytes(), ref.variance.astype(np.float32).tobytes(), ref.reason, time.time(),
+        ),
+    )  # fmt: skip
+
+
+def reference_image(conn: sqlite3.Connection, target: str, filter: str, instrument_class: str) -> ReferenceImage | None:
+    row = conn.execute(
+        "SELECT * FROM reference_images WHERE target = ? AND filter = ? AND instrument_class = ?",
+        (target, filter, instrument_class),
+    ).fetchone()
+    if row is None:
+        return None
+    shape = (row["ny"], row["nx"])
+    return ReferenceImage(
+        target, filter, instrument_class, row["sha256"], row["file"], row["mjd"], row["fwhm_pix"],
+        (row["origin_x"], row["origin_y"]), affine_from_text(row["frame_from_reference"]),
+        np.frombuffer(row["image"], np.float32).reshape(shape),
+        np.frombuffer(row["variance"], np.float32).reshape(shape),
+        row["reason"],
+    )  # fmt: skip
+
+
+def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, object]]:
+    """A target's reference images, without their pixels: for ``lcowatch reference``."""
+    rows = conn.execute(
+        "SELECT filter, instrument_class, file, mjd, fwhm_pix, nx, ny, reason, created FROM reference_images "
+        "WHERE target = ? ORDER BY filter, instrument_class",
+        (target,),
+    )
+    return [dict(row) for row in rows]
