@@ -142,6 +142,9 @@ class SubtractionConfig(Section):
     max_residual: float = Field(
         3.0, gt=0, description="flag bad_subtraction above this RMS of the difference/sigma at bright stars"
     )
+    reference_frames: int = Field(
+        5, ge=1, description="good frames averaged into a reference image (its noise enters every point)"
+    )
 
 
 class CatalogConfig(Section):

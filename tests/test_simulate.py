@@ -756,3 +756,225 @@ class TestSeriesOptions:
         for night in (0, 1):
             assert abs(sbig[2 * night][1].mjd_start - one_metre[2 * night][1].mjd_start) < 1.0
         assert later[0][1].mjd_start - one_metre[0][1].mjd_start == pytest.approx(5.0, abs=0.1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Host galaxies and supernova-like transients
+# --------------------------------------------------------------------------------------------------------
+
+
+def sn_field(**kwargs) -> sim.Field:
+    """A supernova on a host (make_supernova_field), a bit bigger and flatter than the default host."""
+    options = {"seed": 5, "host_scale_arcsec": 1.5, "host_ellipticity": 0.4, "host_theta_deg": 30.0, **kwargs}
+    return sim.make_supernova_field("SNHOST", RA0, DEC0, **options)
+
+
+def host_only(field: sim.Field, spec: sim.FrameSpec) -> tuple[np.ndarray, sim.FrameTruth]:
+    """The host's light on a frame: the frame minus the same frame (same seed, same noise draws) without
+    the host, and the truth of the frame with it."""
+    hdul, truth = sim.render_frame(field, spec)
+    bare, _ = sim.render_frame(replace(field, host=None), spec)
+    return hdul["SCI"].data.astype(np.float64) - bare["SCI"].data, truth
+
+
+def expected_electrons(mags: dict, spec: sim.FrameSpec) -> float:
+    """The documented flux formula for a source of standard magnitudes ``mags`` (dict band -> mag)."""
+    first, second = sim.COLOUR_OF_BAND[spec.band]
+    eff = mags[spec.band] + spec.color_term * (mags[first] - mags[second])
+    return spec.transparency * spec.exptime * 10 ** (-0.4 * (eff - spec.zeropoint))
+
+
+def nucleus_pixel(field: sim.Field, truth: sim.FrameTruth) -> tuple[float, float]:
+    """Where the nucleus belongs, from the target, the host's (east, north) offset and the true WCS."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    xi, eta = field.host.offset_arcsec
+    nucleus = SkyCoord(field.ra * u.deg, field.dec * u.deg).spherical_offsets_by(xi * u.arcsec, eta * u.arcsec)
+    x, y = truth.wcs.world_to_pixel(nucleus)
+    return float(x), float(y)
+
+
+HOST_SPEC = sim.FrameSpec(
+    shape=(256, 256), exptime=120.0, seed=21, color_term=0.06, transparency=0.9, rotation_deg=25.0, filter="gp"
+)
+
+
+class TestHostGalaxy:
+    """A field's host galaxy is drawn through the true WCS at the nucleus offset, with the total flux of
+    the star formula (exposure, zero point, transparency, colour term) and the frame's own PSF; it is no
+    star of the truth and no row of the reference catalog."""
+
+    def test_total_flux_and_centre(self):
+        field = sn_field()
+        light, truth = host_only(field, HOST_SPEC)
+        expected = expected_electrons(field.host.mags, HOST_SPEC)
+        assert truth.host_flux == pytest.approx(expected, rel=1e-9)
+        x, y = nucleus_pixel(field, truth)
+        assert (truth.host_x, truth.host_y) == pytest.approx((x, y), abs=1e-6)
+        ys, xs = np.mgrid[: light.shape[0], : light.shape[1]]
+        radius = 15 * 1.5 / HOST_SPEC.pixscale + 6 * truth.fwhm_pix  # all of the disk and the PSF wings
+        inside = np.hypot(xs - x, ys - y) < radius
+        ny, nx = light.shape
+        assert radius < min(x, y, nx - 1 - x, ny - 1 - y)  # the aperture lies within the frame
+        total = light[inside].sum()
+        assert total == pytest.approx(expected, rel=0.01)
+        centroid = np.array([(light * xs)[inside].sum(), (light * ys)[inside].sum()]) / total
+        assert centroid == pytest.approx((x, y), abs=0.1)
+
+    def test_not_a_star(self):
+        field = sn_field()
+        plain = sim.make_field(
+            "SNHOST", RA0, DEC0, nstars=400, box_arcmin=3.5, seed=5, target_mag=17.0, target_gr=0.0, min_sep_arcsec=10.0
+        )
+        assert field.nstars == plain.nstars
+        _, truth = sim.render_frame(field, HOST_SPEC)
+        _, bare = sim.render_frame(replace(field, host=None), HOST_SPEC)
+        assert len(truth.x) == len(truth.flux) == field.nstars
+        assert np.array_equal(truth.flux, bare.flux)
+        assert np.isnan(bare.host_x) and bare.host_flux == 0.0
+
+    def test_worse_seeing_lowers_the_peak(self):
+        field = sn_field()
+        cores, peaks, totals = [], [], []
+        for fwhm in (1.4, 3.0):
+            light, truth = host_only(field, replace(HOST_SPEC, fwhm_arcsec=fwhm))
+            ix, iy = round(truth.host_x), round(truth.host_y)
+            cores.append(light[iy - 1 : iy + 2, ix - 1 : ix + 2].sum())  # 3 x 3 pixels at the nucleus
+            peaks.append(truth.host_peak)
+            totals.append(light.sum())
+        # the same light, spread wider: the measured core and the noise-free peak both drop
+        assert totals[1] == pytest.approx(totals[0], rel=0.01)
+        assert cores[1] < 0.7 * cores[0]
+        assert peaks[1] < 0.7 * peaks[0]
+        for core, peak in zip(cores, peaks, strict=True):
+            assert peak == pytest.approx(core / 9, rel=0.2)
+
+    @pytest.mark.parametrize(("rotation", "pixscale"), [(0.0, 0.389), (70.0, 0.27)])
+    def test_shape_is_fixed_on_the_sky(self, rotation, pixscale):
+        # A flat host, sharp seeing: the major axis measured from the image's second moments points to the
+        # same position angle on the sky whatever the frame's rotation and pixel scale.
+        field = sn_field(host_scale_arcsec=2.0, host_ellipticity=0.6, host_theta_deg=30.0)
+        spec = replace(HOST_SPEC, rotation_deg=rotation, pixscale=pixscale, fwhm_arcsec=1.2)
+        light, truth = host_only(field, spec)
+        ys, xs = np.mgrid[: light.shape[0], : light.shape[1]]
+        dx, dy = xs - truth.host_x, ys - truth.host_y
+        inside = np.hypot(dx, dy) < 12 * 2.0 / pixscale
+        w = light[inside]
+        cov = np.cov(np.stack([dx[inside], dy[inside]]), aweights=np.clip(w, 0, None))
+        vals, vecs = np.linalg.eigh(cov)
+        major = vecs[:, 1]
+        sky0 = truth.wcs.pixel_to_world(truth.host_x, truth.host_y)
+        sky1 = truth.wcs.pixel_to_world(truth.host_x + major[0], truth.host_y + major[1])
+        pa = sky0.position_angle(sky1).deg % 180.0
+        assert pa == pytest.approx(30.0, abs=2.0)
+        assert math.sqrt(vals[0] / vals[1]) < 0.6  # still clearly elongated after the seeing
+
+    def test_refcat_leaves_the_host_out(self, tmp_path):
+        field = sn_field()
+        path = tmp_path / "stars.csv"
+        sim.write_refcat(field, path)
+        table = Table.read(path, format="ascii.csv")
+        # every row is a field star (not the target), and none lies at the host's nucleus
+        stars = np.flatnonzero(field.mags["r"] < 19.0)
+        assert len(table) == len(stars[stars != 0])
+        nra, ndec = field.host.nucleus(field.ra, field.dec)
+        sep = np.hypot((table["ra"] - nra) * math.cos(math.radians(ndec)), table["dec"] - ndec) * 3600
+        assert sep.min() > 5.0
+
+    def test_invalid_host_is_refused(self):
+        mags = {band: 16.0 for band in sim.ALL_BANDS}
+        with pytest.raises(ValueError, match="bands"):
+            sim.Host(mags={"r": 16.0})
+        with pytest.raises(ValueError, match="ellipticity"):
+            sim.Host(mags=mags, ellipticity=1.0)
+        with pytest.raises(ValueError, match="scale"):
+            sim.Host(mags=mags, scale_arcsec=0.0)
+
+
+class TestSupernovaLightCurve:
+    """A Transient target has no flux up to its explosion (magnitude +inf, flux exactly 0, no warnings),
+    rises to its peak magnitude mags[band][0] at peak_mjd, then fades monotonically by fade_rate mag per
+    day in every band, below any detection limit; frames carry that flux."""
+
+    def test_shape(self):
+        field = sn_field(peak_mag_r=17.0, peak_mjd=61010.0, rise_days=15.0, fade_rate=0.05)
+        tr = field.transient
+        assert tr.explosion_mjd == pytest.approx(60995.0)
+        early = field.target_mag("r", np.array([60980.0, 60994.9, 60995.0]))
+        assert np.isinf(early).all() and (early > 0).all()
+        rise = np.linspace(60995.01, 61010.0, 300)
+        fade = np.linspace(61010.0, 61400.0, 300)
+        rising, fading = field.target_mag("r", rise), field.target_mag("r", fade)
+        assert np.all(np.diff(rising) < 0) and np.all(np.diff(fading) > 0)
+        assert field.target_mag("r", 61010.0) == pytest.approx(17.0)
+        assert np.min(field.target_mag("r", np.linspace(60990.0, 61100.0, 2001))) == pytest.approx(17.0, abs=1e-3)
+        assert field.target_mag("r", 61030.0) == pytest.approx(18.0)
+        assert field.target_mag("r", 61400.0) > 30.0
+        # the colour is the peak's at every time with light
+        g_r = field.target_mag("g", rise) - rising
+        assert g_r == pytest.approx(np.full(len(rise), field.mags["g"][0] - field.mags["r"][0]))
+
+    def test_frames_before_the_explosion_have_no_target_light(self):
+        field = sn_field()
+        spec = replace(HOST_SPEC, mjd_start=field.transient.explosion_mjd - 3.0)
+        hdul, truth = sim.render_frame(field, spec)
+        assert truth.target_flux == 0.0 and truth.flux[0] == 0.0 and truth.peak[0] == 0.0
+        assert np.isinf(truth.mag[0]) and truth.host_flux > 0
+        # pixel for pixel, the frame is the one of a field whose target never shines
+        dark = {band: np.where(np.arange(field.nstars) == 0, np.inf, mags) for band, mags in field.mags.items()}
+        same, _ = sim.render_frame(replace(field, transient=None, mags=dark), spec)
+        assert np.array_equal(hdul["SCI"].data, same["SCI"].data)
+        assert np.array_equal(hdul["ERR"].data, same["ERR"].data)
+
+    def test_frames_carry_the_light_curve(self):
+        field = sn_field()
+        base = replace(HOST_SPEC, mjd_start=field.transient.explosion_mjd - 3.0)
+        before, _ = sim.render_frame(field, base)
+        for days in (-8.0, 0.0, 20.0):
+            spec = replace(base, mjd_start=field.transient.peak_mjd + days)
+            hdul, truth = sim.render_frame(field, spec)
+            mag = field.target_mag(spec.band, truth.mjd_mid)
+            first, second = sim.COLOUR_OF_BAND[spec.band]
+            mags = {b: field.target_mag(b, truth.mjd_mid) for b in (spec.band, first, second)}
+            assert truth.mag[0] == pytest.approx(mag)
+            assert truth.target_flux == pytest.approx(expected_electrons(mags, spec), rel=1e-9)
+            # same seed, same host: the difference from the pre-explosion frame is the supernova alone
+            light = hdul["SCI"].data.astype(np.float64) - before["SCI"].data
+            measured, npix = box_flux(light, truth.x[0], truth.y[0], 30, 0.0)
+            sigma = math.sqrt(truth.target_flux + 0.01 * npix * spec.sky)
+            assert measured == pytest.approx(truth.target_flux, abs=4 * sigma)
+
+
+class TestSupernovaCampaign:
+    """make_supernova_field gives ~350 stars on a 512 x 512 1 m frame, a host of galaxy colour near the
+    target, and the transient; two telescopes observe it on the same nights through simulate_series."""
+
+    def test_field(self):
+        field = sim.make_supernova_field("SN2026x", 150.0, 2.0, seed=3, host_mag_r=16.0, host_offset_arcsec=2.0)
+        assert field.host is not None and field.transient is not None
+        assert field.host.mags["r"] == 16.0
+        assert field.host.mags["g"] - field.host.mags["r"] == pytest.approx(0.7)
+        assert math.hypot(*field.host.offset_arcsec) == pytest.approx(2.0)
+        assert field.mags["r"][0] == 17.0
+        _, truth = sim.render_frame(field, sim.FrameSpec(shape=(512, 512), mjd_start=61010.0))
+        assert truth.on_frame((512, 512)).sum() > 300
+        assert truth.host_flux > truth.target_flux > 0
+
+    def test_two_telescopes(self, tmp_path):
+        # series start at 61000.2: night 0 is before MJD 61001.2 (the explosion), night 1 after it
+        field = sn_field(peak_mjd=61002.3, rise_days=1.1)
+        common = {"nights": 2, "frames_per_night": 1, "shape": (128, 128), "compress": None, "seed": 2}
+        one_m = sim.simulate_series(field, tmp_path / "in", **common)
+        two_m = sim.simulate_series(
+            field, tmp_path / "in", site="ogg", telescope="2m0-02", instrument="ep05", pixscale=0.27,
+            color_term=0.03, first_frame_number=500, **common,
+        )  # fmt: skip
+        for path, spec, truth in one_m + two_m:
+            assert path.exists()
+            expected = field.target_mag(spec.band, truth.mjd_mid)
+            assert truth.mag[0] == pytest.approx(expected)
+            assert (truth.target_flux == 0.0) == bool(np.isinf(expected))
+            assert truth.host_flux > 0
+        for series_ in (one_m, two_m):
+            assert [truth.target_flux > 0 for _, _, truth in series_] == [False, True]

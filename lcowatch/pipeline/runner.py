@@ -320,7 +320,7 @@ class Pipeline:
             self.store.write_reference(conn, work.reference)
         if work.new_reference_image is not None:
             write_reference_image(conn, work.new_reference_image)
-        if work.new_reference or work.new_reference_image is not None:
+        if work.new_reference or (work.new_reference_image is not None and work.new_reference_image.frames == 1):
             requeued.extend(self.ledger.requeue_waiting(conn, meta.target))
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
@@ -347,7 +347,8 @@ class Pipeline:
             return True
         if work.new_reference_image is not None:
             image = work.new_reference_image
-            if reference_image(self.store.conn, target, filter, image.instrument_class) is not None:
+            stored = reference_image(self.store.conn, target, filter, image.instrument_class)
+            if (0 if stored is None else stored.frames) != image.frames - 1:
                 return True
         return work.first_in_filter and bool(self.store.star_refs(target, filter))
 

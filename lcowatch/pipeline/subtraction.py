@@ -14,6 +14,7 @@ unchanged. A point is relative to the reference: the reference frame's own point
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -54,19 +55,20 @@ class SubtractReference:
         target_xy = apply_affine(work.to_frame, work.reference.target_xy[None, :])[0]
         klass = instrument_class(meta.instrument)
         reference = reference_image(work.store.conn, meta.target, meta.filter, klass)
+        is_reference = reference is None
         if reference is None:
             if not self._may_be_reference(work):
                 raise Reject(f"waiting for a reference image of {meta.filter} ({klass})", step=Step.SUBTRACT)
-            reference = self._new_reference(work, target_xy, klass)
-            work.new_reference_image = reference
+            reference = work.new_reference_image = self._new_reference(work, target_xy, klass)
             flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
         else:
-            flux, flux_err, residual = work.pixels.run(
+            # Measured against the reference as it is; then, while it is shallow, averaged into it.
+            grow = reference.frames < config.subtraction.reference_frames and self._may_be_reference(work)
+            flux, flux_err, residual, work.new_reference_image = work.pixels.run(
                 _difference_flux, reference, _cutout_map(reference, work.to_frame), config.subtraction.cutout,
-                target_xy, work.photometry.radii, work.quality.fwhm_pix,
+                target_xy, work.photometry.radii, work.quality.fwhm_pix, grow,
             )  # fmt: skip
         work.reference_image_file = reference.file
-        is_reference = work.new_reference_image is not None
         self._replace_target(work, target_xy, flux, flux_err, residual, is_reference=is_reference)
 
     @staticmethod
@@ -87,7 +89,7 @@ class SubtractReference:
         reason = "first good frame" + ("" if window is None else " outside the transient's window")
         return ReferenceImage(
             meta.target, meta.filter, klass, work.frame.sha256, work.frame.name, meta.mjd_mid, quality.fwhm_pix,
-            origin, to_frame, image, variance, reason,
+            origin, to_frame, image, variance, 1, reason,
         )  # fmt: skip
 
     @staticmethod
@@ -145,10 +147,11 @@ def _cutout(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[np.ndarra
 
 def _difference_flux(
     pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, size: int, target_xy: np.ndarray,
-    radii: np.ndarray, fwhm_pix: float,
-) -> tuple[np.ndarray, np.ndarray, float]:  # fmt: skip
+    radii: np.ndarray, fwhm_pix: float, grow: bool,
+) -> tuple[np.ndarray, np.ndarray, float, ReferenceImage | None]:  # fmt: skip
     """Flux and error (electrons) at the target in each aperture radius (pixels) on the frame minus its
-    reference, and the subtraction's residual RMS at bright stars (about 1 when good)."""
+    reference, the subtraction's residual RMS at bright stars (about 1 when good), and (``grow``) the
+    reference with this frame averaged in."""
     scale = float(np.sqrt(abs(np.linalg.det(cutout_map[:2, :2]))))
     for side in (size, 2 * size):
         rows, cols, origin = _window(pixels, target_xy, side)
@@ -164,5 +167,31 @@ def _difference_flux(
             failure = exc
             continue
         flux, flux_err = forced_photometry(difference, at[0], at[1], [float(r) for r in radii])
-        return flux, flux_err, difference.residual_rms
+        deeper = _averaged_in(pixels, reference, cutout_map, target_xy, difference.scale, fwhm_pix) if grow else None
+        return flux, flux_err, difference.residual_rms, deeper
     raise Reject(f"cannot subtract the reference: {failure}", step=Step.SUBTRACT)
+
+
+def _averaged_in(
+    pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, target_xy: np.ndarray, scale: float,
+    fwhm_pix: float,
+) -> ReferenceImage:  # fmt: skip
+    """The reference with this frame's cutout resampled onto it, put on its flux scale (``scale`` is this
+    frame's flux over the reference's) and averaged in; pixels this frame does not cover keep their value."""
+    # A window around the target that holds the reference's whole cutout at any small rotation.
+    rows, cols, origin = _window(pixels, target_xy, int(1.5 * max(reference.image.shape)))
+    image, variance, mask = _science(pixels, rows, cols)
+    image[mask], variance[mask] = np.nan, np.nan
+    shift = np.array([[1.0, 0.0, origin[0]], [0.0, 1.0, origin[1]], [0.0, 0.0, 1.0]])
+    onto = np.linalg.inv(cutout_map) @ shift  # this window's pixels into the reference's cutout
+    new, new_var = resample_reference(image, variance, onto, reference.image.shape, (0, 0))
+    n = reference.frames
+    covered = np.isfinite(new) & np.isfinite(reference.image)
+    stacked = np.where(covered, (n * reference.image + new / scale) / (n + 1), reference.image)
+    stacked_var = np.where(covered, (n**2 * reference.variance + new_var / scale**2) / (n + 1) ** 2, reference.variance)
+    pixel_scale = float(np.sqrt(abs(np.linalg.det(cutout_map[:2, :2]))))
+    fwhm = (n * reference.fwhm_pix + fwhm_pix / pixel_scale) / (n + 1)
+    return replace(
+        reference, image=stacked.astype(np.float32), variance=stacked_var.astype(np.float32), frames=n + 1,
+        fwhm_pix=fwhm, reason=f"{reference.reason.split(' (')[0]} ({n + 1} frames averaged)",
+    )  # fmt: skip

@@ -30,8 +30,13 @@ pixel count times the kernel size (half-width 2 FWHM).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
+import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -206,9 +211,29 @@ def _select_stars(
     return x[keep][order], y[keep][order]
 
 
+@functools.cache
+def _private_numba_cache() -> None:
+    """Give numba a cache folder of this process's own, before sfft is imported.
+
+    sfft compiles closures per image and kernel size with numba's on-disk cache, which by default lives in
+    sfft's installed ``__pycache__``: read-only under the systemd unit, and shared by every process. Entries
+    written by other processes with other sizes were seen to be taken for this one's (``RuntimeError: In
+    'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every later frame). A private folder costs one
+    compilation (about 15 s) per process and can hold nothing stale.
+    """
+    folder = tempfile.mkdtemp(prefix="lcowatch-numba-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["NUMBA_CACHE_DIR"] = folder
+    if "numba" in sys.modules:
+        from numba.core import config
+
+        config.reload_config()
+
+
 @functools.lru_cache(maxsize=4)
 def _sfft_config(ny: int, nx: int, half_width: int, threads: int) -> tuple[dict, ...]:
     """sfft's compiled configuration for one image size and kernel size (costly; kept per process)."""
+    _private_numba_cache()
     from sfft.sfftcore.SFFTConfigure import SingleSFFTConfigure
 
     # Kernel and photometric ratio constant on a cutout; a constant background term (ours is fitted later).

@@ -1,7 +1,7 @@
 """Synthetic LCO BANZAI-like reduced frames with known truth.
 
 This module is the ground truth that the pipeline's accuracy is judged against: tests, the demo and the
-benchmarks all use it. It depends on numpy and astropy only.
+benchmarks all use it. It depends on numpy, scipy and astropy only.
 
 Conventions used throughout (the pipeline relies on them):
 
@@ -18,6 +18,10 @@ Conventions used throughout (the pipeline relies on them):
 - The PSF is an (optionally elliptical) Moffat profile; ``fwhm_arcsec`` is the geometric mean of the
   major- and minor-axis FWHM, so the area inside the half-maximum contour is ``pi * (FWHM / 2)**2`` for
   any ellipticity.
+- A field may carry a host galaxy (:class:`Host`, an exponential disk under the target, seen through the
+  frame's own PSF, its total flux following the same formula as a star's) and a supernova-like light
+  curve for the target (:class:`Transient`); the target's flux is exactly 0 before the explosion (its
+  magnitude +inf). The host is not a star: it is in no star array of the truth nor in the catalog.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy.signal import fftconvolve
 
 from lcowatch.bands import BAND_OF_FILTER
 
@@ -44,10 +49,14 @@ __all__ = [
     "Field",
     "FrameSpec",
     "FrameTruth",
+    "Host",
+    "Transient",
     "header_wcs_error_arcsec",
     "lco_filename",
     "make_field",
+    "make_supernova_field",
     "render_frame",
+    "render_galaxy",
     "simulate_series",
     "write_frame",
     "write_refcat",
@@ -129,6 +138,95 @@ _BPM_SATURATED = 2
 # --------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Host:
+    """A host galaxy: an exponential disk whose nucleus lies near the target.
+
+    Attributes
+    ----------
+    mags : dict of str to float
+        Total standard magnitude per band; every band of :data:`ALL_BANDS` is required. The instrument's
+        colour term applies to the host's colour exactly as to a star's.
+    scale_arcsec : float
+        Exponential scale length along the major axis, arcsec (half-light radius 1.678 times it).
+    ellipticity : float
+        ``1 - b/a``, in [0, 1).
+    theta_deg : float
+        Position angle of the major axis on the sky, degrees from north through east.
+    offset_arcsec : tuple of float
+        Nucleus minus target, ``(xi, eta)`` standard (gnomonic tangent-plane) coordinates around the target
+        in arcsec: ``xi`` towards east, ``eta`` towards north.
+    """
+
+    mags: dict[str, float]
+    scale_arcsec: float = 1.2
+    ellipticity: float = 0.3
+    theta_deg: float = 40.0
+    offset_arcsec: tuple[float, float] = (1.5, 0.0)
+
+    def __post_init__(self) -> None:
+        missing = [band for band in ALL_BANDS if band not in self.mags]
+        if missing:
+            raise ValueError(f"host magnitudes lack the bands {missing}")
+        if not self.scale_arcsec > 0.0:
+            raise ValueError(f"host scale_arcsec must be > 0, got {self.scale_arcsec}")
+        if not 0.0 <= self.ellipticity < 1.0:
+            raise ValueError(f"host ellipticity must be in [0, 1), got {self.ellipticity}")
+
+    def nucleus(self, ra: float, dec: float) -> tuple[float, float]:
+        """Sky position of the nucleus for a target at ``(ra, dec)``, degrees."""
+        xi, eta = (math.radians(v / 3600.0) for v in self.offset_arcsec)
+        nra, ndec = _tangent_to_sky(ra, dec, np.array([xi]), np.array([eta]))
+        return float(nra[0]), float(ndec[0])
+
+
+@dataclass(frozen=True)
+class Transient:
+    """A supernova-like light curve: nothing before the explosion, a smooth rise to the peak, a linear fade.
+
+    With ``tau = (mjd - explosion_mjd) / rise_days`` the flux relative to the peak is
+    ``tau**2 * (3 - 2 tau)`` during the rise (0 < tau <= 1: growing as t**2 at first, flat at the peak),
+    and the magnitude fades by ``fade_rate`` mag per day after ``peak_mjd``, in every band alike (the
+    colour stays that of the peak).
+
+    Attributes
+    ----------
+    peak_mjd : float
+        MJD (UTC) of the peak.
+    rise_days : float
+        Days from the explosion (flux exactly 0 up to and at it) to the peak.
+    fade_rate : float
+        Decline after the peak, magnitudes per day (> 0, so the target eventually fades below detection).
+    """
+
+    peak_mjd: float
+    rise_days: float = 15.0
+    fade_rate: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.rise_days > 0.0:
+            raise ValueError(f"rise_days must be > 0, got {self.rise_days}")
+        if not self.fade_rate > 0.0:
+            raise ValueError(f"fade_rate must be > 0, got {self.fade_rate}")
+
+    @property
+    def explosion_mjd(self) -> float:
+        """MJD of the explosion, ``peak_mjd - rise_days``."""
+        return self.peak_mjd - self.rise_days
+
+    def delta_mag(self, mjd: float | np.ndarray) -> np.ndarray:
+        """Magnitude relative to the peak at ``mjd`` (days): +inf up to the explosion, 0 at the peak."""
+        t = np.asarray(mjd, dtype=float)
+        tau = (t - self.explosion_mjd) / self.rise_days
+        out = np.full(t.shape, np.inf)
+        rising = (tau > 0.0) & (tau <= 1.0)
+        tr = tau[rising]
+        out[rising] = -2.5 * np.log10(tr * tr * (3.0 - 2.0 * tr))
+        fading = tau > 1.0
+        out[fading] = self.fade_rate * (t[fading] - self.peak_mjd)
+        return out
+
+
 @dataclass
 class Field:
     """Sky truth for one target's field.
@@ -154,6 +252,11 @@ class Field:
     fade_rate : float
         When non-zero, the target is a transient fading by this many magnitudes per day after ``epoch``
         (constant before it) instead of a sine.
+    host : Host, optional
+        A host galaxy near the target (not a star: in no star array).
+    transient : Transient, optional
+        When given, the target follows this light curve with ``mags[band][0]`` as its peak magnitude;
+        ``amplitude``, ``period``, ``epoch`` and ``fade_rate`` are then ignored.
     """
 
     name: str
@@ -166,6 +269,8 @@ class Field:
     period: float = 0.37
     epoch: float = 61000.0
     fade_rate: float = 0.0
+    host: Host | None = None
+    transient: Transient | None = None
 
     @property
     def nstars(self) -> int:
@@ -186,11 +291,14 @@ class Field:
         -------
         float or numpy.ndarray
             ``mean + amplitude * sin(2 pi (mjd - epoch) / period)``, or ``mean + fade_rate * max(0, mjd -
-            epoch)`` for a fading transient, magnitudes.
+            epoch)`` for a fading transient, or ``peak + transient.delta_mag(mjd)`` with a
+            :attr:`transient` (+inf, i.e. no flux, up to its explosion), magnitudes.
         """
         mean = float(self.mags[band][0])
         elapsed = np.asarray(mjd, dtype=float) - self.epoch
-        if self.fade_rate:
+        if self.transient is not None:
+            value = mean + self.transient.delta_mag(mjd)
+        elif self.fade_rate:
             value = mean + self.fade_rate * np.maximum(elapsed, 0.0)
         else:
             value = mean + self.amplitude * np.sin(2.0 * np.pi * elapsed / self.period)
@@ -368,6 +476,92 @@ def make_field(
         epoch=float(epoch),
         fade_rate=float(fade_rate),
     )
+
+
+def make_supernova_field(
+    name: str,
+    ra: float,
+    dec: float,
+    *,
+    seed: int = 0,
+    nstars: int = 400,
+    box_arcmin: float = 3.5,
+    peak_mag_r: float = 17.0,
+    peak_mjd: float = 61010.0,
+    rise_days: float = 15.0,
+    fade_rate: float = 0.05,
+    sn_gr: float = 0.0,
+    host_mag_r: float = 16.5,
+    host_gr: float = 0.7,
+    host_scale_arcsec: float = 1.2,
+    host_ellipticity: float = 0.3,
+    host_theta_deg: float = 40.0,
+    host_offset_arcsec: float = 1.5,
+    host_offset_pa_deg: float = 60.0,
+    min_sep_arcsec: float = 10.0,
+) -> Field:
+    """A supernova on its host galaxy in a field of stars sized for 512 x 512 frames.
+
+    The stars are those of :func:`make_field` in a square of side ``box_arcmin`` (3.5': about 350 of the
+    default 400 stars fall on a 512 x 512 Sinistro frame, 0.389"/pix, and about 170 on a 2 m MuSCAT3 one,
+    0.27"/pix); the target (index 0) follows a :class:`Transient` peaking at ``peak_mag_r``; an exponential
+    :class:`Host` lies under it.
+
+    Parameters
+    ----------
+    name : str
+        Target name.
+    ra, dec : float
+        Position of the supernova, degrees.
+    seed : int
+        Seed of the stars and colours.
+    nstars, box_arcmin, min_sep_arcsec
+        Number of field stars, side of their square (arcmin), and their least distance from the target
+        (arcsec; 5 times it for stars brighter than r = 12), see :func:`make_field`.
+    peak_mag_r : float
+        r magnitude at the peak; the other bands follow the stellar locus at ``g - r = sn_gr``.
+    peak_mjd, rise_days, fade_rate : float
+        The light curve, see :class:`Transient` (MJD, days, mag per day).
+    sn_gr : float
+        g - r of the supernova (about 0 near the peak of a type Ia).
+    host_mag_r : float
+        Total r magnitude of the host; its other bands follow the locus at ``g - r = host_gr`` (0.7: a
+        typical galaxy's colour).
+    host_scale_arcsec, host_ellipticity, host_theta_deg
+        Exponential scale length (arcsec), ``1 - b/a`` and major-axis position angle (degrees east of
+        north) of the host.
+    host_offset_arcsec, host_offset_pa_deg : float
+        Distance of the nucleus from the supernova (arcsec) and its position angle (degrees from north
+        through east, seen from the supernova).
+
+    Returns
+    -------
+    Field
+        With :attr:`Field.host` and :attr:`Field.transient` set.
+    """
+    field_ = make_field(
+        name,
+        ra,
+        dec,
+        nstars=nstars,
+        box_arcmin=box_arcmin,
+        seed=seed,
+        target_mag=peak_mag_r,
+        target_gr=sn_gr,
+        min_sep_arcsec=min_sep_arcsec,
+    )
+    # The host's colours: the same locus as the stars', drawn apart so that the stars stay make_field's.
+    offsets = _colours_from_gr(np.array([float(host_gr)]), np.random.default_rng([seed, 11]))
+    pa = math.radians(host_offset_pa_deg)
+    host = Host(
+        mags={band: float(host_mag_r + offsets[band][0]) for band in ALL_BANDS},
+        scale_arcsec=float(host_scale_arcsec),
+        ellipticity=float(host_ellipticity),
+        theta_deg=float(host_theta_deg),
+        offset_arcsec=(host_offset_arcsec * math.sin(pa), host_offset_arcsec * math.cos(pa)),
+    )
+    transient = Transient(peak_mjd=float(peak_mjd), rise_days=float(rise_days), fade_rate=float(fade_rate))
+    return replace(field_, host=host, transient=transient)
 
 
 def write_refcat(
@@ -589,6 +783,14 @@ class FrameTruth:
     wcs : astropy.wcs.WCS, optional
         The true linear WCS used to place the stars before any ``distortion_pix`` (the header WCS too unless
         ``wcs_error`` or ``wcs_jitter_arcsec``).
+    host_x, host_y : float
+        0-based pixel position of the host galaxy's nucleus (through the true WCS and the distortion); NaN
+        without a host.
+    host_flux : float
+        The host's total electrons in the exposure before noise (transparency and colour term included, as
+        for a star); 0 without a host. The host is in none of the per-star arrays.
+    host_peak : float
+        Noise-free peak pixel of the host alone above the sky, electrons.
     """
 
     x: np.ndarray
@@ -604,6 +806,15 @@ class FrameTruth:
     cosmic_x: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     cosmic_y: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int))
     wcs: WCS | None = None
+    host_x: float = math.nan
+    host_y: float = math.nan
+    host_flux: float = 0.0
+    host_peak: float = 0.0
+
+    @property
+    def target_flux(self) -> float:
+        """The target's total electrons in the exposure before noise (0 before a transient's explosion)."""
+        return float(self.flux[0])
 
     def on_frame(self, shape: tuple[int, int], margin: float = 0.0) -> np.ndarray:
         """Boolean mask of stars whose centre lies at least ``margin`` pixels inside a frame of ``shape``."""
@@ -879,14 +1090,77 @@ class _MoffatRenderer:
         return out
 
 
+def _electrons(mags: np.ndarray, first: np.ndarray, second: np.ndarray, spec: FrameSpec) -> np.ndarray:
+    """Total electrons in the exposure of sources of standard magnitudes ``mags`` whose colour bands hold
+    ``first`` and ``second``; exactly 0 where a magnitude is +inf (a transient before its explosion)."""
+    mags, first, second = (np.asarray(a, dtype=float) for a in (mags, first, second))
+    flux = np.zeros(mags.shape)
+    # The colour of a source without light is inf - inf: only lit sources are computed, without warnings.
+    lit = np.isfinite(mags) & np.isfinite(first) & np.isfinite(second)
+    eff = mags[lit] + spec.color_term * (first[lit] - second[lit])
+    flux[lit] = spec.transparency * spec.exptime * 10.0 ** (-0.4 * (eff - spec.zeropoint))
+    return flux
+
+
 def _star_fluxes(field_: Field, spec: FrameSpec, mjd_mid: float) -> tuple[np.ndarray, np.ndarray]:
     band = spec.band
     mags = field_.star_mags(band, mjd_mid)
     first, second = COLOUR_OF_BAND[band]
-    colour = field_.star_mags(first, mjd_mid) - field_.star_mags(second, mjd_mid)
-    eff = mags + spec.color_term * colour
-    flux = spec.transparency * spec.exptime * 10.0 ** (-0.4 * (eff - spec.zeropoint))
+    flux = _electrons(mags, field_.star_mags(first, mjd_mid), field_.star_mags(second, mjd_mid), spec)
     return mags, flux
+
+
+def _host_geometry(field_: Field, host: Host, wcs_true: WCS, spec: FrameSpec) -> tuple[float, float, float, float]:
+    """Nucleus position (0-based pixels, through the true WCS and the distortion), scale length (pixels) and
+    major-axis angle (radians from +x towards +y) of the host on this frame."""
+    xi, eta = (math.radians(v / 3600.0) for v in host.offset_arcsec)
+    step = math.radians(host.scale_arcsec / 3600.0)
+    pa = math.radians(host.theta_deg)
+    # The nucleus and a point one scale length along the major axis, mapped like stars: the local scale,
+    # rotation and parity of the frame follow, so every frame and telescope sees the same galaxy on the sky.
+    ra, dec = _tangent_to_sky(
+        field_.ra, field_.dec, np.array([xi, xi + step * math.sin(pa)]), np.array([eta, eta + step * math.cos(pa)])
+    )
+    px, py = wcs_true.wcs_world2pix(ra, dec, 0)
+    px, py = _distort(np.asarray(px, dtype=float), np.asarray(py, dtype=float), spec)
+    dx, dy = float(px[1] - px[0]), float(py[1] - py[0])
+    return float(px[0]), float(py[0]), math.hypot(dx, dy), math.atan2(dy, dx)
+
+
+def _render_host(model: np.ndarray, field_: Field, wcs_true: WCS, spec: FrameSpec) -> tuple[float, float, float, float]:
+    """Add the field's host galaxy, seen through the frame's PSF, to ``model`` (electrons, in place).
+
+    Returns the nucleus ``x, y`` (0-based pixels), the host's total electrons and its noise-free peak pixel
+    (electrons above the sky); NaN, NaN, 0, 0 without a host.
+    """
+    host = field_.host
+    if host is None:
+        return math.nan, math.nan, 0.0, 0.0
+    band = spec.band
+    first, second = COLOUR_OF_BAND[band]
+    mags = np.array([[host.mags[band]], [host.mags[first]], [host.mags[second]]])
+    flux = float(_electrons(mags[0], mags[1], mags[2], spec)[0])
+    x, y, scale, theta = _host_geometry(field_, host, wcs_true, spec)
+    renderer = _MoffatRenderer(spec.fwhm_pix, spec.moffat_beta, spec.ellipticity, spec.psf_angle_deg)
+    # Point-sampled PSF kernel: the galaxy image is already integrated over pixels, so sampling the PSF at
+    # pixel centres gives (galaxy * pixel * PSF) at pixel centres, as the stars are drawn.
+    kernel = renderer._profile(renderer.offx[None, :], renderer.offy[None, :])[0].astype(np.float64)
+    kernel /= kernel.sum()
+    # The stamp holds 12 scale lengths (all but 1e-4 of the disk) plus the PSF's wings.
+    half = math.ceil(12.0 * scale) + max(renderer.hx, renderer.hy)
+    ix, iy = math.floor(x + 0.5), math.floor(y + 0.5)
+    size = 2 * half + 1
+    disk = render_galaxy(
+        (size, size), x - (ix - half), y - (iy - half), 1.0, scale, ellipticity=host.ellipticity, theta=theta
+    )
+    stamp = np.maximum(fftconvolve(disk, kernel, mode="same"), 0.0)
+    stamp *= flux / stamp.sum()  # like a star's stamp: exactly the host's flux
+    ny, nx = model.shape
+    x0, y0 = ix - half, iy - half
+    xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + size, nx), min(y0 + size, ny)
+    if xa < xb and ya < yb:
+        model[ya:yb, xa:xb] += stamp[ya - y0 : yb - y0, xa - x0 : xb - x0].astype(np.float32)
+    return x, y, flux, float(stamp.max())
 
 
 def _sci_header(
@@ -1047,7 +1321,7 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     hdul : astropy.io.fits.HDUList
         PRIMARY (empty), ``SCI`` (float32 electrons, sky not subtracted), and when enabled ``BPM`` (uint8:
         1 bad column, 2 saturated) and ``ERR`` (float32, sqrt of the expected variance in electrons:
-        sky + stars + read noise squared).
+        sky + stars + host + read noise squared).
     truth : FrameTruth
         Star positions (0-based pixels), fluxes (electrons), magnitudes and the rest.
     """
@@ -1075,6 +1349,7 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
     mags, flux = _star_fluxes(field, spec, mjd_mid)
 
     model, peak = _render_stars(x, y, flux, spec, (ny, nx))
+    host_x, host_y, host_flux, host_peak = _render_host(model, field, wcs_true, spec)
 
     # ---- sky
     if spec.sky_gradient:
@@ -1110,6 +1385,10 @@ def render_frame(field: Field, spec: FrameSpec) -> tuple[fits.HDUList, FrameTrut
         cosmic_x=np.asarray(cx_list, dtype=int),
         cosmic_y=np.asarray(cy_list, dtype=int),
         wcs=wcs_true,
+        host_x=host_x,
+        host_y=host_y,
+        host_flux=host_flux,
+        host_peak=host_peak,
     )
     return fits.HDUList(hdus), truth
 
@@ -1435,3 +1714,51 @@ def simulate_series(
                 frame_number += 1
                 t += (exptime + 40.0) / 86400.0
     return results
+
+
+def render_galaxy(
+    shape: tuple[int, int],
+    x: float,
+    y: float,
+    flux: float,
+    scale: float,
+    *,
+    ellipticity: float = 0.0,
+    theta: float = 0.0,
+    oversample: int = 5,
+) -> np.ndarray:
+    """An exponential-disk galaxy integrated over pixels (before seeing; convolve with the PSF after).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(ny, nx)`` of the returned image.
+    x, y : float
+        Nucleus position, pixels (0-based centres; ``x`` the column).
+    flux : float
+        Total flux, electrons (the part falling on the image is returned).
+    scale : float
+        Exponential scale length along the major axis, pixels (half-light radius 1.678 times it).
+    ellipticity : float
+        ``1 - b/a``.
+    theta : float
+        Position angle of the major axis from the +x axis towards +y, radians.
+    oversample : int
+        Sub-pixels per pixel side used to integrate the profile over each pixel.
+
+    Returns
+    -------
+    numpy.ndarray
+        Electrons per pixel.
+    """
+    ny, nx = shape
+    offsets = (np.arange(oversample) + 0.5) / oversample - 0.5
+    sub_y = (np.arange(ny)[:, None] + offsets[None, :]).ravel() - y
+    sub_x = (np.arange(nx)[:, None] + offsets[None, :]).ravel() - x
+    dx, dy = np.meshgrid(sub_x, sub_y)
+    axis_ratio = 1.0 - ellipticity
+    major = dx * math.cos(theta) + dy * math.sin(theta)
+    minor = -dx * math.sin(theta) + dy * math.cos(theta)
+    radius = np.hypot(major, minor / axis_ratio)
+    surface = np.exp(-radius / scale) / (2.0 * math.pi * scale**2 * axis_ratio) / oversample**2
+    return np.asarray(flux * surface.reshape(ny, oversample, nx, oversample).sum(axis=(1, 3)))

@@ -22,7 +22,8 @@ class ReferenceImage:
     ``image`` is background-subtracted electrons (NaN where masked) and ``variance`` electrons**2, both
     float32 of shape (ny, nx); the cutout's pixel (0, 0) is the frame's pixel ``origin`` (x, y), 0-based.
     ``frame_from_reference`` maps the target's reference pixel frame into the frame's pixels; ``fwhm_pix``
-    is the frame's seeing in its own pixels.
+    is the frame's seeing in its own pixels. Later frames averaged in (``frames``) are resampled onto the
+    first frame's cutout and put on its flux scale; ``sha256``, ``file`` and ``mjd`` stay the first's.
     """
 
     target: str
@@ -36,6 +37,7 @@ class ReferenceImage:
     frame_from_reference: Affine
     image: np.ndarray
     variance: np.ndarray
+    frames: int  # frames averaged into it
     reason: str
 
 
@@ -43,12 +45,13 @@ def write_reference_image(conn: sqlite3.Connection, ref: ReferenceImage) -> None
     ny, nx = ref.image.shape
     conn.execute(
         "INSERT OR REPLACE INTO reference_images (target, filter, instrument_class, sha256, file, mjd, fwhm_pix, "
-        "origin_x, origin_y, nx, ny, frame_from_reference, image, variance, reason, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "origin_x, origin_y, nx, ny, frame_from_reference, image, variance, frames, reason, created) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             ref.target, ref.filter, ref.instrument_class, ref.sha256, ref.file, ref.mjd, ref.fwhm_pix,
             ref.origin[0], ref.origin[1], nx, ny, affine_to_text(ref.frame_from_reference),
-            ref.image.astype(np.float32).tobytes(), ref.variance.astype(np.float32).tobytes(), ref.reason, time.time(),
+            ref.image.astype(np.float32).tobytes(), ref.variance.astype(np.float32).tobytes(), ref.frames, ref.reason,
+            time.time(),
         ),
     )  # fmt: skip
 
@@ -66,14 +69,14 @@ def reference_image(conn: sqlite3.Connection, target: str, filter: str, instrume
         (row["origin_x"], row["origin_y"]), affine_from_text(row["frame_from_reference"]),
         np.frombuffer(row["image"], np.float32).reshape(shape),
         np.frombuffer(row["variance"], np.float32).reshape(shape),
-        row["reason"],
+        row["frames"], row["reason"],
     )  # fmt: skip
 
 
 def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, object]]:
     """A target's reference images, without their pixels: for ``lcowatch reference``."""
     rows = conn.execute(
-        "SELECT filter, instrument_class, file, mjd, fwhm_pix, nx, ny, reason, created FROM reference_images "
+        "SELECT filter, instrument_class, file, mjd, frames, fwhm_pix, nx, ny, reason, created FROM reference_images "
         "WHERE target = ? ORDER BY filter, instrument_class",
         (target,),
     )

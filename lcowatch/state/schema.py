@@ -214,6 +214,7 @@ CREATE TABLE IF NOT EXISTS reference_images (
     frame_from_reference TEXT NOT NULL,
     image BLOB NOT NULL,
     variance BLOB NOT NULL,
+    frames INTEGER NOT NULL,
     reason TEXT NOT NULL,
     created REAL NOT NULL,
     PRIMARY KEY (target, filter, instrument_class)

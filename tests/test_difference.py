@@ -1,0 +1,145 @@
+"""``method: difference``: the target measured on each frame minus its reference image, through the whole
+pipeline (``lcowatch process``), against the simulator's truth."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.time import Time
+
+from conftest import write_config
+from lcowatch import flags
+from lcowatch.cli import main
+from lcowatch.simulation.simulate import FrameTruth, make_field, make_supernova_field, simulate_series, write_refcat
+
+FIELD = make_field("DIFF1", 150.0, 2.0, nstars=1200, radius_arcmin=4.0, seed=3)
+
+
+def _points(folder: Path) -> list[sqlite3.Row]:
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        query = (
+            "SELECT f.file, f.exptime, p.* FROM points p JOIN frames f USING (sha256) WHERE p.aperture = 0 "
+            "ORDER BY f.mjd"
+        )
+        return conn.execute(query).fetchall()
+
+
+@pytest.fixture(scope="module")
+def variable_star(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, FrameTruth]]:
+    """Two nights of a variable star on blank sky (no host), and the truth of every frame."""
+    folder = tmp_path_factory.mktemp("difference")
+    series = simulate_series(FIELD, folder / "frames", nights=2, frames_per_night=4, filters=("rp",),
+                             shape=(512, 512), seed=5)  # fmt: skip
+    write_refcat(FIELD, folder / "stars.csv")
+    return folder, {path.name: truth for path, _, truth in series}
+
+
+def _process(folder: Path, frames: Path, **target: object) -> list[sqlite3.Row]:
+    """Process the variable star's frames; its reference image is one frame (the star varies: averaging
+    frames into it would average its flux too)."""
+    settings = {"ra": FIELD.ra, "dec": FIELD.dec, "refcat": str(frames.parent / "stars.csv"), **target}
+    config = write_config(folder, {"DIFF1": settings}, subtraction={"reference_frames": 1})
+    assert main(["process", "--config", str(config), str(frames)]) == 0
+    return _points(folder)
+
+
+class TestVariableStarOnBlankSky:
+    """On blank sky, the difference flux of a variable star is its flux change since the reference frame,
+    on each frame's own flux scale: within its errors of the truth."""
+
+    def test_difference_flux_follows_the_truth(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, truth = variable_star
+        aperture = _process(tmp_path / "aperture", folder / "frames")
+        difference = _process(tmp_path / "difference", folder / "frames", method="difference")
+        assert len(difference) == len(aperture) == 8
+        reference = truth[difference[0]["file"]]
+        assert difference[0]["flags"] & flags.value("is_reference") and difference[0]["flux"] == 0.0
+        assert {row["reference"] for row in difference} == {difference[0]["file"]}
+        pulls = []
+        for plain, diff in zip(aperture[1:], difference[1:], strict=True):
+            now = truth[diff["file"]]
+            # The frame's throughput against the reference's, from the constant stars' true fluxes.
+            lit = (now.flux[1:] > 0) & (reference.flux[1:] > 0)
+            throughput = np.median(now.flux[1:][lit] / reference.flux[1:][lit])
+            # The share of the star's light the first aperture holds, from the unsubtracted measurement.
+            share = plain["flux"] * plain["exptime"] / now.flux[0]
+            expected = share * (now.flux[0] - throughput * reference.flux[0]) / diff["exptime"]
+            pulls.append((diff["flux"] - expected) / diff["flux_err"])
+            assert diff["flags"] & flags.value("bad_subtraction") == 0
+        assert np.all(np.abs(pulls) < 3.5), pulls
+        assert 0.4 < np.std(pulls) < 1.6, pulls
+
+    def test_frames_before_the_reference_window_wait_for_it(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        """With ``reference_before``, the first night cannot be the reference: its frames wait, and are
+        measured once the second night has given one."""
+        folder, truth = variable_star
+        second_night = sorted(t.mjd_mid for t in truth.values())[4]
+        after = Time(second_night - 0.2, format="mjd").isot
+        points = _process(tmp_path, folder / "frames", method="difference", reference_after=after)
+        assert len(points) == 8
+        reference = truth[points[0]["reference"]]
+        assert reference.mjd_mid >= second_night - 0.2
+
+
+SUPERNOVA = make_supernova_field("SN2026sim", 60.0, -20.0, seed=12, peak_mag_r=17.0, peak_mjd=61008.0,
+                                 rise_days=5.0, fade_rate=0.6, host_mag_r=16.5, host_offset_arcsec=1.5)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def supernova(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, FrameTruth]]:
+    """A supernova 1.5" from the nucleus of a galaxy brighter than its peak: three nights before the explosion,
+    a rise, a peak and a fade below detection; one frame a night, seeing 1.4-3"."""
+    folder = tmp_path_factory.mktemp("supernova")
+    series = simulate_series(SUPERNOVA, folder / "frames", nights=18, frames_per_night=1, filters=("rp",),
+                             shape=(512, 512), seed=1, exptime=120.0, seeing=(1.4, 2.5), mjd_start=60999.2)  # fmt: skip
+    write_refcat(SUPERNOVA, folder / "stars.csv")
+    return folder, {path.name: truth for path, _, truth in series}
+
+
+def _process_supernova(folder: Path, frames: Path, method: str) -> list[sqlite3.Row]:
+    settings = {"ra": SUPERNOVA.ra, "dec": SUPERNOVA.dec, "refcat": str(frames.parent / "stars.csv"), "method": method}
+    config = write_config(folder, {"SN2026sim": settings})
+    assert main(["process", "--config", str(config), str(frames)]) == 0
+    return _points(folder)
+
+
+class TestSupernovaOnHost:
+    """A supernova on its host: aperture photometry stops fading at the host's light; the difference light
+    curve follows the truth down to the detection limit, and below it gives limits the truth is beneath."""
+
+    def test_difference_follows_the_truth_where_aperture_photometry_floors(
+        self, supernova: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, truth = supernova
+        plain = _process_supernova(tmp_path / "aperture", folder / "frames", "aperture")
+        points = _process_supernova(tmp_path / "difference", folder / "frames", "difference")
+        assert len(points) == len(plain) == len(truth)  # every frame a point
+        true_mag = np.array([truth[row["file"]].mag[0] for row in points])
+        assert np.isinf(true_mag[0]) and points[0]["flags"] & flags.value("is_reference")
+        faint = np.isfinite(true_mag) & (true_mag > 20.5)
+        plain_mag = np.array([row["mag"] for row in plain], dtype=float)
+        assert np.all(plain_mag[faint] < 17.5), "aperture photometry should see the host, not the fading SN"
+
+        mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in points], dtype=float)
+        err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in points], dtype=float)
+        snr = np.array([row["snr"] for row in points], dtype=float)
+        bright, measured = snr > 20, np.isfinite(mag) & (snr > 5)
+        assert bright.sum() >= 5 and measured.sum() >= bright.sum()
+        assert np.median(np.abs(mag - true_mag)[bright]) <= 0.02
+        chi2 = np.mean(((mag - true_mag) / err)[measured] ** 2)
+        assert 0.4 <= chi2 <= 2.0, chi2
+
+        limits = np.array([np.nan if row["limit_mag"] is None else row["limit_mag"] for row in points], dtype=float)
+        undetected = np.array([bool(row["flags"] & flags.value("nondetection")) for row in points])
+        assert undetected[np.isinf(true_mag)].all()  # before the explosion: nothing there
+        late = undetected & np.isfinite(true_mag)
+        assert late.sum() >= 2, "the fade must reach below detection"
+        assert np.all(true_mag[late] > limits[late] - 0.3)  # a limit never claims more than the truth allows
