@@ -62,11 +62,13 @@ class SubtractReference:
             reference = work.new_reference_image = self._new_reference(work, target_xy, klass)
             flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
         else:
-            # Measured against the reference as it is; then, while it is shallow, averaged into it.
+            # Measured against the reference as it is; then, while it is shallow and the target shows nothing
+            # new, averaged into it.
             grow = reference.frames < config.subtraction.reference_frames and self._may_be_reference(work)
             flux, flux_err, residual, work.new_reference_image = work.pixels.run(
                 _difference_flux, reference, _cutout_map(reference, work.to_frame), config.subtraction.cutout,
-                target_xy, work.photometry.radii, work.quality.fwhm_pix, grow,
+                target_xy, work.photometry.radii, work.quality.fwhm_pix,
+                config.photometry.detection_snr if grow else 0.0,
             )  # fmt: skip
         work.reference_image_file = reference.file
         self._replace_target(work, target_xy, flux, flux_err, residual, is_reference=is_reference)
@@ -147,11 +149,11 @@ def _cutout(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[np.ndarra
 
 def _difference_flux(
     pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, size: int, target_xy: np.ndarray,
-    radii: np.ndarray, fwhm_pix: float, grow: bool,
+    radii: np.ndarray, fwhm_pix: float, quiet_snr: float,
 ) -> tuple[np.ndarray, np.ndarray, float, ReferenceImage | None]:  # fmt: skip
     """Flux and error (electrons) at the target in each aperture radius (pixels) on the frame minus its
-    reference, the subtraction's residual RMS at bright stars (about 1 when good), and (``grow``) the
-    reference with this frame averaged in."""
+    reference, the subtraction's residual RMS at bright stars (about 1 when good), and the reference with
+    this frame averaged in when the target's difference is below ``quiet_snr`` (0: never)."""
     scale = float(np.sqrt(abs(np.linalg.det(cutout_map[:2, :2]))))
     for side in (size, 2 * size):
         rows, cols, origin = _window(pixels, target_xy, side)
@@ -167,7 +169,9 @@ def _difference_flux(
             failure = exc
             continue
         flux, flux_err = forced_photometry(difference, at[0], at[1], [float(r) for r in radii])
-        deeper = _averaged_in(pixels, reference, cutout_map, target_xy, difference.scale, fwhm_pix) if grow else None
+        # A frame where the target differs from the reference shows the transient: it must not enter it.
+        quiet = abs(flux[0]) < quiet_snr * flux_err[0]
+        deeper = _averaged_in(pixels, reference, cutout_map, target_xy, difference.scale, fwhm_pix) if quiet else None
         return flux, flux_err, difference.residual_rms, deeper
     raise Reject(f"cannot subtract the reference: {failure}", step=Step.SUBTRACT)
 
