@@ -188,7 +188,7 @@ def cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
     if executor is None:
         return EXIT_FAILURE
     try:
-        rebuilt = reprocess(config, args.target, executor)
+        rebuilt = reprocess(config, args.target, executor, args.filter)
     except ReprocessError as exc:
         get_logger().error("reprocess_failed", target=args.target, reason=str(exc))
         return EXIT_FAILURE
@@ -441,6 +441,7 @@ def _add_rebuild_commands(
         help="measure a target's frames again under the current config; the new light curve replaces the old at once",
     )  # fmt: skip
     again.add_argument("target", metavar="TARGET", help=TARGET_HELP)
+    again.add_argument("--filter", metavar="F", help="only this filter's frames (the others' points are kept)")
     _add_cluster_options(again)
     again.set_defaults(handler=cmd_reprocess, writes_table=False)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -248,3 +249,37 @@ class TestReprocess:
         assert _rows(tmp_path) == before
         assert main(["reprocess", "--config", str(config), "SCALE"]) == 0
         assert _rows(tmp_path) == rows_with_new_apertures
+
+
+def _points_of(folder: Path, filter: str) -> list[sqlite3.Row]:
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM points WHERE filter = ? ORDER BY sha256, aperture", (filter,)).fetchall()
+
+
+class TestReprocessOneFilter:
+    """``reprocess TARGET --filter F`` measures only that filter's frames again, in the same reference frame,
+    whether or not F made it: the other filter's measurements stay exactly as they were, and F's come back
+    within their errors (now against every comparison star the field has gained since)."""
+
+    @pytest.mark.parametrize(("again", "kept"), [("gp", "rp"), ("rp", "gp")])
+    def test_only_that_filter_is_measured_again(
+        self, frames: Path, serial_rows: dict[str, list[tuple]], tmp_path: Path, again: str, kept: str
+    ) -> None:
+        config = _config(tmp_path, frames)
+        assert main(["process", "--config", str(config), str(frames / "frames")]) == 0
+        before = {f: _points_of(tmp_path, f) for f in (again, kept)}
+        assert main(["reprocess", "--config", str(config), "SCALE", "--filter", again]) == 0
+        measured = ("flux", "flux_err", "x", "y", "snr", "diff_mag", "template")
+        assert [tuple(r[c] for c in measured) for r in _points_of(tmp_path, kept)] == [
+            tuple(r[c] for c in measured) for r in before[kept]
+        ]
+        rebuilt = _points_of(tmp_path, again)
+        assert [(r["sha256"], r["aperture"]) for r in rebuilt] == [(r["sha256"], r["aperture"]) for r in before[again]]
+        for new, old in zip(rebuilt, before[again], strict=True):
+            assert abs(new["diff_mag"] - old["diff_mag"]) < 3 * np.hypot(new["diff_mag_err"], old["diff_mag_err"])
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            sha256, *target_xy = conn.execute("SELECT sha256, target_x, target_y FROM reference_frames").fetchone()
+        original = serial_rows["reference_frames"][0]  # target, sha256, file, nx, ny, ..., target_x, target_y
+        assert sha256 == original[1]
+        assert target_xy == pytest.approx([original[8], original[9]], abs=1e-4)  # the same reference frame

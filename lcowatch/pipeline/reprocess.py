@@ -16,7 +16,7 @@ from lcowatch.pipeline.executor import Executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.science.refcat import CACHE_DIR
 from lcowatch.state.ledger import LEDGER_NAME, connect
-from lcowatch.state.rebuild import TargetFile, measured_files, swap_in
+from lcowatch.state.rebuild import TargetFile, measured_files, seed, swap_in
 
 #: Under ``state_dir``: one scratch folder per target being rebuilt.
 SCRATCH_DIR = "reprocess"
@@ -34,15 +34,16 @@ class Rebuilt:
     outcomes: dict[str, int]
 
 
-def reprocess(config: Config, target: str, executor: Executor) -> Rebuilt:
-    """Measure ``target``'s frames again into a scratch state and swap the result in.
+def reprocess(config: Config, target: str, executor: Executor, filter: str | None = None) -> Rebuilt:
+    """Measure ``target``'s frames (of ``filter`` only, keeping the other filters' points and the target's
+    reference frame and comparison stars) again into a scratch state and swap the result in.
 
     Raises
     ------
     ReprocessError
         An image is no longer where the ledger saw it, or frames kept arriving; nothing was changed.
     """
-    log = get_logger().bind(target=target)
+    log = get_logger().bind(target=target, filter=filter)
     live = connect(config.state_dir)
     scratch_dir = config.state_dir / SCRATCH_DIR / target
     shutil.rmtree(scratch_dir, ignore_errors=True)  # what a killed rebuild left
@@ -54,15 +55,17 @@ def reprocess(config: Config, target: str, executor: Executor) -> Rebuilt:
         os.symlink(config.state_dir / shared, scratch_dir / shared)
     scratch = config.model_copy(update={"state_dir": scratch_dir, "targets": {target: config.targets[target]}})
     pipeline = Pipeline(scratch, connect(scratch_dir), executor=executor)
+    if filter is not None:
+        seed(live, scratch_dir / LEDGER_NAME, target, filter)
     outcomes: Counter[str] = Counter()
-    todo = measured_files(live, target)
+    todo = measured_files(live, target, filter)
     for _ in range(MAX_ROUNDS):
         _measure(pipeline, todo, outcomes)
         log.info("reprocess_measured", files=len(todo))
         arrived = set(swap_in(live, scratch_dir / LEDGER_NAME, target))
         if not arrived:
             break
-        todo = [f for f in measured_files(live, target) if f.sha256 in arrived]
+        todo = [f for f in measured_files(live, target) if f.sha256 in arrived]  # of any filter: they are new
     else:
         raise ReprocessError(f"frames of {target} kept arriving during {MAX_ROUNDS} rounds; try again when quiet")
     shutil.rmtree(scratch_dir, ignore_errors=True)

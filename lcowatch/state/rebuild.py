@@ -40,11 +40,12 @@ class TargetFile:
     mjd: float | None
 
 
-def measured_files(conn: sqlite3.Connection, target: str) -> list[TargetFile]:
-    """A target's files that gave a point or were rejected, in observation-time order."""
+def measured_files(conn: sqlite3.Connection, target: str, filter: str | None = None) -> list[TargetFile]:
+    """A target's files (of one filter, or all) that gave a point or were rejected, in observation-time order."""
     rows = conn.execute(
-        "SELECT sha256, path, mjd FROM files WHERE target = ? AND state IN (?, ?) ORDER BY mjd, path",
-        (target, *MEASURED),
+        "SELECT sha256, path, mjd FROM files WHERE target = ? AND state IN (?, ?) AND (? IS NULL OR filter = ?) "
+        "ORDER BY mjd, path",
+        (target, *MEASURED, filter, filter),
     ).fetchall()
     return [TargetFile(row[0], Path(path_text(row[1])), row[2]) for row in rows]
 
@@ -77,6 +78,52 @@ def swap_in(conn: sqlite3.Connection, scratch: Path, target: str) -> list[str]:
         return []
     finally:
         conn.execute("DETACH DATABASE scratch")
+
+
+#: Per table, the rows of a target that a rebuild of one filter keeps (:func:`seed`): everything of the other
+#: filters, and what places the target (its reference frame, comparison stars), whichever filter made it.
+_OTHER_FILTERS = "sha256 IN (SELECT sha256 FROM main.frames WHERE target = :target AND filter != :filter)"
+KEPT_ROWS = {
+    "frames": "target = :target AND (filter != :filter OR sha256 IN "
+    "(SELECT sha256 FROM main.reference_frames WHERE target = :target))",
+    "sources": "sha256 IN (SELECT sha256 FROM scratch.frames)",
+    "photometry": _OTHER_FILTERS,
+    "points": "target = :target AND filter != :filter",
+    "templates": "target = :target AND filter != :filter",
+    "reference_frames": _OF_TARGET,
+    "target_centroids": _OTHER_FILTERS,
+    "comparison_stars": _OF_TARGET,
+    "star_refs": "target = :target AND filter != :filter",
+    "reference_images": "target = :target AND filter != :filter",
+}
+
+
+def seed(conn: sqlite3.Connection, scratch: Path, target: str, filter: str) -> None:
+    """Copy into the (new, empty) scratch database at ``scratch`` what a rebuild of ``target``'s ``filter``
+    keeps: the ledger's rows of the target, its files of ``filter`` made pending again, and the store's rows
+    of :data:`KEPT_ROWS`. The rebuild then measures only that filter's frames, in the same reference frame
+    and against the same comparison stars as the other filters."""
+    conn.execute("ATTACH DATABASE ? AS scratch", (str(scratch),))
+    names = {"target": target, "filter": filter}
+    try:
+        with transaction(conn):
+            conn.execute(f"INSERT INTO scratch.files ({_columns(conn, 'files')}) "
+                         f"SELECT {_columns(conn, 'files')} FROM main.files WHERE target = :target", names)  # fmt: skip
+            conn.execute(
+                "UPDATE scratch.files SET state = 'pending', attempts = 0, step = NULL, error = NULL "
+                f"WHERE target = :target AND filter = :filter AND state IN ('{State.DONE}', '{State.REJECTED}')",
+                names,
+            )
+            for table in ("frames", *(t for t in KEPT_ROWS if t != "frames")):
+                columns = _columns(conn, table)
+                conn.execute(f"INSERT INTO scratch.{table} ({columns}) SELECT {columns} FROM main.{table} "
+                             f"WHERE {KEPT_ROWS[table]}", names)  # fmt: skip
+    finally:
+        conn.execute("DETACH DATABASE scratch")
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> str:
+    return ", ".join(row[1] for row in conn.execute(f"PRAGMA scratch.table_info({table})"))
 
 
 def _replace_rows(conn: sqlite3.Connection, target: str) -> None:
