@@ -38,11 +38,16 @@ def variable_star(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     return folder, {path.name: truth for path, _, truth in series}
 
 
-def _process(folder: Path, frames: Path, **target: object) -> list[sqlite3.Row]:
+def _process(
+    folder: Path, frames: Path, *, subtraction: dict[str, object] | None = None, **target: object
+) -> list[sqlite3.Row]:
     """Process the variable star's frames; its reference image is one frame (the star varies: averaging
     frames into it would average its flux too)."""
     settings = {"ra": FIELD.ra, "dec": FIELD.dec, "refcat": str(frames.parent / "stars.csv"), **target}
-    config = write_config(folder, {"DIFF1": settings}, subtraction={"reference_frames": 1})
+    sections: dict[str, object] = {"subtraction": {"reference_frames": 1, **(subtraction or {})}}
+    if subtraction:
+        sections["diagnostics"] = True
+    config = write_config(folder, {"DIFF1": settings}, **sections)
     assert main(["process", "--config", str(config), str(frames)]) == 0
     return _points(folder)
 
@@ -87,6 +92,22 @@ class TestVariableStarOnBlankSky:
         assert len(points) == 8
         reference = truth[points[0]["reference"]]
         assert reference.mjd_mid >= second_night - 0.2
+
+
+class TestDiagnostics:
+    """With ``diagnostics: true``, a new reference image and every frame whose subtraction leaves residuals
+    above ``subtraction.max_residual`` (flag ``bad_subtraction``) get a PNG of their cutouts."""
+
+    def test_pictures_of_the_reference_and_of_bad_subtractions(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, _ = variable_star
+        # A threshold no subtraction meets: every frame but the reference is flagged and drawn.
+        points = _process(tmp_path, folder / "frames", method="difference", subtraction={"max_residual": 0.01})
+        bad = [row["file"] for row in points if row["flags"] & flags.value("bad_subtraction")]
+        assert len(bad) == len(points) - 1
+        drawn = {path.name for path in (tmp_path / "state" / "diagnostics").glob("subtraction-*.png")}
+        assert drawn == {f"subtraction-{name}.png" for name in [points[0]["file"], *bad]}
 
 
 SUPERNOVA = make_supernova_field("SN2026sim", 60.0, -20.0, seed=12, peak_mag_r=17.0, peak_mjd=61008.0,

@@ -100,3 +100,26 @@ def plot_frame_preview(
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
+
+
+def plot_subtraction(
+    panels: list[tuple[str, np.ndarray]], path: Path, *, title: str, target_xy: tuple[float, float], radius: float
+) -> None:
+    """A PNG of image-subtraction cutouts side by side (each on its own zscale: frame, reference,
+    difference), with the target's aperture circled; ``target_xy`` in 0-based pixels of the cutouts."""
+    from astropy.visualization import ZScaleInterval
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Circle
+
+    figure = Figure(figsize=(4 * len(panels), 4.4))
+    for axis, (name, image) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        finite = image[np.isfinite(image)]
+        low, high = ZScaleInterval().get_limits(finite) if finite.size else (0.0, 1.0)
+        axis.imshow(image, origin="lower", cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+        axis.add_patch(Circle(target_xy, radius, fill=False, color="red", lw=0.8))
+        axis.set_title(name, fontsize=9)
+        axis.set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)

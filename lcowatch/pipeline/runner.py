@@ -24,7 +24,7 @@ from lcowatch.intake.quarantine import quarantine_file
 from lcowatch.intake.readiness import Verdict, check_complete, max_frame_bytes
 from lcowatch.log import display_name, frame_logger, get_logger
 from lcowatch.outputs.export import lightcurve_table, write_result_file
-from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve
+from lcowatch.outputs.plot import DIAGNOSTICS_DIR, PLOTS_DIR, plot_frame_preview, plot_lightcurve, plot_subtraction
 from lcowatch.pipeline.executor import Executor, SerialExecutor
 from lcowatch.pipeline.pixels import PixelSite, image_of
 from lcowatch.pipeline.stages import (
@@ -38,6 +38,7 @@ from lcowatch.pipeline.stages import (
     place_target,
     wcs_text,
 )
+from lcowatch.pipeline.subtraction import SubtractionViews
 from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
@@ -217,6 +218,19 @@ class Pipeline:
             work.log.warning("diagnostic_not_written", reason=str(exc))
             return
         work.log.info("diagnostic_written", path=str(path), kind=kind)
+
+    def _subtraction_preview(self, work: FrameWork, views: SubtractionViews) -> None:
+        """Cutouts of a new reference image, or of a subtraction flagged bad_subtraction, as a PNG."""
+        frame = work.frame
+        path = self.config.state_dir / DIAGNOSTICS_DIR / f"subtraction-{frame.path.name}.png"
+        radius = float(work.photometry.radii[0]) if work.photometry is not None else 5.0
+        title = f"{frame.name} ({frame.meta.target}, {frame.meta.filter})"
+        try:
+            plot_subtraction(views.panels, path, title=title, target_xy=views.target_xy, radius=radius)
+        except (OSError, ValueError) as exc:
+            work.log.warning("diagnostic_not_written", reason=str(exc))
+            return
+        work.log.info("diagnostic_written", path=str(path), kind="subtraction")
 
     def unseen(self, paths: Iterable[Path]) -> list[tuple[Path, Verdict | None]]:
         """Files not already finished (by path, size and mtime), each with its readiness verdict (None for
@@ -426,6 +440,8 @@ class Pipeline:
             self.flush_results()
         if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
             self._preview(work, "template" if work.template_reason is not None and state == State.DONE else "poor")
+        if self.config.diagnostics and work.subtraction_views is not None and state == State.DONE:
+            self._subtraction_preview(work, work.subtraction_views)
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,

@@ -21,7 +21,7 @@ from lcowatch.bands import BAND_OF_FILTER, STANDARD_FILTERS
 from lcowatch.config import Config, PhotometryConfig
 from lcowatch.errors import Reject
 from lcowatch.pipeline.pixels import Pixels, PixelSite
-from lcowatch.pipeline.subtraction import SubtractReference
+from lcowatch.pipeline.subtraction import SubtractionViews, SubtractReference
 from lcowatch.science.calibrate import (
     Calibration,
     TooFewStars,
@@ -95,6 +95,7 @@ class FrameWork:
     rejection: list[str] = field(default_factory=list)
     new_reference_image: ReferenceImage | None = None  # this frame became a reference image
     reference_image_file: str | None = None  # the reference image the target's flux was measured against
+    subtraction_views: SubtractionViews | None = None  # cutouts to draw (diagnostics: a new reference, a bad one)
 
 
 class Stage(Protocol):

@@ -14,7 +14,7 @@ unchanged. A point is relative to the reference: the reference frame's own point
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 
 #: Flags of the unsubtracted target that the subtraction removes (the host made it look blended).
 CLEARED_BY_SUBTRACTION = flags.value("blended")
+
+
+@dataclass(frozen=True)
+class SubtractionViews:
+    """Cutouts for a diagnostic picture, named, and the target's position on them (0-based pixels)."""
+
+    panels: list[tuple[str, np.ndarray]]
+    target_xy: tuple[float, float]
 
 
 def instrument_class(instrument: str | None) -> str:
@@ -61,15 +69,19 @@ class SubtractReference:
                 raise Reject(f"waiting for a reference image of {meta.filter} ({klass})", step=Step.SUBTRACT)
             reference = work.new_reference_image = self._new_reference(work, target_xy, klass)
             flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
+            at = (float(target_xy[0] - reference.origin[0]), float(target_xy[1] - reference.origin[1]))
+            work.subtraction_views = SubtractionViews([("new reference image", reference.image)], at)
         else:
             # Measured against the reference as it is; then, while it is shallow and the target shows nothing
             # new, averaged into it.
             grow = reference.frames < config.subtraction.reference_frames and self._may_be_reference(work)
-            flux, flux_err, residual, work.new_reference_image = work.pixels.run(
+            flux, flux_err, residual, work.new_reference_image, views = work.pixels.run(
                 _difference_flux, reference, _cutout_map(reference, work.to_frame), config.subtraction.cutout,
                 target_xy, work.photometry.radii, work.quality.fwhm_pix,
-                config.photometry.detection_snr if grow else 0.0,
+                config.photometry.detection_snr if grow else 0.0, config.diagnostics,
             )  # fmt: skip
+            if views is not None and residual > config.subtraction.max_residual:
+                work.subtraction_views = views
         work.reference_image_file = reference.file
         self._replace_target(work, target_xy, flux, flux_err, residual, is_reference=is_reference)
 
@@ -149,11 +161,12 @@ def _cutout(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[np.ndarra
 
 def _difference_flux(
     pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, size: int, target_xy: np.ndarray,
-    radii: np.ndarray, fwhm_pix: float, quiet_snr: float,
-) -> tuple[np.ndarray, np.ndarray, float, ReferenceImage | None]:  # fmt: skip
+    radii: np.ndarray, fwhm_pix: float, quiet_snr: float, with_views: bool,
+) -> tuple[np.ndarray, np.ndarray, float, ReferenceImage | None, SubtractionViews | None]:  # fmt: skip
     """Flux and error (electrons) at the target in each aperture radius (pixels) on the frame minus its
-    reference, the subtraction's residual RMS at bright stars (about 1 when good), and the reference with
-    this frame averaged in when the target's difference is below ``quiet_snr`` (0: never)."""
+    reference, the subtraction's residual RMS at bright stars (about 1 when good), the reference with this
+    frame averaged in when the target's difference is below ``quiet_snr`` (0: never), and (``with_views``)
+    the three cutouts for a diagnostic picture."""
     scale = float(np.sqrt(abs(np.linalg.det(cutout_map[:2, :2]))))
     for side in (size, 2 * size):
         rows, cols, origin = _window(pixels, target_xy, side)
@@ -172,7 +185,11 @@ def _difference_flux(
         # A frame where the target differs from the reference shows the transient: it must not enter it.
         quiet = abs(flux[0]) < quiet_snr * flux_err[0]
         deeper = _averaged_in(pixels, reference, cutout_map, target_xy, difference.scale, fwhm_pix) if quiet else None
-        return flux, flux_err, difference.residual_rms, deeper
+        views = None
+        if with_views:
+            named = [("frame", science), ("reference, resampled", ref), ("difference", difference.image)]
+            views = SubtractionViews([(name, image.astype(np.float32)) for name, image in named], at)
+        return flux, flux_err, difference.residual_rms, deeper, views
     raise Reject(f"cannot subtract the reference: {failure}", step=Step.SUBTRACT)
 
 
