@@ -151,6 +151,13 @@ class TestLog:
             assert {"sha256", "target", "filter", "outcome", "seconds", "level", "timestamp"} <= event.keys()
             assert event["target"] == "PTEST" and event["filter"] == "rp" and len(event["sha256"]) == 64
             assert {"preprocess", "quality", "register", "photometry", "store"} <= event["seconds"].keys()
+        # The point itself, so that jq can follow the light curve: the same numbers as the store's.
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            stored = dict(conn.execute("SELECT f.file, p.diff_mag FROM points p JOIN frames f USING (sha256) "
+                                       "WHERE p.aperture = 0").fetchall())  # fmt: skip
+        for event in summaries:
+            assert {"mag", "mag_err", "diff_mag", "diff_mag_err", "limit_mag", "flags"} <= event.keys()
+            assert event["diff_mag"] == pytest.approx(stored[event["file"]], abs=1e-4)
 
 
 class TestRealFiles:

@@ -56,7 +56,7 @@ from lcowatch.science.template import (
 )
 from lcowatch.state.images import reference_image, write_reference_image
 from lcowatch.state.ledger import UNMATCHED, Ledger, transaction
-from lcowatch.state.store import ColourColumns, Store
+from lcowatch.state.store import ColourColumns, PointRecord, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
 
 
@@ -448,8 +448,17 @@ class Pipeline:
             quality=quality.verdict if quality else None,
             fwhm_arcsec=round(quality.fwhm_arcsec, 3) if quality else None,
             nstars=quality.nstars if quality else None,
+            **(_point_summary(work.points[0]) if state == State.DONE and work.points else {}),
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def _point_summary(point: PointRecord) -> dict[str, object]:
+    """The first aperture's point as the log shows it, so that ``jq`` can follow a light curve (the colour of
+    the visit may still move ``mag`` by its colour term)."""
+    values = {key: point.get(key) for key in ("mag", "mag_err", "diff_mag", "diff_mag_err", "limit_mag")}
+    summary = {key: round(value, 4) if isinstance(value, float) else value for key, value in values.items()}
+    return summary | {"flags": flags.describe(point["flags"])}
 
 
 def warn_if_target_far(config: Config, frame: Frame, log: Any) -> None:
