@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import re
@@ -280,16 +281,33 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.format == "aavso":
+        return _export_aavso(args, config, store, table)
     with _open_output(args.output) as out:
-        if args.format == "aavso":
-            check = check_star_magnitudes(store, args.target)
-            written = write_aavso(
-                table, out, target=args.target, obscode=config.aavso_obscode, check=check,
-                include_flagged=args.include_flagged,
-            )  # fmt: skip
-            get_logger().info("aavso_export", target=args.target, observations=written)
-        else:
-            export_table(table, out, args.format)
+        export_table(table, out, args.format)
+    return EXIT_OK
+
+
+def _export_aavso(args: argparse.Namespace, config: Config, store: Store, table: Any) -> int:
+    """An AAVSO report, written only when it holds an observation (a header alone would be submitted as
+    an empty report)."""
+    if not config.aavso_obscode:
+        print("lcowatch: set aavso_obscode in the config (your AAVSO observer code) for an AAVSO report",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    report = io.StringIO()
+    written = write_aavso(
+        table, report, target=config.targets[args.target].aavso_name or args.target, obscode=config.aavso_obscode,
+        check=check_star_magnitudes(store, args.target), include_flagged=args.include_flagged,
+    )  # fmt: skip
+    if not written:
+        print(f"lcowatch: {args.target} has no calibrated observation to report"
+              f"{'' if args.include_flagged else ' (flagged points are left out without --include-flagged)'}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    with _open_output(args.output) as out:
+        out.write(report.getvalue())
+    get_logger().info("aavso_export", target=args.target, observations=written)
     return EXIT_OK
 
 

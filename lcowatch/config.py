@@ -98,6 +98,7 @@ class TargetConfig(Section):
     y: float | None = None
     object_names: list[str] = Field(default_factory=list)
     refcat: Path | None = None
+    aavso_name: str | None = Field(None, description="the name AAVSO (VSX) knows the target by, for AAVSO exports")
     method: Literal["aperture", "difference"] = Field(
         "aperture", description="difference: subtract a reference image first (a target on a galaxy)"
     )
@@ -259,7 +260,7 @@ class Config(Section):
     photometry: PhotometryConfig = PhotometryConfig()
     subtraction: SubtractionConfig = SubtractionConfig()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    aavso_obscode: str = Field("na", description="your AAVSO observer code, for `lcowatch export --format aavso`")
+    aavso_obscode: str | None = Field(None, description="your AAVSO observer code (`export --format aavso` needs it)")
     plot_after_each_frame: bool = Field(False, description="keep state_dir/plots/<target>.png up to date")
     diagnostics: bool = Field(
         False, description="PNG previews of poor frames and new templates under state_dir/diagnostics/"

@@ -105,7 +105,8 @@ def build_campaign(folder: Path) -> Campaign:
     # Only SN2026A has a reference catalog: V1 shows the uncalibrated path, and recalibration later.
     write_refcat(fields["SN2026A"], folder / "sn2026a-stars.csv")
     targets["SN2026A"]["refcat"] = "sn2026a-stars.csv"
-    config = write_config(folder, targets, catalog={"source": "file"})
+    targets["SN2026A"]["aavso_name"] = "SN 2026A"
+    config = write_config(folder, targets, catalog={"source": "file"}, aavso_obscode="TST01")
     assert main(["process", "--config", str(config), str(incoming)]) == 0
     return Campaign(folder, config, fields, truth)
 

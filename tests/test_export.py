@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from astropy.table import Table
 
+from conftest import write_config
 from lcowatch.cli import main
 from lcowatch.outputs.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS
 from simulated import Campaign
@@ -58,7 +59,7 @@ class TestAavsoExport:
     def test_format(self, campaign: Campaign, capsys: pytest.CaptureFixture[str]) -> None:
         lines = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso").splitlines()
         header = [line for line in lines if line.startswith("#")]
-        assert header[:2] == ["#TYPE=EXTENDED", "#OBSCODE=na"]
+        assert header[:2] == ["#TYPE=EXTENDED", "#OBSCODE=TST01"]
         assert "#DELIM=," in header and "#DATE=JD" in header and "#OBSTYPE=CCD" in header
         assert any(line.startswith("#SOFTWARE=lcowatch") for line in header)
         assert header[-1] == "#" + ",".join(AAVSO_FIELDS)
@@ -70,12 +71,28 @@ class TestAavsoExport:
         assert len(rows) == len(calibrated) and calibrated
         for fields, point in zip(rows, calibrated, strict=True):
             assert len(fields) == 15
-            assert fields[0] == "SN2026A" and fields[4] == "SR" and fields[6] == "STD" and fields[7] == "ENSEMBLE"
+            assert fields[0] == "SN 2026A"  # the target's aavso_name
+            assert fields[4] == "SR" and fields[6] == "STD" and fields[7] == "ENSEMBLE"
             assert float(fields[1]) == pytest.approx(point["mjd"] + 2400000.5, abs=1e-6)
             assert float(fields[2]) == pytest.approx(point["mag"], abs=1e-4)
             assert fields[10] == "na" or 8 < float(fields[10]) < 20
         with_flagged = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso", "--include-flagged")
         assert len([line for line in with_flagged.splitlines() if not line.startswith("#")]) == len(points)
+
+    def test_nothing_calibrated_is_an_error_and_writes_no_file(
+        self, campaign: Campaign, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        report = tmp_path / "v1.txt"
+        args = ["export", "--config", str(campaign.config), "V1", "--format", "aavso", "-o", str(report)]
+        capsys.readouterr()
+        assert main(args) == 1  # V1 has no reference catalog: nothing calibrated
+        assert "no calibrated observation" in capsys.readouterr().err
+        assert not report.exists()
+
+    def test_an_observer_code_is_required(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        config = write_config(tmp_path, {"V9": {"ra": 120.0, "dec": 5.0}})
+        assert main(["export", "--config", str(config), "V9", "--format", "aavso"]) == 2
+        assert "aavso_obscode" in capsys.readouterr().err
 
 
 def _png_size(path: Path) -> tuple[int, int]:
