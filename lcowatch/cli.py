@@ -327,10 +327,14 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
     store = Store(connect(config.state_dir))
     if args.set:
         try:
-            pin_template(config, store.conn, args.set, args.target)
+            template = pin_template(config, store.conn, args.set, args.target)
         except (LookupError, ValueError) as exc:
             print(f"lcowatch: {exc.args[0]}", file=sys.stderr)
             return EXIT_FAILURE
+        record = Ledger(store.conn).get(template.sha256)
+        if record is not None and record.state == State.REJECTED:
+            print(f"lcowatch: warning: {template.file} was rejected ({record.error}); pinned as asked",
+                  file=sys.stderr)  # fmt: skip
     elif args.unpin:
         store.unpin_template(args.target, args.filter)
     rows = store.template_history(args.target, args.filter)

@@ -77,7 +77,9 @@ class TestPinning:
         assert main(["process", "--config", str(config), str(tmp_path / "later")]) == 0
         assert _points(tmp_path)[-1]["template"] == first
         assert main(["template", "--config", str(config), "TPL", "--set", "nonexistent.fits"]) == 1
+        capsys.readouterr()
         assert main(["template", "--config", str(config), "TPL", "--unpin"]) == 0
+        assert "pinned by hand; unpinned by hand" in capsys.readouterr().out
         sharpest = _series(tmp_path / "latest", [1.2], first_number=300)
         assert main(["process", "--config", str(config), str(tmp_path / "latest")]) == 0
         assert _points(tmp_path)[-1]["template"] == next(iter(sharpest))

@@ -120,8 +120,8 @@ class ReferenceRecords:
     def unpin_template(self, target: str, filter: str | None) -> int:
         """Let better frames replace the current templates again; returns how many were pinned."""
         query = (
-            "UPDATE templates SET pinned = 0 WHERE target = ? AND active = 1 AND pinned = 1 "
-            f"AND {ANY_FILTER.format(column='filter')}"
+            "UPDATE templates SET pinned = 0, reason = reason || '; unpinned by hand' WHERE target = ? AND active = 1 "
+            f"AND pinned = 1 AND {ANY_FILTER.format(column='filter')}"
         )
         return self.conn.execute(query, (target, filter, filter)).rowcount  # one statement: atomic
 
