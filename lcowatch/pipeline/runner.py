@@ -219,19 +219,6 @@ class Pipeline:
             return
         work.log.info("diagnostic_written", path=str(path), kind=kind)
 
-    def _subtraction_preview(self, work: FrameWork, views: SubtractionViews) -> None:
-        """Cutouts of a new reference image, or of a subtraction flagged bad_subtraction, as a PNG."""
-        frame = work.frame
-        path = self.config.state_dir / DIAGNOSTICS_DIR / f"subtraction-{frame.path.name}.png"
-        radius = float(work.photometry.radii[0]) if work.photometry is not None else 5.0
-        title = f"{frame.name} ({frame.meta.target}, {frame.meta.filter})"
-        try:
-            plot_subtraction(views.panels, path, title=title, target_xy=views.target_xy, radius=radius)
-        except (OSError, ValueError) as exc:
-            work.log.warning("diagnostic_not_written", reason=str(exc))
-            return
-        work.log.info("diagnostic_written", path=str(path), kind="subtraction")
-
     def unseen(self, paths: Iterable[Path]) -> list[tuple[Path, Verdict | None]]:
         """Files not already finished (by path, size and mtime), each with its readiness verdict (None for
         what is not a regular file), in observation-time order. The verdict is the daemon's: one walk of the
@@ -441,7 +428,7 @@ class Pipeline:
         if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
             self._preview(work, "template" if work.template_reason is not None and state == State.DONE else "poor")
         if self.config.diagnostics and work.subtraction_views is not None and state == State.DONE:
-            self._subtraction_preview(work, work.subtraction_views)
+            draw_subtraction(self.config, work, work.subtraction_views)
         seconds["store"] = round(time.perf_counter() - started, 4)
         log.info(
             "frame_processed", outcome=state, reason=reason, seconds=seconds,
@@ -451,6 +438,20 @@ class Pipeline:
             **(_point_summary(work.points[0]) if state == State.DONE and work.points else {}),
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def draw_subtraction(config: Config, work: FrameWork, views: SubtractionViews) -> None:
+    """Cutouts of a new reference image, or of a subtraction flagged bad_subtraction, as a PNG."""
+    frame = work.frame
+    path = config.state_dir / DIAGNOSTICS_DIR / f"subtraction-{frame.path.name}.png"
+    radius = float(work.photometry.radii[0]) if work.photometry is not None else 5.0
+    title = f"{frame.name} ({frame.meta.target}, {frame.meta.filter})"
+    try:
+        plot_subtraction(views.panels, path, title=title, target_xy=views.target_xy, radius=radius)
+    except (OSError, ValueError) as exc:
+        work.log.warning("diagnostic_not_written", reason=str(exc))
+        return
+    work.log.info("diagnostic_written", path=str(path), kind="subtraction")
 
 
 def _point_summary(point: PointRecord) -> dict[str, object]:
