@@ -196,7 +196,7 @@ def cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
     finally:
         executor.close()
     update_result_file(Store(connect(config.state_dir)), args.target, config.state_dir)
-    unfinished = set(rebuilt.outcomes) - set(FINISHED_STATES)
+    unfinished = set(rebuilt) - set(FINISHED_STATES)
     return EXIT_FAILURE if unfinished else EXIT_OK
 
 

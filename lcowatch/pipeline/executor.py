@@ -129,7 +129,7 @@ class DaskExecutor:
         del content  # the worker reads the file itself: it must see the same file system
         future = self._pending.pop(path, None)
         ready = self._prepared(future) if future is not None else None
-        if ready is None or ready.frame.sha256 != sha256:  # the file changed since it was read ahead
+        if ready is None or ready.frame.sha256 != sha256:  # not read ahead, or changed since
             future = self._load(path)
             ready = self._prepared(future)
             if ready.frame.sha256 != sha256:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 
 from lcowatch.config import Config
 from lcowatch.intake.quarantine import QUARANTINE_DIR
@@ -28,15 +27,10 @@ class ReprocessError(Exception):
     """The rebuild cannot be done; the live light curve is unchanged."""
 
 
-@dataclass(frozen=True)
-class Rebuilt:
-    files: int
-    outcomes: dict[str, int]
-
-
-def reprocess(config: Config, target: str, executor: Executor, filter: str | None = None) -> Rebuilt:
+def reprocess(config: Config, target: str, executor: Executor, filter: str | None = None) -> dict[str, int]:
     """Measure ``target``'s frames (of ``filter`` only, keeping the other filters' points and the target's
-    reference frame and comparison stars) again into a scratch state and swap the result in.
+    reference frame and comparison stars) again into a scratch state and swap the result in; returns how many
+    files ended in each state.
 
     Raises
     ------
@@ -70,7 +64,7 @@ def reprocess(config: Config, target: str, executor: Executor, filter: str | Non
         raise ReprocessError(f"frames of {target} kept arriving during {MAX_ROUNDS} rounds; try again when quiet")
     shutil.rmtree(scratch_dir, ignore_errors=True)
     log.info("reprocess_swapped", files=sum(outcomes.values()), **outcomes)
-    return Rebuilt(sum(outcomes.values()), dict(outcomes))
+    return dict(outcomes)
 
 
 def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str]) -> None:

@@ -305,7 +305,7 @@ class Pipeline:
 
     def _write_results(self, conn: sqlite3.Connection, work: FrameWork, state: str, requeued: list[Path]) -> None:
         """Everything a measured frame adds to the store, inside the transaction that marks it finished;
-        frames that waited for the target's first template are added to ``requeued``."""
+        frames that waited for the target's reference frame or a reference image are added to ``requeued``."""
         frame, meta, quality, sources = work.frame, work.frame.meta, work.quality, work.sources
         if quality is None or sources is None:
             return

@@ -22,6 +22,7 @@ import numpy as np
 from lcowatch import flags
 from lcowatch.errors import Reject
 from lcowatch.pipeline.pixels import Pixels
+from lcowatch.science.calibrate import instrumental_mag
 from lcowatch.science.register import Affine, apply_affine, compose, invert
 from lcowatch.science.subtract import Difference, forced_photometry, resample_reference, subtract
 from lcowatch.state.images import ReferenceImage, reference_image
@@ -113,10 +114,7 @@ class SubtractReference:
     ) -> None:  # fmt: skip
         phot = work.photometry
         assert phot is not None
-        exptime = work.frame.meta.exptime
-        with np.errstate(divide="ignore", invalid="ignore"):
-            phot.inst_mag[0] = np.where(flux > 0, -2.5 * np.log10(flux / exptime), np.nan)
-            phot.inst_err[0] = np.where(flux > 0, 2.5 / np.log(10) * flux_err / flux, np.nan)
+        phot.inst_mag[0], phot.inst_err[0] = instrumental_mag(flux, flux_err, work.frame.meta.exptime)
         phot.flux[0], phot.flux_err[0] = flux, flux_err
         phot.x[0], phot.y[0] = target_xy  # not where recentring on the host's light put it
         mark = flags.value("is_reference") if is_reference else 0
