@@ -55,6 +55,12 @@ FLAGS: tuple[Flag, ...] = (
         "the difference image leaves residuals at bright stars above subtraction.max_residual times the noise",
     ),
     Flag(21, "is_reference", "this frame is the reference image: its difference flux is 0 by definition"),
+    Flag(
+        22,
+        "crowded",
+        "neighbours' wings put more than 0.5 % of the star's flux into its aperture (by a model of their "
+        "measured fluxes), enough to change with the seeing",
+    ),
 )
 
 #: Flags of the whole frame, set by quality control; such a frame still gives points.

@@ -52,6 +52,17 @@ class TestEcsvExport:
         assert list(empty) == [p["mag"] is None for p in stored]
         assert np.isfinite(np.asarray(first["diff_mag"], float)).all()
 
+    def test_a_newline_in_a_file_name_keeps_the_result_file_readable(self, campaign: Campaign, tmp_path: Path) -> None:
+        incoming = tmp_path / "in"
+        incoming.mkdir()
+        sources = sorted(name for name in campaign.truth if name.startswith("lsc"))[:2]  # V1's first two
+        for name in sources:
+            (incoming / name.replace("-e91", "-e91\nretake")).write_bytes((campaign.folder / "in" / name).read_bytes())
+        config = write_config(tmp_path, {"V1": {"ra": 210.0, "dec": -20.0}})
+        assert main(["process", "--config", str(config), str(incoming)]) == 0
+        table = Table.read(tmp_path / "state" / "results" / "V1.ecsv", format="ascii.ecsv")
+        assert len(table) == 3 * len(sources) and all("e91\\x0aretake" in str(file) for file in table["file"])
+
 
 class TestAavsoExport:
     """The AAVSO Extended File Format: its header lines, then 15 comma-separated fields in the published order."""

@@ -86,7 +86,7 @@ AAVSO_FIELDS = ("NAME", "DATE", "MAG", "MERR", "FILT", "TRANS", "MTYPE", "CNAME"
 
 
 #: Flags that do not make a point doubtful: an AAVSO export keeps points that carry only these.
-AAVSO_ACCEPTED_FLAGS = flags.value("forced_position", "nondetection", "nonstandard_band", "color_assumed")
+AAVSO_ACCEPTED_FLAGS = flags.value("forced_position", "nondetection", "nonstandard_band", "color_assumed", "crowded")
 
 
 def write_aavso(
@@ -159,6 +159,8 @@ def _ecsv_cell(value: object, masked: bool) -> str:
     if masked or value is None:
         return '""'
     if isinstance(value, str):
+        # A control character (a newline in a file name) would end the row: shown as \xNN, as in the logs.
+        value = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in value)
         return '"' + value.replace('"', '""') + '"' if (not value or set(value) & {" ", '"', "#"}) else value
     return repr(value)
 

@@ -308,15 +308,23 @@ def _clipped_fit(
     clip_sigma: float,
     max_iter: int,
 ) -> tuple[tuple[NDArray[np.float64], NDArray[np.float64], float], NDArray[np.bool_], int]:
-    """Fit with intrinsic scatter, clip at ``clip_sigma``, refit, until the star set is stable."""
+    """Fit with intrinsic scatter, clip at ``clip_sigma``, refit, until the star set is stable.
+
+    The clipping width takes the intrinsic scatter from the median squared residual, not from the
+    chi-square: blends read bright, one-sidedly, and a chi-square inflated by them would keep them in
+    (on a crowded field, five of eighteen stars 0.05-0.25 mag bright moved the zero point by 0.03). A
+    median is a noisier measure of width than a chi-square, hence the margin: without it, normal stars
+    clipped when it fell short made the colour term's errors 20 % too small.
+    """
     n_par = 2 if x is not None else 1
     fit = _fit_with_intrinsic(x, y, var, used)
     n_iter = 0
     for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-        params, _, sig_int = fit
+        params = fit[0]
         model = params[0] + (params[1] * x if x is not None else 0.0)
+        width = MEDIAN_WIDTH_MARGIN * _median_intrinsic((y - model)[used], var[used])
         with np.errstate(invalid="ignore"):
-            z = (y - model) / np.sqrt(np.maximum(var + sig_int**2, _VAR_FLOOR))
+            z = (y - model) / np.sqrt(np.maximum(var + width**2, _VAR_FLOOR))
             new_used = base & (np.abs(z) <= clip_sigma)
         if new_used.sum() < max(MIN_STARS, n_par + 1):
             break  # clipping may not leave fewer stars than a fit needs: keep the previous set
@@ -325,6 +333,27 @@ def _clipped_fit(
         used = new_used
         fit = _fit_with_intrinsic(x, y, var, used)
     return fit, used, n_iter
+
+
+MEDIAN_WIDTH_MARGIN = 1.25
+#: The median of a chi-square variable of one degree of freedom.
+_MEDIAN_CHI2_1 = 0.4549
+
+
+def _median_intrinsic(resid: NDArray[np.float64], var: NDArray[np.float64]) -> float:
+    """The intrinsic scatter (mag) that brings the median of ``resid**2 / (var + s**2)`` to that of a
+    chi-square of one degree of freedom; 0 when the quoted errors already do."""
+
+    def median_z2(sig: float) -> float:
+        return float(np.median(resid**2 / np.maximum(var + sig * sig, _VAR_FLOOR)))
+
+    if not resid.size or median_z2(0.0) <= _MEDIAN_CHI2_1:
+        return 0.0
+    lo, hi = 0.0, float(np.max(np.abs(resid))) + 1e-3
+    while hi - lo > 1e-5:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if median_z2(mid) > _MEDIAN_CHI2_1 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def apply_zeropoint(

@@ -31,6 +31,11 @@ BINNED_SIGMA = 2.5
 #: ... and the blocks this many blocks around it too.
 BINNED_GROW = 2
 BINNED_STAR_SIGMA = 4.0
+#: Neighbours whose modelled light puts more than this fraction of a star's flux into its aperture make
+#: it ``crowded``; up to CROWDING_NEIGHBOURS of them, within 4 FWHM of the aperture, are counted.
+CROWDING_LIMIT = 0.005
+CROWDING_NEIGHBOURS = 12
+CROWDING_BETA = 3.0
 
 #: A pixel this many noise sigmas above the mean of its 4 neighbours (a Laplacian: near zero on a star's
 #: smooth slopes), and this many times the local fine structure (L.A.Cosmic's ``sigclip`` and ``objlim``;
@@ -324,23 +329,55 @@ def binned_sources(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> t
     return mask, positions
 
 
-def _neighbour_distances(
+def _neighbours(
     positions: np.ndarray, x: np.ndarray, y: np.ndarray, reach: float, fwhm_pix: float
-) -> np.ndarray:
-    """Distances (N, 3) from each position to the nearest detections other than the star itself (inf
-    where none is within ``reach``).
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (N, M) from each position to the nearest sources other than the star itself, and their
+    rows in ``positions`` (inf and len(positions) beyond ``reach``).
 
     The star's own detection is the nearest one when that lies within half a FWHM: it is the star by
     identity, and no other detection so close is taken for it. A detection further off is a neighbour
     (or the star merged with one), so the star counts as blended.
     """
     if not len(positions):
-        return np.full((len(x), 3), np.inf)
+        return np.full((len(x), 1), np.inf), np.zeros((len(x), 1), dtype=int)
     tree = cKDTree(positions)
-    distance, _ = tree.query(np.column_stack([x, y]), k=4, distance_upper_bound=max(reach, fwhm_pix))
-    distance = np.asarray(distance).reshape(len(x), -1)
-    own = distance[:, 0] <= max(1.5, 0.5 * fwhm_pix)
-    return np.where(own[:, None], distance[:, 1:], distance[:, :-1])
+    distance, index = tree.query(
+        np.column_stack([x, y]), k=CROWDING_NEIGHBOURS + 1, distance_upper_bound=max(reach, fwhm_pix)
+    )
+    distance, index = np.asarray(distance).reshape(len(x), -1), np.asarray(index).reshape(len(x), -1)
+    own = distance[:, :1] <= max(1.5, 0.5 * fwhm_pix)
+    return np.where(own, distance[:, 1:], distance[:, :-1]), np.where(own, index[:, 1:], index[:, :-1])
+
+
+def _crowding(
+    pre: Preprocessed,
+    positions: np.ndarray,
+    distance: np.ndarray,
+    index: np.ndarray,
+    radii: np.ndarray,
+    flux: np.ndarray,
+    fwhm_pix: float,
+) -> np.ndarray:
+    """The neighbours' light inside each aperture as a fraction of the star's flux there (N, K).
+
+    Each neighbour's total flux comes from its core (1 FWHM) on the background-subtracted image; its light
+    at distance d is a Moffat profile of beta = 3 (typical seeing) times the aperture's area, at most its
+    whole flux. Cores inside the aperture are the blend test's business; this catches the wings that make
+    a star's flux depend on the seeing.
+    """
+    if not len(positions):
+        return np.zeros(flux.shape)
+    alpha2 = (fwhm_pix / (2.0 * np.sqrt(2.0 ** (1.0 / CROWDING_BETA) - 1.0))) ** 2
+    core, _, _ = sep.sum_circle(pre.subtracted, positions[:, 0], positions[:, 1], fwhm_pix, subpix=0)
+    total = np.append(np.maximum(core, 0.0) / (1.0 - (1.0 + fwhm_pix**2 / alpha2) ** (1.0 - CROWDING_BETA)), 0.0)
+    surface = (CROWDING_BETA - 1.0) / (np.pi * alpha2) * (1.0 + distance**2 / alpha2) ** -CROWDING_BETA
+    crowding = np.empty(flux.shape)
+    for k, radius in enumerate(radii):
+        light = total[index] * np.minimum(np.pi * radius**2 * surface, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            crowding[:, k] = light.sum(axis=1) / flux[:, k]
+    return crowding
 
 
 def measure(
@@ -394,7 +431,7 @@ def measure(
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)
     positions = np.vstack([np.column_stack([frame_sources["x"], frame_sources["y"]]), faint_positions])
-    neighbours = _neighbour_distances(positions, px, py, float(radii.max()), fwhm_pix)
+    neighbours, neighbour_rows = _neighbours(positions, px, py, float(radii.max()) + 4.0 * fwhm_pix, fwhm_pix)
     limit = frame.meta.linearity_limit
     nonlinear_pixels = frame.data > limit if limit is not None else None
     for k, radius in enumerate(radii):
@@ -421,6 +458,8 @@ def measure(
             bits |= np.where(~(flux[:, k] / flux_err[:, k] >= min_snr), flags.value("low_snr"), 0)
         bits |= np.where((neighbours <= radius).any(axis=1), flags.value("blended"), 0)
         star_flags[:, k] = bits
+    crowding = _crowding(pre, positions, neighbours, neighbour_rows, radii, flux, fwhm_pix)
+    star_flags |= np.where(~(crowding <= CROWDING_LIMIT), flags.value("crowded"), 0)
     edge = (px - r_out < 0) | (px + r_out > nx - 1) | (py - r_out < 0) | (py + r_out > ny - 1)
     star_flags |= np.where(edge, flags.value("near_edge"), 0)[:, None]
     star_flags |= np.where(~take, flags.value("forced_position"), 0)[:, None]
@@ -438,11 +477,17 @@ def measure(
 ENSEMBLE_BLOCKING = flags.value(
     "saturated", "bad_pixel", "near_edge", "off_frame", "low_snr", "blended", "bad_background"
 )
+#: Crowded stars enter an ensemble or a zero point only when fewer uncrowded ones are left: a few
+#: millimagnitudes of neighbours' light are better than a frame without a point.
+MIN_UNCROWDED = 5
 
 
 def comparison_mask(inst_mag: np.ndarray, inst_err: np.ndarray, star_flags: np.ndarray) -> np.ndarray:
-    """Which stars can enter an ensemble or a zero point: clean flags, finite magnitudes and errors."""
-    return ((star_flags & ENSEMBLE_BLOCKING) == 0) & np.isfinite(inst_mag) & (np.nan_to_num(inst_err) > 0)
+    """Which stars can enter an ensemble or a zero point: clean flags (``crowded`` only for want of
+    others), finite magnitudes and errors."""
+    usable = ((star_flags & ENSEMBLE_BLOCKING) == 0) & np.isfinite(inst_mag) & (np.nan_to_num(inst_err) > 0)
+    uncrowded = usable & ((star_flags & flags.value("crowded")) == 0)
+    return uncrowded if uncrowded.sum() >= MIN_UNCROWDED else usable
 
 
 def comparison_stars(phot: Photometry, aperture: int) -> np.ndarray:
