@@ -11,7 +11,7 @@ import pytest
 from lcowatch import flags
 from lcowatch.config import parse
 from lcowatch.science.frame import Frame, read_content, read_frame
-from lcowatch.science.photometry import Photometry, binned_sources, measure
+from lcowatch.science.photometry import Photometry, measure
 from lcowatch.science.preprocess import preprocess
 from lcowatch.science.quality import detect_sources
 from lcowatch.simulation.simulate import FrameSpec, FrameTruth, make_field, write_frame
@@ -96,50 +96,30 @@ class TestRepairedApertures:
         assert np.array_equal(before, frame.data)
 
 
-class TestCrowdedBackground:
+class TestCrowding:
     """At the 5-6" seeing of a 0.4 m telescope (and 4x the sky) on a field of 20 stars per square arcminute,
-    stars too spread out for detection are found and kept out of the background annuli, and a star whose
-    neighbours' wings reach into its aperture is ``crowded`` and left out of ensembles. (What the annuli
-    gain is measured on the hazard campaign: ``test_hazards``.)"""
+    a star whose neighbours' wings reach into its aperture is ``crowded`` (and left out of ensembles and
+    zero points); an isolated one is not."""
 
     SBIG: ClassVar[dict[str, float]] = {
-        "pixscale": 0.571,
-        "fwhm_arcsec": 5.5,
-        "sky": 1200.0,
-        "zeropoint": 22.0,
-        "exptime": 120.0,
-    }
+        "pixscale": 0.571, "fwhm_arcsec": 5.5, "sky": 1200.0, "zeropoint": 22.0, "exptime": 120.0
+    }  # fmt: skip
 
-    def test_missed_stars_are_found_and_neighbours_make_a_star_crowded(self, tmp_path: Path) -> None:
+    def test_neighbours_make_a_star_crowded(self, tmp_path: Path) -> None:
         frame, truth = _frame(tmp_path, "sbig.fits", seed=14, **self.SBIG)  # type: ignore[arg-type]
-        pre = preprocess(frame)
-        sources = detect_sources(pre, CONFIG.quality)
-        mask, positions = binned_sources(pre, sources, truth.fwhm_pix)
         inside = (truth.x > 20) & (truth.x < 492) & (truth.y > 20) & (truth.y < 492)
-        detected = np.hypot(sources["x"][:, None] - truth.x, sources["y"][:, None] - truth.y).min(axis=0)
-        missed = inside & (truth.mag < 16.5) & (detected > truth.fwhm_pix)
-        assert missed.sum() >= 5  # sep's 3x3 filter misses them at this seeing
-        found = np.hypot(positions[:, 0][:, None] - truth.x, positions[:, 1][:, None] - truth.y).min(axis=0)
-        # Some sit on a brighter neighbour's block: masked with it, not a peak of their own.
-        assert np.mean(found[missed] < truth.fwhm_pix) > 0.7
-        assert np.all(mask[np.rint(truth.y[missed]).astype(int), np.rint(truth.x[missed]).astype(int)])
-        # Every binned position is a star, not noise: a true star of r < 20 within a FWHM.
-        nearest = np.hypot(
-            positions[:, 0][:, None] - truth.x[truth.mag < 20], positions[:, 1][:, None] - truth.y[truth.mag < 20]
-        )
-        assert np.mean(nearest.min(axis=1) < truth.fwhm_pix) > 0.9
         stars = np.flatnonzero(inside & (truth.mag < 17))
         phot = _measure(frame, truth, stars)
         crowded = (phot.flags[:, 0] & flags.value("crowded")) != 0
+        blended = (phot.flags[:, 0] & flags.value("blended")) != 0
         # A star with a neighbour at least as bright 1.5-2.5 FWHM away (its wings put 0.5 % of the star's
         # light into a 1 FWHM aperture there; closer, the two are one detection) is crowded; one with no star
         # brighter than 5 mag fainter within 6 FWHM is not.
         separation = np.hypot(truth.x[stars][:, None] - truth.x, truth.y[stars][:, None] - truth.y)
         brighter = truth.mag[None, :] <= truth.mag[stars][:, None]
-        close = ((separation > 1.5 * truth.fwhm_pix) & (separation < 2.5 * truth.fwhm_pix) & brighter).any(axis=1)
-        alone = ~(
-            (separation > 0) & (separation < 6 * truth.fwhm_pix) & (truth.mag[None, :] < truth.mag[stars][:, None] + 5)
-        ).any(axis=1)
-        assert close.any() and alone.any()
-        assert np.all(crowded[close & ~((phot.flags[:, 0] & flags.value("blended")) != 0)])
-        assert not np.any(crowded[alone])
+        near = (separation > 1.5 * truth.fwhm_pix) & (separation < 2.5 * truth.fwhm_pix)
+        close = (near & brighter).any(axis=1) & ~blended
+        within = (separation > 0) & (separation < 6 * truth.fwhm_pix)
+        alone = ~(within & (truth.mag[None, :] < truth.mag[stars][:, None] + 5)).any(axis=1)
+        assert close.sum() >= 3 and alone.sum() >= 3
+        assert np.all(crowded[close]) and not np.any(crowded[alone])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import sep
-from scipy.ndimage import binary_dilation, maximum_filter, uniform_filter
+from scipy.ndimage import binary_dilation, uniform_filter
 from scipy.spatial import cKDTree
 
 from lcowatch import flags
@@ -26,11 +26,6 @@ from lcowatch.science.quality import recentre
 
 MIN_ANNULUS_PIXELS = 20
 MAX_ANNULUS_PIXELS = 1500
-#: A block mean this many noise sigmas above the sky marks a source for the annulus mask.
-BINNED_SIGMA = 2.5
-#: ... and the blocks this many blocks around it too.
-BINNED_GROW = 2
-BINNED_STAR_SIGMA = 4.0
 #: Neighbours whose modelled light puts more than this fraction of a star's flux into its aperture make
 #: it ``crowded``; up to CROWDING_NEIGHBOURS of them, within 4 FWHM of the aperture, are counted.
 CROWDING_LIMIT = 0.005
@@ -72,12 +67,7 @@ class Photometry:
 
 
 def annulus_background(
-    image: np.ndarray,
-    bad: np.ndarray,
-    x: np.ndarray,
-    y: np.ndarray,
-    r_in: float,
-    r_out: float,
+    image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray, r_in: float, r_out: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sigma-clipped (3 sigma, 3 passes) median and RMS of annuli around each position, vectorised.
 
@@ -277,56 +267,17 @@ def _cosmic_ray_hits(boxes: _Boxes, noise: np.ndarray) -> np.ndarray:
     return hit
 
 
-def source_mask(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float, faint: np.ndarray) -> np.ndarray:
-    """Pixels to leave out of background annuli: masked pixels, every detected source, and ``faint``
-    (the stars detection missed, from :func:`binned_sources`).
+def source_mask(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> np.ndarray:
+    """Pixels to leave out of background annuli: masked pixels and every detected source.
 
     Each detection is covered to a radius growing with its S/N (1.5 FWHM at S/N 10, 3.5 FWHM at 1e5), so a
     neighbour's wings do not raise the annulus median.
     """
-    mask = pre.mask | faint
+    mask = pre.mask.copy()
     if len(sources):
         radius = fwhm_pix * (1.0 + 0.5 * np.log10(np.maximum(sources["snr"], 1.0)))
         sep.mask_ellipse(mask, sources["x"], sources["y"], radius, radius, np.zeros(len(sources)), r=1.0)
     return mask
-
-
-def binned_sources(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> tuple[np.ndarray, np.ndarray]:
-    """Stars that detection missed, found as blocks of about half a FWHM whose mean stands BINNED_SIGMA
-    above the sky.
-
-    Detection on single pixels (sep's 3x3 filter) misses stars whose light is spread over a large FWHM: at
-    5-6" seeing on a 0.4 m frame, stars of r = 14-16 stay undetected. Their light, unmasked in a 4-7 FWHM
-    annulus, lifted its median by 2-4 e-/pixel, so comparison stars of r = 14-15 read 0.025 mag faint and
-    those of r = 15-16 0.1 mag; and a star with one of them in its aperture was not known to be blended. A
-    block mean averages the noise down by the block's side.
-
-    Returns
-    -------
-    mask : numpy.ndarray
-        The pixels of those blocks and of the blocks within BINNED_GROW of them.
-    positions : numpy.ndarray
-        (M, 2) 0-based x, y of the blocks that are local maxima BINNED_STAR_SIGMA above the sky (a noise
-        peak that high is rare enough not to call a star blended), other than the detected sources'.
-    """
-    block = max(2, round(fwhm_pix / 2))
-    ny, nx = pre.subtracted.shape
-    by, bx = ny // block, nx // block
-    mask = np.zeros((ny, nx), dtype=bool)
-    if by < 3 or bx < 3:
-        return mask, np.zeros((0, 2))
-    tiles = (by, block, bx, block)
-    means = pre.subtracted[: by * block, : bx * block].reshape(tiles).mean(axis=(1, 3))
-    noise = pre.rms[: by * block, : bx * block].reshape(tiles).mean(axis=(1, 3)) / block
-    hot = means > BINNED_SIGMA * noise
-    grown = binary_dilation(hot, structure=np.ones((3, 3), dtype=bool), iterations=BINNED_GROW)
-    mask[: by * block, : bx * block] = np.repeat(np.repeat(grown, block, axis=0), block, axis=1)
-    rows, cols = np.nonzero((means > BINNED_STAR_SIGMA * noise) & (means == maximum_filter(means, size=3)))
-    positions = np.column_stack([(cols + 0.5) * block - 0.5, (rows + 0.5) * block - 0.5])
-    if len(sources) and len(positions):
-        known, _ = cKDTree(np.column_stack([sources["x"], sources["y"]])).query(positions)
-        positions = positions[known > fwhm_pix]
-    return mask, positions
 
 
 def _neighbours(
@@ -424,13 +375,13 @@ def measure(
 
     # Sums and annuli on the original pixels: the local annulus is the whole background. A background
     # mesh bends up under a bright star's wings, so mesh-subtracted sums would lose flux with brightness.
-    faint, faint_positions = binned_sources(pre, frame_sources, fwhm_pix)
-    mask = source_mask(pre, frame_sources, fwhm_pix, faint)
-    local, local_rms, n_annulus = annulus_background(frame.data, mask, px, py, r_in, r_out)
+    local, local_rms, n_annulus = annulus_background(
+        frame.data, source_mask(pre, frame_sources, fwhm_pix), px, py, r_in, r_out
+    )
     flux = np.empty((len(px), len(radii)))
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)
-    positions = np.vstack([np.column_stack([frame_sources["x"], frame_sources["y"]]), faint_positions])
+    positions = np.column_stack([frame_sources["x"], frame_sources["y"]])
     neighbours, neighbour_rows = _neighbours(positions, px, py, float(radii.max()) + 4.0 * fwhm_pix, fwhm_pix)
     limit = frame.meta.linearity_limit
     nonlinear_pixels = frame.data > limit if limit is not None else None
