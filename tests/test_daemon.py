@@ -744,6 +744,30 @@ def test_a_watched_folder_moved_away_and_made_anew_is_watched_again_at_once(
     assert daemon.stop() == 0
 
 
+def test_a_watched_sub_folder_swapped_for_a_symlink_is_not_followed_out_of_the_watch(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A file queued in a watched sub-folder, whose folder is then swapped for a symlink to a folder outside
+    the watch, is neither read nor moved: the whole path is resolved against the watch when the file is
+    taken, not only its last part."""
+    config = factory.config(tmp_path, watch={"quiet_seconds": 3.0})
+    watch, state, ledger = tmp_path / "in", tmp_path / "state", LedgerView(tmp_path / "state")
+    daemon = daemons(config).start()
+    (watch / "night").mkdir()
+    queued = drop(factory.frame(41), watch / "night")
+    time.sleep(1.0)  # seen and waiting out its quiet period
+    outside = tmp_path / "outside"
+    (watch / "night").rename(outside)
+    (watch / "night").symlink_to(outside, target_is_directory=True)
+    daemon.wait_event("path_left_the_watch", file=queued.name, timeout=20.0)
+    drop(factory.frame(42), watch)
+    wait_for(_done(ledger, 1), timeout=30.0, what="a frame inside the watch")
+    assert daemon.stop() == 0
+    assert (outside / queued.name).is_file()
+    assert sha256_of(outside / queued.name) not in ledger.states()
+    assert not _quarantined_names(state)
+
+
 def test_retry_reaches_a_running_daemon_at_once(
     tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
 ) -> None:

@@ -207,19 +207,19 @@ class Worker:
         self._wake()
 
     def _still_the_same(self, item: QueueItem, config: Config) -> bool:
-        """The path is still the regular file, inside the watch, that was found complete."""
+        """The path is still the regular file, inside the watch, that was found complete.
+
+        The whole path is resolved, not only its last part: a watched sub-folder swapped for a symlink after
+        its file was queued would otherwise have the daemon read, and quarantine, a file outside the watch.
+        """
+        real = Path(os.path.realpath(item.path))
+        if not any(is_within(real, root) for root in config.watch.paths):
+            self.log.warning("path_left_the_watch", file=item.path.name, path=str(item.path), target=str(real))
+            return False
         try:
-            st = os.lstat(item.path)
+            st = os.stat(item.path)
         except OSError:
             return False
-        if os.path.islink(item.path):
-            real = Path(os.path.realpath(item.path))
-            if not any(is_within(real, root) for root in config.watch.paths):
-                return False
-            try:
-                st = os.stat(item.path)
-            except OSError:
-                return False
         if not stat.S_ISREG(st.st_mode):
             return False
         if (st.st_size, st.st_mtime_ns) != (item.size, item.mtime_ns):
