@@ -143,6 +143,8 @@ class TestSupernovaOnHost:
         plain = _process_supernova(tmp_path / "aperture", folder / "frames", "aperture")
         points = _process_supernova(tmp_path / "difference", folder / "frames", "difference")
         assert len(points) == len(plain) == len(truth)  # every frame a point
+        # The host beside the supernova, a detected source, is in the reference too: no blend or crowding left.
+        assert not any(row["flags"] & flags.value("blended", "crowded") for row in points)
         true_mag = np.array([truth[row["file"]].mag[0] for row in points])
         assert np.isinf(true_mag[0]) and points[0]["flags"] & flags.value("is_reference")
         faint = np.isfinite(true_mag) & (true_mag > 20.5)

@@ -31,8 +31,9 @@ from lcowatch.states import Step
 if TYPE_CHECKING:
     from lcowatch.pipeline.stages import FrameWork
 
-#: Flags of the unsubtracted target that the subtraction removes (the host made it look blended).
-CLEARED_BY_SUBTRACTION = flags.value("blended")
+#: Flags of the unsubtracted target that the subtraction removes: the host (detected as a source beside
+#: the target) made it look blended or crowded, and its light is in the reference too.
+CLEARED_BY_SUBTRACTION = flags.value("blended", "crowded")
 
 
 @dataclass(frozen=True)
