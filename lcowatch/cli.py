@@ -22,7 +22,7 @@ from lcowatch.errors import ConfigError, Stop
 from lcowatch.intake.discovery import find_files
 from lcowatch.intake.quarantine import QUARANTINE_DIR, find_quarantined, quarantined_names, release
 from lcowatch.log import get_logger
-from lcowatch.outputs.export import check_star_magnitudes, lightcurve_table, update_result_file, write_aavso
+from lcowatch.outputs.export import lightcurve_table, named_check_star, update_result_file, write_aavso
 from lcowatch.outputs.export import write_table as export_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
 from lcowatch.pipeline.executor import Executor, make_executor
@@ -298,7 +298,7 @@ def _export_aavso(args: argparse.Namespace, config: Config, store: Store, table:
     report = io.StringIO()
     written = write_aavso(
         table, report, target=config.targets[args.target].aavso_name or args.target, obscode=config.aavso_obscode,
-        check=check_star_magnitudes(store, args.target), include_flagged=args.include_flagged,
+        check=named_check_star(config, store, args.target, table), include_flagged=args.include_flagged,
     )  # fmt: skip
     if not written:
         print(f"lcowatch: {args.target} has no calibrated observation to report"

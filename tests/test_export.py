@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from conftest import write_config
@@ -89,6 +91,26 @@ class TestAavsoExport:
             assert fields[10] == "na" or 8 < float(fields[10]) < 20
         with_flagged = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso", "--include-flagged")
         assert len([line for line in with_flagged.splitlines() if not line.startswith("#")]) == len(points)
+
+    def test_the_check_star_is_a_catalog_star_named_by_its_position(
+        self, campaign: Campaign, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        lines = _export(campaign, capsys, "SN2026A", "--filter", "rp", "--format", "aavso").splitlines()
+        # In the frames where it was not measured cleanly, the check star is left out (na).
+        rows = [fields for line in lines if not line.startswith("#") and (fields := line.split(","))[9] != "na"]
+        assert len(rows) >= 0.8 * len([line for line in lines if not line.startswith("#")])
+        names = {fields[9] for fields in rows}
+        assert len(names) == 1, names
+        name = names.pop()
+        assert re.fullmatch(r"J\d{6}\.\d{2}[+-]\d{6}\.\d", name), name
+        position = SkyCoord(f"{name[1:3]}h{name[3:5]}m{name[5:10]}s {name[10:13]}d{name[13:15]}m{name[15:]}s")
+        catalog = Table.read(campaign.folder / "sn2026a-stars.csv", format="ascii.csv")
+        stars = SkyCoord(catalog["ra"], catalog["dec"], unit="deg")
+        index, separation, _ = position.match_to_catalog_sky(stars)
+        assert separation.arcsec < 0.3  # the name truncates: 0.01 s of right ascension, 0.1" of declination
+        # Its magnitude in each frame is its catalog magnitude, within the frame's calibration.
+        kmag = np.array([float(fields[10]) for fields in rows])
+        assert np.all(np.abs(kmag - catalog["r"][int(index)]) < 0.05), (kmag, catalog["r"][int(index)])
 
     def test_nothing_calibrated_is_an_error_and_writes_no_file(
         self, campaign: Campaign, capsys: pytest.CaptureFixture[str], tmp_path: Path

@@ -7,15 +7,19 @@ so a reader never sees half a file.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import IO
 
 import astropy.units as u
 import numpy as np
+from astropy.coordinates import SkyCoord
 from astropy.table import MaskedColumn, Table
 
 from lcowatch import __version__, flags
+from lcowatch.config import Config
+from lcowatch.science.refcat import FieldCatalogs
 from lcowatch.state.store import Store
 
 RESULTS_DIR = "results"
@@ -95,15 +99,15 @@ def write_aavso(
     *,
     target: str,
     obscode: str,
-    check: dict[str, float] | None = None,
+    check: tuple[str, dict[str, float]] | None = None,
     include_flagged: bool = False,
 ) -> int:
     """AAVSO Extended File Format: calibrated points of the first aperture, JD (UTC) at mid-exposure.
 
     A non-detection is written as its 5 sigma limit, ``<MAG`` with MERR ``na``. Points with flags other
     than :data:`AAVSO_ACCEPTED_FLAGS` are left out unless ``include_flagged``. The comparison is the
-    ensemble (``CNAME=ENSEMBLE``, ``CMAG=na``, as the format asks for ensembles); ``check`` maps file name
-    to the check star's calibrated magnitude in that frame, written as KMAG. Returns the number of
+    ensemble (``CNAME=ENSEMBLE``, ``CMAG=na``, as the format asks for ensembles); ``check`` is the check
+    star's name (KNAME) and its calibrated magnitude per frame file (KMAG). Returns the number of
     observations written.
     """
     out.write("#TYPE=EXTENDED\n")
@@ -124,12 +128,13 @@ def write_aavso(
             magnitude, error = f"{row['mag']:.4f}", f"{row['mag_err']:.4f}"
         else:
             continue
-        kmag = (check or {}).get(str(row["file"]))
+        check_name, check_mags = check or ("na", {})
+        kmag = check_mags.get(str(row["file"]))
         notes = f"lcowatch flags={row['flag_names'] or 'none'}; band={row['band']}; zp={row['zp']:.4f}"
         fields = (
             target, f"{row['mjd'] + 2400000.5:.6f}", magnitude, error,
             AAVSO_FILTERS.get(str(row["filter"]), "na"), "NO", "STD", "ENSEMBLE", "na",
-            f"{target}-check" if kmag is not None else "na", f"{kmag:.4f}" if kmag is not None else "na",
+            check_name if kmag is not None else "na", f"{kmag:.4f}" if kmag is not None else "na",
             "na" if np.ma.is_masked(row["airmass"]) else f"{row['airmass']:.4f}", "na", "na", notes.replace(",", ";"),
         )  # fmt: skip
         out.write(",".join(fields) + "\n")
@@ -137,9 +142,10 @@ def write_aavso(
     return written
 
 
-def check_star_magnitudes(store: Store, target: str) -> dict[str, float]:
-    """Calibrated magnitude, per frame file, of one check star: the field star measured cleanly in the
-    most frames, the nearest in brightness to the target among those (first aperture)."""
+def check_star_candidates(store: Store, target: str) -> list[tuple[int, dict[str, float]]]:
+    """Candidate check stars, best first, each with its calibrated magnitude per frame file: the field stars
+    measured cleanly in at least 80 % as many frames as the most measured one, nearest in brightness to
+    the target first (first aperture)."""
     rows = store.calibrated_star_photometry(target)
     target_mags = [r["inst_mag"] for r in rows if r["star_id"] == 0]
     clean: dict[int, list[tuple[str, float, float]]] = {}
@@ -147,12 +153,43 @@ def check_star_magnitudes(store: Store, target: str) -> dict[str, float]:
         if r["star_id"] > 0 and r["flags"] & ~flags.value("forced_position") == 0:
             clean.setdefault(r["star_id"], []).append((r["file"], r["inst_mag"], r["zp"]))
     if not clean or not target_mags:
-        return {}
+        return []
     most = max(len(v) for v in clean.values())
     reference = float(np.median(target_mags))
     candidates = {star: v for star, v in clean.items() if len(v) >= 0.8 * most}
-    star = min(candidates, key=lambda s: abs(float(np.median([m for _, m, _ in candidates[s]])) - reference))
-    return {file: mag + zp for file, mag, zp in candidates[star]}
+    order = sorted(candidates, key=lambda s: abs(float(np.median([m for _, m, _ in candidates[s]])) - reference))
+    return [(star, {file: mag + zp for file, mag, zp in candidates[star]}) for star in order]
+
+
+def named_check_star(config: Config, store: Store, target: str, table: Table) -> tuple[str, dict[str, float]] | None:
+    """The AAVSO check star: the best candidate (:func:`check_star_candidates`) that is a star of the
+    target's catalog (in the band of the report's first calibrated point), named by its catalog position
+    (:func:`designation`); None without one."""
+    bands = [str(band) for band in table["band"][~np.ma.getmaskarray(table["band"])]] if len(table) else []
+    reference = store.reference(target)
+    catalog = FieldCatalogs(config).get(target, bands[0], None) if bands else None
+    if reference is None or reference.wcs is None or catalog is None or not len(catalog):
+        return None
+    stars = SkyCoord(np.asarray(catalog["ra"], dtype=float), np.asarray(catalog["dec"], dtype=float), unit="deg")
+    ids, field_ref = store.field_stars(target)
+    row_of = {int(star): row for row, star in enumerate(ids)}
+    for star, mags in check_star_candidates(store, target):
+        position = reference.sky_of(field_ref[row_of[star]][None, :])
+        index, separation, _ = position.match_to_catalog_sky(stars)
+        if separation[0].arcsec <= config.catalog.match_radius_arcsec:
+            return designation(stars[int(index[0])]), mags
+    return None
+
+
+def designation(position: SkyCoord) -> str:
+    """The IAU-style name of a position: ``J`` and its J2000 right ascension and declination, truncated
+    (``J083612.34+124532.1``)."""
+    ra = position.ra.hms
+    sign = "-" if position.dec.deg < 0 else "+"
+    dec = abs(position.dec).dms
+    seconds_ra = math.floor(ra.s * 100) / 100
+    seconds_dec = math.floor(dec.s * 10) / 10
+    return f"J{int(ra.h):02d}{int(ra.m):02d}{seconds_ra:05.2f}{sign}{int(dec.d):02d}{int(dec.m):02d}{seconds_dec:04.1f}"
 
 
 def _ecsv_cell(value: object, masked: bool) -> str:

@@ -35,6 +35,7 @@ from lcowatch.science.register import (
     REFINE_SNR,
     Affine,
     apply_affine,
+    invert,
     match_positions,
     usable_stars,
 )
@@ -115,6 +116,12 @@ class Reference:
         x, y = self.wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
         xy = np.column_stack([np.asarray(x, dtype=float), np.asarray(y, dtype=float)])
         return apply_affine(self.sky_fix, xy) if self.sky_fix is not None else xy
+
+    def sky_of(self, xy: np.ndarray) -> SkyCoord:
+        """Sky positions of reference pixels (N, 2), through the corrected header WCS."""
+        assert self.wcs is not None, "a reference without a WCS has no sky positions"
+        header_xy = apply_affine(invert(self.sky_fix), xy) if self.sky_fix is not None else xy
+        return self.wcs.pixel_to_world(header_xy[:, 0], header_xy[:, 1])
 
     @property
     def target_placed_by_wcs(self) -> bool:
