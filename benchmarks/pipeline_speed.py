@@ -14,7 +14,10 @@ FWHM ~2", pointing offsets of tens of pixels, a reference catalog for the field)
    apertures with a sigma-clipped annulus median (``ApertureStats``) at every detected position;
 5. throughput with 1 and 2 worker processes sharing one state_dir (SQLite WAL), template already made;
 6. a scale check: seconds per frame when the target already has 10,000 frames in its light curve vs none;
-7. optionally (``--profile``) a cProfile of one non-template frame's ``process_path``.
+7. the command itself: ``lcowatch --version`` in a fresh process, and ``lcowatch process`` on one frame
+   against all of them (fresh state each), whose difference gives the marginal cost of a frame with the
+   start-up and the first frame's one-time costs cancelled out;
+8. optionally (``--profile``) a cProfile of one non-template frame's ``process_path``.
 
 Run ``python benchmarks/pipeline_speed.py`` (full: 6 frames of 4096x4096) or ``--quick`` (3 frames of
 2048x2048, under a minute). See benchmarks/README.md for what each figure means.
@@ -35,6 +38,7 @@ import resource
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -552,6 +556,31 @@ def add_history(state_dir: Path, template_sha: str, n_frames: int) -> dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------------
+# The command: start-up, and the marginal cost of a frame with start-up cancelled out
+# --------------------------------------------------------------------------------------------------------
+
+
+def time_command(args: Sequence[str]) -> float:
+    """Wall seconds of ``python -m lcowatch ARGS`` in a fresh process; it must exit 0."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lcowatch", *args], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def time_process_command(workdir: Path, refcat: Path, paths: Sequence[Path], label: str) -> float:
+    """Wall seconds of ``lcowatch process`` on ``paths`` (copied into their own folder) with a fresh state."""
+    folder = workdir / f"command-{label}"
+    shutil.rmtree(folder, ignore_errors=True)
+    incoming = folder / "in"
+    incoming.mkdir(parents=True)
+    for path in paths:
+        os.link(path, incoming / path.name)
+    config = folder / "config.yaml"
+    config.write_text(json.dumps(config_raw(folder / "state", incoming, refcat)))  # JSON is YAML
+    return time_command(["process", "--config", str(config), str(incoming)])
+
+
+# --------------------------------------------------------------------------------------------------------
 # Profile
 # --------------------------------------------------------------------------------------------------------
 
@@ -610,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--no-scale", action="store_true")
+    parser.add_argument("--no-command", action="store_true", help="skip timing the lcowatch command itself")
     parser.add_argument("--profile", action="store_true", help="also cProfile one non-template frame's process_path")
     parser.add_argument("--top", type=int, default=15, help="rows of the profile (default 15)")
     parser.add_argument(
@@ -857,6 +887,21 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
                 f"<= {TARGET_RSS_MB:.0f} MB",
                 worker_rss <= TARGET_RSS_MB if not args.quick else None,
             )
+
+    # ---- the command
+    if not args.no_command:
+        begin("the command: lcowatch --version, and lcowatch process on 1 frame vs all (start-up cancelled out)")
+        startup = median([time_command(["--version"]) for _ in range(3)])
+        one = time_process_command(workdir, refcat, paths[:1], "one")
+        every = time_process_command(workdir, refcat, paths, "all")
+        marginal = (every - one) / (len(paths) - 1)
+        print(f"  lcowatch --version: {startup:.2f} s (median of 3)")
+        print(f"  lcowatch process: 1 frame {one:.2f} s, {len(paths)} frames {every:.2f} s")
+        print(f"  marginal cost of a frame: {marginal:.3f} s; fixed cost of a run: {one - marginal:.2f} s")
+        load.stop("command")
+        summary.add("lcowatch --version (fresh process)", f"{startup:.2f} s", "< 1 s", startup < 1.0)
+        summary.add("lcowatch process, marginal s/frame", f"{marginal:.3f} s")
+        summary.add("  fixed cost of a process run", f"{one - marginal:.2f} s")
 
     # ---- scale
     if not args.no_scale:
