@@ -44,7 +44,6 @@ from typing import Literal
 import numpy as np
 import sep
 from scipy import ndimage
-from scipy.signal import fftconvolve
 
 __all__ = [
     "MIN_STARS",
@@ -54,6 +53,15 @@ __all__ = [
     "resample_reference",
     "subtract",
 ]
+
+
+def _convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """``scipy.signal.fftconvolve(image, kernel, mode="same")``, imported here: scipy.signal brings
+    scipy.stats with it, 0.4 s of start-up that only difference targets should pay."""
+    from scipy.signal import fftconvolve
+
+    return fftconvolve(image, kernel, mode="same")
+
 
 #: Fewer fitting stars than this and the kernel is not constrained: :func:`subtract` raises ValueError.
 MIN_STARS = 5
@@ -286,7 +294,7 @@ def _sfft(
     centre = np.array([[convolved.shape[1] / 2.0, convolved.shape[0] / 2.0]])
     kernel = Realize_MatchingKernel(centre).FromArray(solution, p["N0"], p["N1"], p["L0"], p["L1"], p["DK"], p["Fpq"])
     kernel = np.asarray(kernel[0]).T
-    difference = direct - fftconvolve(convolved, kernel, mode="same")
+    difference = direct - _convolve(convolved, kernel)
     return difference, kernel, np.asarray(contam_out).T.astype(bool)
 
 
@@ -414,7 +422,7 @@ def subtract(
         var_direct = np.where(valid, science_var, 0.0)
         var_convolved = np.where(valid, reference_var, 0.0) * scale**2
     kernel = kernel / kernel.sum()
-    variance = var_direct + np.clip(fftconvolve(var_convolved, kernel**2, mode="same"), 0.0, None)
+    variance = var_direct + np.clip(_convolve(var_convolved, kernel**2), 0.0, None)
     undefined = ~valid | contam
     image[undefined] = np.nan
     variance[undefined] = np.nan
@@ -424,7 +432,7 @@ def subtract(
     target = _disks(valid.shape, excluded[:, 0], excluded[:, 1], EXCLUDE_RADIUS_FWHM * fwhm)
     image -= _background_plane(image, ~target)
     psf_science = _psf_stamp(science_fit, xs, ys, half_width + math.ceil(2.0 * fwhm))
-    psf_difference = fftconvolve(psf_science, kernel, mode="same") if conv_science else psf_science
+    psf_difference = _convolve(psf_science, kernel) if conv_science else psf_science
     core = _disks(valid.shape, xs, ys, fwhm) & np.isfinite(image)
     z = image[core] / np.sqrt(variance[core])
     return Difference(
@@ -510,7 +518,7 @@ def forced_photometry(
         flux = float(np.sum(weights * values)) - background * float(weights.sum())
         var = float(np.sum(weights**2 * direct)) + background_var * float(weights.sum()) ** 2
         # Each convolved pixel reaches the aperture through the kernel: its weight is (weights x kernel).
-        reach = fftconvolve(np.pad(weights, half), kernel_flipped, mode="same")
+        reach = _convolve(np.pad(weights, half), kernel_flipped)
         convolved = _window(difference.variance_convolved, box.iymin - half, box.ixmin - half, reach.shape)
         var += float(np.sum(reach**2 * np.nan_to_num(convolved, nan=0.0)))
         correction = 1.0
