@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from lcowatch.intake.quarantine import NAME_MAX, quarantine_file, quarantined_names
 
@@ -50,3 +55,25 @@ class TestQuarantineFile:
         note = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
         assert note["file"] == name and note["reason"] == "too long"
         assert moved in quarantined_names(name, "ab" * 32, tmp_path / "state")
+
+    def test_a_full_disk_on_another_file_system_leaves_the_file_and_no_orphan(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Quarantine across file systems copies the file over first; when the disk fills during the copy,
+        the file stays where it was and no partial copy is left in the quarantine folder."""
+        shm = Path("/dev/shm")
+        if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("needs /dev/shm on another file system than the state folder")
+        with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+            path = Path(elsewhere) / "bad.fits"
+            path.write_bytes(b"not a frame" * 100)
+
+            def full_disk(source: object, destination: str | Path) -> None:
+                Path(destination).write_bytes(b"not a f")  # a first block, then the disk is full
+                raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+
+            monkeypatch.setattr(shutil, "copy2", full_disk)  # the disk, not our code
+            with pytest.raises(OSError, match="No space left"):
+                quarantine_file(path, tmp_path / "state", sha256="cd" * 32, reason="not FITS", step="readiness")
+            assert path.read_bytes() == b"not a frame" * 100
+            assert list((tmp_path / "state" / "quarantine").iterdir()) == []

@@ -89,12 +89,12 @@ def _unique_prefix(sha256: str | None) -> str:
 def _claim(source: Path, folder: Path, name: str, sha256: str | None) -> Path:
     """Give ``source`` a name of its own in ``folder`` and remove it from where it was."""
     staged = None
-    if os.stat(source).st_dev != os.stat(folder).st_dev:  # another file system: copy over first
-        fd, staged_name = tempfile.mkstemp(dir=folder, prefix=".incoming-")
-        os.close(fd)
-        staged = Path(staged_name)
-        shutil.copy2(source, staged)
     try:
+        if os.stat(source).st_dev != os.stat(folder).st_dev:  # another file system: copy over first
+            fd, staged_name = tempfile.mkstemp(dir=folder, prefix=".incoming-")
+            os.close(fd)
+            staged = Path(staged_name)
+            shutil.copy2(source, staged)  # a full disk fails here: the staged copy goes, the source stays
         candidate = _fit(name, _ROOM)
         while True:
             destination = folder / candidate
