@@ -1,4 +1,4 @@
-"""The ``lcowatch`` command line. Exit codes: 0 success, 2 bad usage or config, 1 other failure."""
+"""The lcowatch command line. Exit codes: 0 success, 2 bad usage or config, 1 other failure."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ from lcowatch.pipeline.executor import Executor, make_executor
 from lcowatch.pipeline.reprocess import ReprocessError, reprocess
 from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
 from lcowatch.science.frame import read_content
-from lcowatch.science.refcat import FieldCatalogs, standard_band
+from lcowatch.science.refcat import CatalogFileError, FieldCatalogs, read_local_catalog, standard_band
 from lcowatch.state.images import reference_images
-from lcowatch.state.ledger import Ledger, connect
+from lcowatch.state.ledger import Ledger, connect, path_text
 from lcowatch.state.store import FRAME_COLUMNS, Store
 from lcowatch.states import LEDGER_STATES, State
 
@@ -78,6 +78,18 @@ def write_table(rows: list[dict[str, object]], columns: Sequence[str], fmt: str,
 
 
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
+    # A catalog file is read as processing will read it: unusable columns are an error now, not a night of
+    # uncalibrated points later.
+    unusable = []
+    for name, target in config.targets.items():
+        if target.refcat is not None:
+            try:
+                read_local_catalog(target.refcat)
+            except CatalogFileError as exc:
+                unusable.append(f"targets.{name}.refcat: {exc}")
+    if unusable:
+        print("\n".join(f"config error: {problem}" for problem in unusable))
+        return EXIT_USAGE
     print(f"{config.source}: valid ({len(config.targets)} target(s), watching {len(config.watch.paths)} path(s))")
     for k, folder in enumerate(config.watch.paths):
         if not folder.is_dir():  # valid (the daemon watches for it to appear), but often a typo
@@ -248,15 +260,35 @@ STATUS_COLUMNS = ["target", "filter", "frames", "rejected", "template", "last_mj
                   "zp_median", "zp_recent"]  # fmt: skip
 
 
+#: Files of these states are named by ``status`` (the rest are counted): they want a look.
+NAMED_STATES = (State.PENDING, State.QUARANTINED)
+NAMED_AT_MOST = 20
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     conn = connect(config.state_dir)
-    counts = Ledger(conn).counts()
+    ledger = Ledger(conn)
+    counts = ledger.counts()
     rows = Store(conn).status()
+    named = {
+        str(state): [
+            {"file": log.display_name(Path(path_text(r.path)).name), "attempts": r.attempts, "reason": r.error}
+            for r in ledger.in_state(state)
+        ]
+        for state in NAMED_STATES
+    }
     if args.json:
-        json.dump({"files": counts, "targets": rows}, sys.stdout, indent=2)
+        json.dump({"files": counts, **named, "targets": rows}, sys.stdout, indent=2)
         print()
         return EXIT_OK
     print("files: " + ", ".join(f"{state} {n}" for state, n in counts.items()))
+    for state, files in named.items():
+        for entry in files[:NAMED_AT_MOST]:
+            attempts = f" (attempts {entry['attempts']})" if state == State.PENDING else ""
+            reason = f": {entry['reason']}" if entry["reason"] else ""
+            print(f"  {state} {entry['file']}{attempts}{reason}")
+        if len(files) > NAMED_AT_MOST:
+            print(f"  ... and {len(files) - NAMED_AT_MOST} more {state} (lcowatch frames --state {state})")
     write_table(rows, STATUS_COLUMNS, "table", sys.stdout)
     return EXIT_OK
 

@@ -333,12 +333,24 @@ def parse(raw: Any, base_dir: Path) -> Config:
         config = Config.model_validate(raw)
     except ValidationError as exc:
         problems = [f"{_location(e['loc'])}: {_message(e)}" for e in exc.errors()]
-        raise ConfigError(problems) from None
+        # Missing files are told now too, not only once the rest is fixed.
+        raise ConfigError(problems + _raw_file_problems(raw, base_dir)) from None
     resolved = _resolve_paths(config, base_dir)
     problems = _file_problems(resolved) + _path_problems(resolved) + _name_problems(resolved)
     if problems:
         raise ConfigError(problems)
     return resolved
+
+
+def _raw_file_problems(raw: dict[str, Any], base_dir: Path) -> list[str]:
+    """:func:`_file_problems` of a document that did not validate: the refcat paths it gives as text."""
+    targets = raw.get("targets")
+    return [
+        f"targets.{name}.refcat: no such file: {(base_dir / Path(target['refcat']).expanduser()).resolve()}"
+        for name, target in (targets.items() if isinstance(targets, dict) else [])
+        if isinstance(target, dict) and isinstance(target.get("refcat"), str)
+        and not (base_dir / Path(target["refcat"]).expanduser()).is_file()
+    ]  # fmt: skip
 
 
 def _file_problems(config: Config) -> list[str]:

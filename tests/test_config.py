@@ -79,6 +79,34 @@ class TestParse:
         assert config.target_for_object("SN2") is None
 
 
+class TestCatalogFiles:
+    """A target's catalog file is checked with the rest: a missing one is reported beside the other errors,
+    and one whose columns cannot be used is an error naming what is missing (check-config exits 2)."""
+
+    def test_a_missing_file_is_told_beside_other_errors(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        raw = MINIMAL | {
+            "watch": {"paths": ["in"], "pol": True},
+            "targets": {"SN1": {"ra": 1.0, "dec": 2.0, "refcat": "nowhere.csv"}},
+        }
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        out = capsys.readouterr().out
+        assert "watch.pol: unknown key" in out and "targets.SN1.refcat: no such file" in out
+
+    def test_unusable_columns_are_an_error(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        (tmp_path / "stars.csv").write_text("x,dec,g\n150.1,2.2,15.0\n150.2,2.3,16.0\n")
+        raw = MINIMAL | {"targets": {"SN1": {"ra": 150.1, "dec": 2.2, "refcat": "stars.csv"}}}
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 2
+        out = capsys.readouterr().out
+        assert "targets.SN1.refcat:" in out and "missing column" in out and "valid" not in out
+        # The names other catalogs use are understood: VizieR's RAJ2000 and PS1's raMean.
+        (tmp_path / "stars.csv").write_text("raMean,DEJ2000,g\n150.1,2.2,15.0\n150.2,2.3,16.0\n")
+        assert main(["check-config", "--config", str(tmp_path / "c.yaml")]) == 0
+
+
 class TestConfigsThatWouldFailLater:
     """What would harm the machine or fail quietly once running is caught by check-config: system or
     overlapping folders, target names that would escape state_dir as file names, two targets claiming one

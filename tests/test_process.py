@@ -24,7 +24,7 @@ from lcowatch.config import load
 from lcowatch.pipeline.runner import Outcome, Pipeline
 from lcowatch.pipeline.stages import default_stages
 from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
-from lcowatch.state.ledger import connect
+from lcowatch.state.ledger import Ledger, connect
 
 FIELD = make_field("PTEST", 80.0, 5.0, nstars=800, radius_arcmin=3.0, seed=9)
 TARGETS = {"PTEST": {"ra": 80.0, "dec": 5.0}}
@@ -458,11 +458,41 @@ class TestFirstCommands:
         assert not [e for e in events if e["event"] == "target_far_from_frame"]
 
     def test_every_command_says_what_it_does(self, capsys: pytest.CaptureFixture[str]) -> None:
-        for command in ("export", "plot", "frames", "process", "retry", "template"):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        top = capsys.readouterr().out
+        assert "``" not in top and "lcowatch command line" in top  # prose, not docstring markup
+        commands = re.findall(r"^    ([a-z][a-z-]*) ", top, flags=re.M)
+        assert len(commands) >= 14, commands
+        for command in commands:
             with pytest.raises(SystemExit):
                 main([command, "--help"])
             usage, description = capsys.readouterr().out.split("\n\n")[:2]
             assert usage.startswith(f"usage: lcowatch {command}") and description.strip().endswith("."), description
+            assert "``" not in description
+
+    def test_status_names_the_files_that_want_a_look(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """Pending (a frame in hand, or one a crash left) and quarantined files are named with their reasons,
+        by ``status`` and ``status --json``; ``frames`` lists the pending one too."""
+        config = write_config(tmp_path, TARGETS)
+        incoming = tmp_path / "in"
+        (incoming / "empty.fits").write_bytes(b"")
+        assert _process(config, capsys, incoming)[0] == 0
+        (tmp_path / "elsewhere").mkdir()
+        in_hand = _frame(tmp_path / "elsewhere", "in-hand.fits.fz", mjd_start=61000.1)
+        content = in_hand.read_bytes()
+        Ledger(connect(tmp_path / "state")).start_attempt(hashlib.sha256(content).hexdigest(), in_hand, len(content))
+        capsys.readouterr()
+        assert main(["status", "--config", str(config)]) == 0
+        out = capsys.readouterr().out
+        assert "pending in-hand.fits.fz (attempts 1)" in out
+        assert "quarantined empty.fits: empty file" in out
+        assert main(["status", "--config", str(config), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert [f["file"] for f in status["pending"]] == ["in-hand.fits.fz"]
+        assert [(f["file"], f["reason"]) for f in status["quarantined"]] == [("empty.fits", "empty file")]
+        assert main(["frames", "--config", str(config), "--format", "csv", "--state", "pending"]) == 0
+        assert [row["file"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["in-hand.fits.fz"]
 
     def test_frames_lists_every_file_with_its_state(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = write_config(tmp_path, TARGETS)
