@@ -168,6 +168,13 @@ class TestDemo:
         }
         assert medians["DEMO-VAR"] < 0.02
         assert medians["DEMO-SN"] < 0.05  # image subtraction on the host
+        # Its "look further" commands run as printed, without the virtual environment activated.
+        further = result.stdout.split("look further:")[1].split("\n")
+        commands = [line.strip() for line in further if "--config" in line]
+        assert len(commands) == 6 and all(Path(c.split()[0]).is_file() or c.startswith("lcowatch ") for c in commands)
+        bare = None if commands[0].startswith("lcowatch ") else {"PATH": "/usr/bin:/bin"}  # no venv on the PATH
+        status = subprocess.run(commands[0].split(), capture_output=True, text=True, timeout=60, env=bare)
+        assert status.returncode == 0 and "done 32" in status.stdout, status.stdout + status.stderr
 
 
 class TestStatus:

@@ -31,6 +31,16 @@ class TestUnit:
         assert exposure is not None, result.stdout + result.stderr
         assert float(exposure.group(1)) <= 2.0
 
+    @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+    def test_verify_is_clean(self, tmp_path: Path) -> None:
+        """``systemd-analyze verify`` finds nothing in the unit but the one thing a test machine lacks: the
+        installed command (ExecStart points at /opt/lcowatch), which this copy replaces by /bin/true."""
+        unit = tmp_path / UNIT.name
+        unit.write_text(re.sub(r"(?m)^ExecStart=\S+", "ExecStart=/bin/true", UNIT.read_text()))
+        result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
+        problems = [line for line in (result.stdout + result.stderr).splitlines() if UNIT.name in line]
+        assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
     def test_watched_folders_may_be_missing(self) -> None:
         (paths,) = _settings("ReadWritePaths")
         state, *watched = paths.split()
