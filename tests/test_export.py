@@ -14,8 +14,12 @@ from astropy.coordinates import SkyCoord
 from astropy.table import Table
 
 from conftest import write_config
+from lcowatch import flags
 from lcowatch.cli import main
-from lcowatch.outputs.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS
+from lcowatch.outputs.export import AAVSO_ACCEPTED_FLAGS, AAVSO_FIELDS, lightcurve_table
+from lcowatch.outputs.plot import lightcurve_figure
+from lcowatch.state.ledger import connect
+from lcowatch.state.store import Store
 from simulated import Campaign
 
 
@@ -146,6 +150,30 @@ class TestPlot:
         assert reported == stored
         width, height = _png_size(path)
         assert width >= 600 and height >= 400
+
+    def test_one_panel_shows_everything(self, campaign: Campaign) -> None:
+        """Filters in colours with a legend on one inverted magnitude axis with units, calendar dates above
+        the MJD axis, an uncalibrated point as a square on its filter's scale, a limit as an arrow, flagged
+        points hollow."""
+        table = lightcurve_table(Store(connect(campaign.folder / "state")), "SN2026A")
+        first = table[table["aperture"] == table["aperture"][0]]
+        rp, gp = (np.flatnonzero(first["filter"] == f) for f in ("rp", "gp"))
+        first["mag"].mask[rp[1]] = True  # calibrated no more: drawn from its diff_mag
+        first["mag"].mask[gp[0]] = first["diff_mag"].mask[gp[0]] = True  # a non-detection: its limit
+        first["flags"][gp[1]] |= flags.value("forced_position")
+        figure, drawn = lightcurve_figure(first, title="SN2026A")
+        axis = next(a for a in figure.axes if a.get_ylabel())
+        assert [a.get_ylabel() for a in figure.axes if a.get_ylabel()] == ["calibrated magnitude [mag]"]
+        assert axis.yaxis_inverted() and "MJD" in axis.get_xlabel()
+        assert len(axis.child_axes) == 1  # the calendar axis above
+        legend = {text.get_text() for text in axis.get_legend().get_texts()}
+        assert {"rp (r)", "gp (g)", "rp (r), uncalibrated", "gp (g): 5 sigma limit"} <= legend
+        points = [line for line in axis.get_lines() if line.get_marker() in ("o", "s")]
+        squares = sum(len(line.get_xdata()) for line in points if line.get_marker() == "s")
+        hollow = sum(len(line.get_xdata()) for line in points if line.get_markerfacecolor() == "none")
+        measured = ~np.ma.getmaskarray(first["mag"]) | ~np.ma.getmaskarray(first["diff_mag"])
+        assert squares == 1 and hollow == int(np.sum((np.asarray(first["flags"]) != 0) & measured)) > 0
+        assert len(axis.texts) == 1 and drawn == len(first)  # one arrow; every row drawn once
 
 
 @pytest.mark.slow

@@ -18,14 +18,23 @@ MJD_UNIX_EPOCH = 40587.0  # MJD of 1970-01-01, for the calendar axis
 
 
 def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | None = None) -> int:
-    """Write a PNG of the light curve in ``table`` (see :func:`lcowatch.outputs.export.lightcurve_table`).
+    """Write a PNG of the light curve in ``table`` (see :func:`lightcurve_figure`); returns the number of
+    points drawn (measurements and limits)."""
+    figure, plotted = lightcurve_figure(table, title=title, aperture=aperture)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    return plotted
+
+
+def lightcurve_figure(table: Table, *, title: str, aperture: str | None = None) -> tuple[Any, int]:
+    """The light curve in ``table`` (see :func:`lcowatch.outputs.export.lightcurve_table`) as a matplotlib
+    Figure, and the number of points drawn (measurements and limits).
 
     One panel of calibrated magnitudes, every filter in its own colour on a shared time axis (MJD below,
     calendar dates above). A filter's uncalibrated points are put on its scale by the median ``mag -
     diff_mag`` of its calibrated ones and drawn as squares; a filter with no calibrated point at all gets a
     second panel of differential magnitudes. Non-detections are their 5 sigma limits, drawn as downward
     arrows; points with any flag are hollow. Only ``aperture`` (default: the first listed) is shown.
-    Returns the number of points drawn (measurements and limits).
     """
     if len(table) and aperture is None:
         aperture = str(table["aperture"][0])
@@ -55,9 +64,7 @@ def plot_lightcurve(table: Table, path: Path, *, title: str, aperture: str | Non
     _calendar_axis(axes[0])
     axes[0].set_title(f"{title}  (aperture {aperture}; hollow: flagged; arrows: 5 sigma limits)" if aperture else title)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return plotted
+    return figure, plotted
 
 
 def _draw_filter(axis: Any, subset: Table, column: str, filter: str, colour: str) -> int:
