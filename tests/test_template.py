@@ -3,6 +3,7 @@ moves nothing in the light curve."""
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from conftest import write_config
 from lcowatch.cli import main
 from lcowatch.simulation.simulate import FrameSpec, FrameTruth, lco_filename, make_field, write_frame
+from lcowatch.state.ledger import Ledger, connect
+from lcowatch.states import State
 
 FIELD = make_field("TPL", 120.0, 10.0, nstars=900, radius_arcmin=3.5, seed=21, min_sep_arcsec=15.0)
 
@@ -65,6 +68,21 @@ class TestTemplateChange:
 
 class TestPinning:
     """A pinned template stays, whatever better frames arrive; unpinning lets them in again."""
+
+    def test_pinning_a_rejected_frame_warns(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A frame the pipeline rejected can still be pinned (the user may know better), with a warning
+        naming why it was rejected."""
+        truth = _series(tmp_path / "in", [2.6, 2.4])
+        config = write_config(tmp_path, {"TPL": {"ra": 120.0, "dec": 10.0}})
+        assert main(["process", "--config", str(config), str(tmp_path / "in")]) == 0
+        second = sorted(truth)[1]
+        sha256 = hashlib.sha256((tmp_path / "in" / second).read_bytes()).hexdigest()
+        # As a poor frame's verdict would be recorded (the ledger's own call, on the real SQLite file).
+        Ledger(connect(tmp_path / "state")).finish(sha256, State.REJECTED, step="quality", error="too few stars")
+        capsys.readouterr()
+        assert main(["template", "--config", str(config), "TPL", "--set", second]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: {second} was rejected (too few stars); pinned as asked" in err
 
     def test_pin_then_unpin(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         truth = _series(tmp_path / "in", [2.6, 2.4])
