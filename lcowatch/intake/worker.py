@@ -82,7 +82,7 @@ def give_back_attempt(state_dir: Path, hand: InHand | None) -> None:
         return
     with contextlib.suppress(OSError, sqlite3.Error):
         st = hand.path.stat()
-        conn = connect(state_dir, busy_seconds=1.0)  # never hold up the exit for long
+        conn = connect(state_dir, busy_seconds=1.0, create=False)  # never hold up the exit for long
         try:
             ledger = Ledger(conn)
             sha = ledger.known_path(hand.path, st.st_size, st.st_mtime_ns)
@@ -152,7 +152,8 @@ class Worker:
     def _run(self) -> None:
         settings = self._settings
         try:
-            conn = connect(settings.config.state_dir)
+            # The daemon made the ledger before READY; a missing one now was deleted, and must stop it.
+            conn = connect(settings.config.state_dir, create=False)
         except (sqlite3.Error, OSError) as exc:
             self._fail(Stop(f"cannot open the ledger: {exc}"))
             return

@@ -58,12 +58,17 @@ def path_text(value: str | bytes) -> str:
     return os.fsdecode(value) if isinstance(value, bytes) else value
 
 
-def connect(state_dir: Path, *, busy_seconds: float = 30.0) -> sqlite3.Connection:
+def connect(state_dir: Path, *, busy_seconds: float = 30.0, create: bool = True) -> sqlite3.Connection:
     """Open (and create) the one SQLite file under ``state_dir``, in WAL mode, owner-only; a statement waits
-    up to ``busy_seconds`` for another writer."""
+    up to ``busy_seconds`` for another writer.
+
+    ``create=False`` opens only an existing file (``sqlite3.OperationalError`` otherwise): a daemon's second
+    connection must not make a new, empty ledger beside a deleted one, which would hide the deletion.
+    """
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / LEDGER_NAME
-    conn = sqlite3.connect(path, timeout=busy_seconds, isolation_level=None, check_same_thread=False)
+    target = f"{path.absolute().as_uri()}?mode=rw" if not create else str(path)
+    conn = sqlite3.connect(target, timeout=busy_seconds, isolation_level=None, check_same_thread=False, uri=not create)
     os.chmod(path, 0o600)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
