@@ -12,6 +12,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -345,20 +346,19 @@ def parse(raw: Any, base_dir: Path) -> Config:
 def _raw_file_problems(raw: dict[str, Any], base_dir: Path) -> list[str]:
     """:func:`_file_problems` of a document that did not validate: the refcat paths it gives as text."""
     targets = raw.get("targets")
-    return [
-        f"targets.{name}.refcat: no such file: {(base_dir / Path(target['refcat']).expanduser()).resolve()}"
+    return _missing_refcats(
+        (name, _absolute(base_dir, Path(target["refcat"])))
         for name, target in (targets.items() if isinstance(targets, dict) else [])
         if isinstance(target, dict) and isinstance(target.get("refcat"), str)
-        and not (base_dir / Path(target["refcat"]).expanduser()).is_file()
-    ]  # fmt: skip
+    )
 
 
 def _file_problems(config: Config) -> list[str]:
-    return [
-        f"targets.{name}.refcat: no such file: {target.refcat}"
-        for name, target in config.targets.items()
-        if target.refcat is not None and not target.refcat.is_file()
-    ]
+    return _missing_refcats((name, t.refcat) for name, t in config.targets.items() if t.refcat is not None)
+
+
+def _missing_refcats(refcats: Iterable[tuple[str, Path]]) -> list[str]:
+    return [f"targets.{name}.refcat: no such file: {path}" for name, path in refcats if not path.is_file()]
 
 
 #: Folders of the operating system: never a state folder nor a watched one (files there are moved away).
@@ -413,16 +413,19 @@ def _name_problems(config: Config) -> list[str]:
     return problems
 
 
-def _resolve_paths(config: Config, base_dir: Path) -> Config:
-    def absolute(path: Path) -> Path:
-        return (base_dir / path.expanduser()).resolve()
+def _absolute(base_dir: Path, path: Path) -> Path:
+    """A config path as the daemon uses it: relative to the config file's folder, ``~`` expanded."""
+    return (base_dir / path.expanduser()).resolve()
 
+
+def _resolve_paths(config: Config, base_dir: Path) -> Config:
     targets = {
-        name: t.model_copy(update={"refcat": absolute(t.refcat) if t.refcat else None})
+        name: t.model_copy(update={"refcat": _absolute(base_dir, t.refcat) if t.refcat else None})
         for name, t in config.targets.items()
     }
-    watch = config.watch.model_copy(update={"paths": [absolute(p) for p in config.watch.paths]})
-    return config.model_copy(update={"watch": watch, "state_dir": absolute(config.state_dir), "targets": targets})
+    watch = config.watch.model_copy(update={"paths": [_absolute(base_dir, p) for p in config.watch.paths]})
+    state_dir = _absolute(base_dir, config.state_dir)
+    return config.model_copy(update={"watch": watch, "state_dir": state_dir, "targets": targets})
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -335,6 +335,7 @@ def _clipped_fit(
     return fit, used, n_iter
 
 
+#: The clipping width is this times the median-based intrinsic scatter (see :func:`_clipped_fit`).
 MEDIAN_WIDTH_MARGIN = 1.25
 #: The median of a chi-square variable of one degree of freedom.
 _MEDIAN_CHI2_1 = 0.4549
