@@ -7,6 +7,7 @@ frames; the full figure of the issue is ``LCOWATCH_KILL_LOOPS=20 LCOWATCH_KILL_F
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -187,6 +188,35 @@ def test_slow_writer_part_rename_and_moves_each_processed_once(
     assert daemon.stop() == 0
     assert_exactly_once(ledger, frames)
     assert not _quarantined_names(tmp_path / "state")
+
+
+def test_a_writer_pausing_at_an_hdu_boundary_gives_one_point_from_the_whole_file(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+) -> None:
+    """A file that stops at the end of its SCI HDU is a whole FITS file and is measured; when the rest
+    arrives, the whole file's measurement replaces the part's, in one transaction: one point per exposure."""
+    config = factory.config(tmp_path)
+    watch, ledger = tmp_path / "in", LedgerView(tmp_path / "state")
+    frame = factory.frame(36, "fz")
+    content = frame.content
+    sci_end = sorted(_hdu_ends(frame.path))[1]
+    assert 0 < sci_end < len(content)
+    part = content[:sci_end]
+    daemon = daemons(config).start()
+    with open(watch / frame.name, "wb") as handle:
+        handle.write(part)
+        handle.flush()
+        wait_for(_done(ledger, 1), what="the part to be measured")
+        handle.write(content[sci_end:])
+    wait_for(lambda: ledger.file(sha256_of(frame.path)) is not None and _done(ledger, 1)(), what="the whole file")
+    daemon.wait_event("frame_replaced")
+    assert daemon.stop() == 0
+    replaced = ledger.file(hashlib.sha256(part).hexdigest())
+    assert replaced is not None and replaced["state"] == "ignored"
+    assert "replaced by a later version of the same file" in replaced["error"]
+    assert ledger.query("SELECT DISTINCT sha256 FROM points") == [(sha256_of(frame.path),)]
+    results = Table.read(tmp_path / "state" / "results" / f"{TARGET}.ecsv", format="ascii.ecsv")
+    assert list(results["file"]).count(frame.name) == len(set(results["aperture"]))
 
 
 def test_bad_files_are_quarantined_while_good_files_process(

@@ -55,7 +55,7 @@ from lcowatch.science.template import (
     template_score,
 )
 from lcowatch.state.images import reference_image, write_reference_image
-from lcowatch.state.ledger import UNMATCHED, Ledger, transaction
+from lcowatch.state.ledger import UNMATCHED, Ledger, path_text, transaction
 from lcowatch.state.store import ColourColumns, PointRecord, Store
 from lcowatch.states import TERMINAL_STATES, State, Step
 
@@ -366,12 +366,17 @@ class Pipeline:
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
         warn_if_target_far(self.config, frame, log)
         first = self.store.same_exposure(frame.sha256, meta)
-        if first is not None:
+        replaces = None
+        if first is not None and path_text(first["path"]) == str(frame.path):
+            # The file measured earlier has grown or been rewritten in place (a writer that paused at an HDU
+            # boundary for longer than the quiet period): its whole content replaces the part measured.
+            replaces = first["sha256"]
+        elif first is not None:
             # Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name):
             # one exposure gives one point.
-            duplicate = f"the same exposure as {first}, already measured"
+            duplicate = f"the same exposure as {first['file']}, already measured"
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=duplicate, identity=identity)
-            log.info("frame_duplicate", reason=duplicate, first=first)
+            log.info("frame_duplicate", reason=duplicate, first=first["file"])
             return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels)
@@ -409,6 +414,11 @@ class Pipeline:
 
         def write(conn: sqlite3.Connection) -> None:
             self._write_results(conn, work, state, requeued)
+            if replaces is not None:
+                self.store.forget_measurements(conn, replaces)
+                self.ledger.mark_replaced(
+                    conn, replaces, f"replaced by a later version of the same file ({frame.sha256})"
+                )
 
         started = time.perf_counter()
         try:
@@ -419,6 +429,8 @@ class Pipeline:
             log.info("frame_redone", reason="another process set up the target first; measured again against it")
             return self._run_stages(frame, pixels, first_try=False)
         self._requeued.extend(requeued)
+        if replaces is not None:
+            log.info("frame_replaced", replaced=replaces, reason="the file changed since it was measured")
         if state == State.DONE and meta.target is not None and work.fill_in_calibration:
             examined, calibrated = recalibrate(self.config, self.ledger.conn, meta.target)
             log.info("calibration_filled_in", frames=examined, calibrated=calibrated)

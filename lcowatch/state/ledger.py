@@ -204,6 +204,15 @@ class Ledger:
             )
 
     @staticmethod
+    def mark_replaced(conn: sqlite3.Connection, sha256: str, reason: str) -> None:
+        """Record that a finished file's content was replaced by a later version of the same file (inside the
+        caller's transaction, which writes the later version's results)."""
+        conn.execute(
+            "UPDATE files SET state = ?, step = ?, error = ?, updated = ? WHERE sha256 = ?",
+            (State.IGNORED, Step.READ, reason, time.time(), sha256),
+        )
+
+    @staticmethod
     def requeue_waiting(conn: sqlite3.Connection, target: str) -> list[Path]:
         """Make a target's frames rejected for want of a reference frame or a reference image pending again
         (inside the caller's transaction).

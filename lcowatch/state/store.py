@@ -142,9 +142,16 @@ class Store(ReferenceRecords):
     @staticmethod
     def forget_results(conn: sqlite3.Connection, sha256: str) -> None:
         """Drop a frame's points, star photometry and template role (inside the caller's transaction)."""
+        Store.forget_measurements(conn, sha256)
+        conn.execute("UPDATE templates SET active = 0 WHERE sha256 = ?", (sha256,))
+
+    @staticmethod
+    def forget_measurements(conn: sqlite3.Connection, sha256: str) -> None:
+        """Drop a frame's points, star photometry and target centroid (inside the caller's transaction); what
+        it set up for its target (template, reference frame, field stars) stays."""
         conn.execute("DELETE FROM points WHERE sha256 = ?", (sha256,))
         conn.execute("DELETE FROM photometry WHERE sha256 = ?", (sha256,))
-        conn.execute("UPDATE templates SET active = 0 WHERE sha256 = ?", (sha256,))
+        conn.execute("DELETE FROM target_centroids WHERE sha256 = ?", (sha256,))
 
     def frames(self, target: str | None = None, state: str | None = None) -> list[dict[str, object]]:
         """Every file the ledger knows, in observation-time order: its state, and for those measured their
@@ -271,16 +278,17 @@ class Store(ReferenceRecords):
                 {**values, "sha256": sha256, "aperture": k},
             )
 
-    def same_exposure(self, sha256: str, meta: FrameMeta) -> str | None:
-        """The file name of another finished frame of the same exposure (same target, telescope, instrument,
-        filter and DATE-OBS), or None. Looked up through the (target, filter, mjd) index: once per frame."""
-        row = self.conn.execute(
-            "SELECT f.file FROM frames f JOIN files fi USING (sha256) WHERE f.target = ? AND f.filter = ? "
+    def same_exposure(self, sha256: str, meta: FrameMeta) -> sqlite3.Row | None:
+        """Another finished frame of the same exposure (same target, telescope, instrument, filter and
+        DATE-OBS): its ``sha256``, ``file`` name and ledger ``path``; or None. Looked up through the (target,
+        filter, mjd) index: once per frame."""
+        return self.conn.execute(
+            "SELECT f.sha256, f.file, fi.path FROM frames f JOIN files fi USING (sha256) "
+            "WHERE f.target = ? AND f.filter = ? "
             "AND f.mjd = ? AND f.sha256 != ? AND f.date_obs = ? AND f.instrument IS ? AND f.telescope IS ? "
             "AND f.site IS ? AND fi.state IN ('done', 'rejected') LIMIT 1",
             (meta.target, meta.filter, meta.mjd_mid, sha256, meta.date_obs, meta.instrument, meta.telescope, meta.site),
         ).fetchone()
-        return row[0] if row else None
 
     def has_uncalibrated_points(self, target: str, band: str | None) -> bool:
         """Whether the target has detected points in ``band`` left uncalibrated."""
