@@ -25,8 +25,8 @@ from lcowatch.intake.queue import QueueItem, WorkQueue, queue_key
 from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink
 from lcowatch.log import display_name
-from lcowatch.state.ledger import Ledger
-from lcowatch.states import TERMINAL_STATES, State, Step
+from lcowatch.state.ledger import VANISHED, Ledger
+from lcowatch.states import State, Step
 
 
 def sha256_of(path: Path) -> str:
@@ -175,7 +175,7 @@ class Admission:
         if sha is None:
             return False
         record = self.ledger.get(sha)
-        return record is not None and record.state in TERMINAL_STATES
+        return record is not None and record.finished
 
     def _walk(self, folders: Sequence[Path]) -> Iterator[Path]:
         state_dir = self.config.state_dir
@@ -207,18 +207,21 @@ class Admission:
         try:
             sha256 = sha256_of(path)
             record = self.ledger.get(sha256)
-            if record is not None and record.state in TERMINAL_STATES:
+            if record is not None and record.finished:
                 st = path.stat()
                 self.ledger.remember_path(path, st.st_size, st.st_mtime_ns, sha256)
                 flog.info("already_seen", sha256=sha256, state=record.state)
                 return
             step = Step.READINESS
             reason = result.reason or result.kind
+            # Pending first: a crash after the move leaves a row that the next start settles from the note.
+            self.ledger.record(sha256, path, result.size, State.PENDING, step=step, error=reason)
             try:
                 destination: Path | None = quarantine_file(
                     path, self.config.state_dir, sha256=sha256, reason=reason, step=step
                 )
             except FileNotFoundError:
+                self.ledger.record(sha256, path, result.size, State.IGNORED, step=step, error=f"{VANISHED}: {path}")
                 return
             except OSError as exc:  # e.g. a read-only watched folder: record it, leave it where it is
                 flog.error("quarantine_move_failed", reason=reason, error=str(exc))
@@ -264,4 +267,7 @@ class Admission:
                     self.log.warning("recovered_quarantine", file=name, sha256=record.sha256, reason=reason)
                     break
             else:
-                self.log.warning("pending_file_missing", file=name, path=str(path), sha256=record.sha256)
+                # Deleted or moved away after it was first read: not pending forever. Should the same content
+                # come back (under any name), it is worked on.
+                self.ledger.finish(record.sha256, State.IGNORED, step=record.step, error=f"{VANISHED}: {path}")
+                self.log.warning("pending_file_vanished", file=name, path=str(path), sha256=record.sha256)

@@ -55,9 +55,9 @@ from lcowatch.science.template import (
     template_score,
 )
 from lcowatch.state.images import reference_image, write_reference_image
-from lcowatch.state.ledger import UNMATCHED, Ledger, path_text, transaction
+from lcowatch.state.ledger import UNMATCHED, VANISHED, Ledger, path_text, transaction
 from lcowatch.state.store import ColourColumns, PointRecord, Store
-from lcowatch.states import TERMINAL_STATES, State, Step
+from lcowatch.states import State, Step
 
 
 class _Superseded(Exception):
@@ -231,7 +231,7 @@ class Pipeline:
                 continue
             sha = self.ledger.known_path(path, stat.st_size, stat.st_mtime_ns)
             record = self.ledger.get(sha) if sha else None
-            if record is None or record.state not in TERMINAL_STATES:
+            if record is None or not record.finished:
                 pending.append((path, self._readiness(path)))
         return sorted(pending, key=lambda p: (p[1] is None or p[1].mjd is None, (p[1] and p[1].mjd) or 0.0, str(p[0])))
 
@@ -270,7 +270,7 @@ class Pipeline:
             return Outcome(path, State.FAILED, reason=str(exc))
         self.ledger.remember_path(path, stat.st_size, stat.st_mtime_ns, sha256)
         record = self.ledger.get(sha256)
-        if record is not None and record.state in TERMINAL_STATES:
+        if record is not None and record.finished:
             self.log.debug("already_seen", file=path.name, sha256=sha256, state=record.state)
             return Outcome(path, State.SKIPPED, sha256, f"already {record.state}")
         max_attempts = self.config.processing.max_attempts
@@ -295,7 +295,13 @@ class Pipeline:
         return self._run_stages(frame, pixels)
 
     def _quarantine(self, path: Path, sha256: str, exc: Quarantine) -> Outcome:
-        destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
+        try:
+            destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
+        except FileNotFoundError:  # deleted while it was read: nothing to move aside, nothing left pending
+            vanished = f"{VANISHED} (it was to be quarantined: {exc})"
+            self.ledger.finish(sha256, State.IGNORED, step=exc.step, error=vanished)
+            self.log.warning("file_vanished", file=path.name, sha256=sha256, reason=vanished)
+            return Outcome(path, State.IGNORED, sha256, vanished)
         self.ledger.finish(sha256, State.QUARANTINED, step=exc.step, error=str(exc))
         self.log.warning(
             "frame_quarantined", file=path.name, sha256=sha256, step=exc.step, reason=str(exc),

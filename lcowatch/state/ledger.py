@@ -37,7 +37,18 @@ class FileRecord:
     step: str | None
     error: str | None
 
+    @property
+    def finished(self) -> bool:
+        """In a final state; a file that vanished before it was finished is not, should it come back."""
+        return self.state in TERMINAL_STATES and not (self.state == State.IGNORED and self.vanished)
 
+    @property
+    def vanished(self) -> bool:
+        return (self.error or "").startswith(VANISHED)
+
+
+#: The reason of a file that was deleted or moved away before it was finished (``ignored``: nothing to do).
+VANISHED = "vanished before it was finished"
 #: How the reason of a frame ignored for want of a target ends (``OBJECT 'X' matches no configured target``).
 UNMATCHED = "matches no configured target"
 
@@ -144,7 +155,7 @@ class Ledger:
                 (sha256, path_value(path), size, now, now),
             )
             self.conn.execute(
-                "UPDATE files SET attempts = attempts + 1, path = ?, updated = ? WHERE sha256 = ?",
+                "UPDATE files SET state = 'pending', attempts = attempts + 1, path = ?, updated = ? WHERE sha256 = ?",
                 (path_value(path), now, sha256),
             )
         record = self.get(sha256)
