@@ -7,6 +7,7 @@ frames; the full figure of the issue is ``LCOWATCH_KILL_LOOPS=20 LCOWATCH_KILL_F
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -15,6 +16,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -397,6 +399,57 @@ def test_notify_socket_receives_ready_watchdog_and_stopping_in_order(
     assert any("queued" in m for m in statuses)
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB file system of its own (tmpfs), to be filled up; skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(folder: Path) -> Path:
+    """Fill the file system of ``folder`` to the last byte; returns the file that holds the space."""
+    filler = folder / "filler"
+    with open(filler, "wb") as handle, pytest.raises(OSError) as full:
+        while True:
+            handle.write(b"\0" * 65536)
+            handle.flush()
+    assert full.value.errno == errno.ENOSPC
+    return filler
+
+
+def test_a_full_disk_at_start_is_waited_out_not_exited(
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], datagrams: Datagrams, small_disk: Path
+) -> None:
+    """A state folder on a full disk at start: the daemon says it is up and waiting (READY, STATUS, watchdog
+    pings), backs off instead of exiting into a restart loop, and starts work once there is space."""
+    state = small_disk / "state"
+    config = factory.config(tmp_path, state_dir=str(state))
+    state.mkdir(mode=0o700)
+    filler = _fill(small_disk)
+    frame = factory.frame(64, "fz")
+    drop(frame, tmp_path / "in")
+    env = {"NOTIFY_SOCKET": str(datagrams.path), "WATCHDOG_USEC": "400000"}
+    daemon = daemons(config, env=env).start(wait_ready=False)
+    daemon.wait_event("start_waiting_for_disk_space")
+    wait_for(lambda: len(daemon.find("start_waiting_for_disk_space")) >= 2, what="a second try")
+    assert daemon.running()
+    wait_for(lambda: datagrams.times("READY=1") and datagrams.times("WATCHDOG=1"), what="READY and pings")
+    assert any("waiting for disk space" in m for _, m in datagrams.messages)
+    filler.unlink()
+    daemon.wait_event("daemon_ready")
+    ledger = LedgerView(state)
+    wait_for(_done(ledger, 1), what="the frame, once there is space")
+    assert daemon.stop() == 0
+    assert_exactly_once(ledger, [frame])
+
+
 @pytest.mark.slow
 def test_watchdog_pings_stop_while_a_frame_is_stuck(
     tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], datagrams: Datagrams
@@ -621,6 +674,43 @@ def test_a_dead_observer_is_noticed_and_replaced(tmp_path: Path) -> None:
         wait_for(lambda: folders.update(sink.drain()[1]) or tmp_path / "sub" in folders, what="a new folder")
     finally:
         watcher.stop()
+
+
+def test_a_failed_quarantine_loses_neither_the_ready_files_nor_the_other_bad_ones(
+    tmp_path: Path, factory: FrameFactory
+) -> None:
+    """When the ledger cannot be written, quarantining a bad file fails; the good file that became ready in
+    the same pass is queued all the same, and the bad files are looked at again, not dropped till a rescan."""
+    from lcowatch.config import load
+    from lcowatch.intake.admission import Admission
+    from lcowatch.intake.queue import WorkQueue
+    from lcowatch.log import get_logger
+    from lcowatch.state.ledger import LEDGER_NAME, Ledger, connect
+
+    config = load(factory.config(tmp_path))
+    watch = tmp_path / "in"
+    good = drop(factory.frame(66, "fz"), watch)
+    bad = [watch / "a-not-fits.fits", watch / "b-not-fits.fits"]
+    for path in bad:
+        path.write_bytes(b"not a FITS file " * 200)
+    old = time.time() - 3600  # quiet at first sight
+    for path in [good, *bad]:
+        os.utime(path, (old, old))
+    connect(config.state_dir).close()
+    read_only = sqlite3.connect(f"file:{config.state_dir / LEDGER_NAME}?mode=ro", uri=True)
+    read_only.row_factory = sqlite3.Row
+    admission = Admission(
+        config, Ledger(read_only), PathSink(), WorkQueue(), get_logger(), on_quarantined=lambda: None,
+        tick=lambda: None,
+    )  # fmt: skip
+    for path in [good, *bad]:
+        assert admission.consider(path)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        admission.poll_readiness()
+    read_only.close()
+    assert good in admission.queue
+    assert all(path in admission.tracker for path in bad)
+    assert all(path.exists() for path in bad)  # nothing moved without its ledger row
 
 
 def test_sim_frames_pass_quality(factory: FrameFactory, tmp_path: Path) -> None:

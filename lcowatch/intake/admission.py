@@ -116,16 +116,23 @@ class Admission:
                 self.consider(path)
 
     def poll_readiness(self) -> None:
-        ready: list[QueueItem] = []
-        for result in self.tracker.poll(tick=self._tick):
-            if result.kind == "ready":
-                ready.append(QueueItem(queue_key(result.path, result.mjd), result.path, result.size, result.mtime_ns))
-            elif result.kind in ("poison", "incomplete"):
-                self._quarantine_unready(result)
+        """Queue the files that have become complete, then quarantine those that never will. A quarantine
+        that fails (the ledger cannot be written) loses neither the ready files nor the other unready ones:
+        they are queued first, and those not yet quarantined are tracked again."""
+        results = self.tracker.poll(tick=self._tick)
+        ready = [QueueItem(queue_key(r.path, r.mjd), r.path, r.size, r.mtime_ns) for r in results if r.kind == "ready"]
         if ready:
             self.queue.push_many(ready)
             for item in ready:
                 self.log.debug("file_ready", file=item.path.name, path=str(item.path), mjd=item.key[1])
+        unready = [r for r in results if r.kind in ("poison", "incomplete")]
+        for done, result in enumerate(unready):
+            try:
+                self._quarantine_unready(result)
+            except BaseException:
+                for later in unready[done:]:
+                    self.tracker.add(later.path)
+                raise
 
     def defer(self, path: Path) -> None:
         """Try a failed file again after ``daemon.retry_seconds`` (any thread; attempts are counted, and the

@@ -41,7 +41,7 @@ from lcowatch.intake.admission import Admission
 from lcowatch.intake.notify import Notifier
 from lcowatch.intake.queue import WorkQueue
 from lcowatch.intake.watcher import PathSink, Watcher
-from lcowatch.intake.worker import Counts, Worker, give_back_attempt, state_dir_writable
+from lcowatch.intake.worker import Counts, Worker, disk_full, give_back_attempt, state_dir_writable
 from lcowatch.pipeline.stages import Stage
 from lcowatch.state.ledger import LEDGER_NAME, Ledger, connect
 from lcowatch.states import State
@@ -82,7 +82,8 @@ def lock_state_dir(state_dir: Path) -> int:
         os.close(fd)
         raise Stop(f"another lcowatch daemon (PID {holder}) is running on state folder {state_dir}") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with contextlib.suppress(OSError):  # the PID only names the holder; a full disk must not stop the start
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
 
 
@@ -156,10 +157,48 @@ class Daemon:
         try:
             prepare_state_dir(self.config.state_dir)
             self._lock = lock_state_dir(self.config.state_dir)
-            ledger = Ledger(connect(self.config.state_dir))
-        except (Stop, sqlite3.Error, OSError) as exc:
+        except (Stop, OSError) as exc:
             self.log.error("daemon_fatal", reason=str(exc))
             return EXIT_FATAL
+        self.log.info(
+            "daemon_starting", version=__version__, pid=os.getpid(), state_dir=str(self.config.state_dir),
+            paths=[str(p) for p in self.config.watch.paths], poll=self.config.watch.poll,
+            watchdog_seconds=self.notifier.watchdog_seconds,
+        )  # fmt: skip
+        delay, waiting = self.config.daemon.retry_seconds, False
+        while True:
+            try:
+                found = self._start_up()
+                break
+            except (Stop, sqlite3.Error, OSError) as exc:
+                if not disk_full(exc, self.config.state_dir):
+                    return self._exit_fatal(exc)
+                reason = f"{type(exc).__name__}: {exc}"
+            # A full disk at start is waited out as it is while running: a daemon that exits is restarted by
+            # systemd into the same full disk, again and again. It says it is up, and why it does nothing.
+            self.log.warning("start_waiting_for_disk_space", seconds=delay, reason=reason)
+            if not waiting:
+                self.notifier.ready(f"waiting for disk space in {self.config.state_dir}: {reason}")
+                waiting = True
+            if self._wait_alive(delay):
+                return self._shutdown(self._signal or signal.SIGTERM)
+            delay = min(self.config.daemon.max_retry_seconds, delay * 2)
+        assert self.admission is not None and self.worker is not None
+        self.notifier.ready(self._status_text())
+        self.log.info("daemon_ready", found=found, queued=len(self.queue), waiting=len(self.admission.tracker))
+        self.worker.start()
+        return self._loop(self.admission, self.worker)
+
+    def _start_up(self) -> int:
+        """Open the ledger, settle what a crash left, watch and scan; returns the number of files found."""
+        conn = connect(self.config.state_dir)
+        try:
+            return self._admit_from(Ledger(conn))
+        except BaseException:
+            conn.close()
+            raise
+
+    def _admit_from(self, ledger: Ledger) -> int:
         self.admission = admission = Admission(
             self.config, ledger, self.sink, self.queue, self.log,
             on_quarantined=lambda: self.counts.add(State.QUARANTINED), tick=self._ping_watchdog,
@@ -168,23 +207,22 @@ class Daemon:
             self.config, self.queue, self.sink, self.counts, self.log,
             defer=admission.defer, wake=self._waker.wake, stages=self.stages,
         )  # fmt: skip
-        self.log.info(
-            "daemon_starting", version=__version__, pid=os.getpid(), state_dir=str(self.config.state_dir),
-            paths=[str(p) for p in self.config.watch.paths], poll=self.config.watch.poll,
-            watchdog_seconds=self.notifier.watchdog_seconds,
-        )  # fmt: skip
-        try:
-            admission.recover()
-            admission.requeue_ignored()
+        admission.recover()
+        admission.requeue_ignored()
+        if not self.watcher.alive():
             self.watcher.start()
-            found = admission.scan("startup")
-            admission.poll_readiness()
-        except (Stop, sqlite3.DatabaseError) as exc:
-            return self._exit_fatal(exc)
-        self.notifier.ready(self._status_text())
-        self.log.info("daemon_ready", found=found, queued=len(self.queue), waiting=len(admission.tracker))
-        self.worker.start()
-        return self._loop(admission, self.worker)
+        found = admission.scan("startup")
+        admission.poll_readiness()
+        return found
+
+    def _wait_alive(self, seconds: float) -> bool:
+        """Wait, keeping the watchdog fed; True as soon as a stop signal came."""
+        deadline = time.monotonic() + seconds
+        while self._signal is None and time.monotonic() < deadline:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            self._waker.wait(min(TICK * 10, max(0.0, deadline - time.monotonic())))
+        return self._signal is not None
 
     def _loop(self, admission: Admission, worker: Worker) -> int:
         next_rescan = time.monotonic() + self.config.watch.rescan_seconds

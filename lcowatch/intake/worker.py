@@ -93,9 +93,32 @@ def give_back_attempt(state_dir: Path, hand: InHand | None) -> None:
             conn.close()
 
 
-#: SQLite primary result codes (https://www.sqlite.org/rescode.html): full; busy or locked.
+#: SQLite primary result codes (https://www.sqlite.org/rescode.html): I/O error; full; busy or locked.
+SQLITE_IOERR = 10
 SQLITE_FULL = 13
 SQLITE_BUSY_CODES = (5, 6)
+#: Free space (bytes) below which an I/O error of the ledger is taken for a full disk: SQLite reports some
+#: failed writes (of its WAL index, of a new file) as "disk I/O error", not as full.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def _sqlite_primary(exc: BaseException) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    return None if code is None else code & 0xFF  # extended codes (e.g. 517 BUSY_SNAPSHOT) keep it
+
+
+def disk_full(exc: BaseException, state_dir: Path) -> bool:
+    """Whether a storage error comes from a full disk: a transient condition to wait out."""
+    primary = _sqlite_primary(exc)
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or primary == SQLITE_FULL:
+        return True
+    if primary != SQLITE_IOERR:
+        return False
+    try:
+        space = os.statvfs(state_dir)
+    except OSError:
+        return False
+    return space.f_bavail * space.f_frsize < NEARLY_FULL_BYTES
 
 
 class Worker:
@@ -278,13 +301,10 @@ class Worker:
 
     def _storage_error(self, exc: BaseException, item: QueueItem, flog: Any, config: Config) -> None:
         """The ledger or the state folder failed: disk full is transient; unwritable or corrupt is fatal."""
-        code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
-        primary = None if code is None else code & 0xFF  # extended codes (e.g. 517 BUSY_SNAPSHOT) keep it
-        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or primary == SQLITE_FULL
-        locked = primary in SQLITE_BUSY_CODES
+        locked = _sqlite_primary(exc) in SQLITE_BUSY_CODES
         if not state_dir_writable(config.state_dir):
             raise Stop(f"state folder {config.state_dir} cannot be written: {exc}")
-        if full or locked:
+        if disk_full(exc, config.state_dir) or locked:
             give_back_attempt(config.state_dir, InHand(item.path, 0.0))
             self._back_off(item, flog, f"{type(exc).__name__}: {exc}", config)
             return
