@@ -110,6 +110,19 @@ def test_compressed_header_bomb_is_poison(tmp_path: Path, frames: dict[str | Non
     assert verdict.kind == "poison" and "max_pixels" in (verdict.reason or "")
 
 
+def test_hdus_that_together_claim_more_than_a_frame_are_poison(tmp_path: Path) -> None:
+    """Each table is within the bound, their sum is not: a gzip stream of them would otherwise be inflated
+    without end, one allowed HDU after another."""
+    tables = [fits.BinTableHDU.from_columns([fits.Column("x", "100A", array=np.array([b""] * 1500))]) for _ in range(3)]
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), *tables]).writeto(buffer)
+    path = tmp_path / "tables.fits.gz"
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+    max_pixels = 20_000  # a frame may hold 160 kB + 64 blocks = 344 kB; each table is 150 kB
+    assert check_complete(path, max_pixels=max_pixels).kind == "poison"
+    assert check_complete(path, max_pixels=max_pixels * 2).kind == "ready"
+
+
 def test_endless_header_is_poison(tmp_path: Path) -> None:
     card = f"{'COMMENT':8}  filler".ljust(80).encode()
     content = f"{'SIMPLE':8}= {'T':>20}".ljust(80).encode() + card * (36 * 1001 - 1)
@@ -201,6 +214,20 @@ def test_incomplete_only_after_the_limit_and_only_when_quiet(tmp_path: Path, fra
     clock.now += 1.5
     (result,) = tracker.poll()
     assert result.kind == "incomplete" and "incomplete" in (result.reason or "")
+
+
+def test_a_pass_with_a_budget_leaves_the_rest_due_for_the_next(tmp_path: Path, frames: dict[str | None, bytes]) -> None:
+    """A spent budget ends the pass; the files not looked at are decided by the next passes."""
+    clock, wall = FakeClock(), [1e9]
+    tracker = _tracker(clock, wall, quiet=0.0)
+    paths = [tmp_path / f"f{i}.fits.gz" for i in range(3)]
+    for path in paths:
+        path.write_bytes(frames["gz"])
+        tracker.add(path)
+    first = tracker.poll(budget=0.0)
+    assert len(first) == 1 and tracker.due()
+    rest = tracker.poll(budget=0.0) + tracker.poll(budget=0.0)
+    assert {r.path for r in first + rest} == set(paths) and not tracker.due()
 
 
 def test_poison_and_gone(tmp_path: Path) -> None:

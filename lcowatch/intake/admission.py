@@ -28,6 +28,10 @@ from lcowatch.log import display_name
 from lcowatch.state.ledger import VANISHED, Ledger
 from lcowatch.states import State, Step
 
+#: Seconds of readiness checks per pass of the main loop: a backlog of gzip files (each inflated to be
+#: checked) is worked through in slices, between which signals, reloads and the watchdog are seen to.
+READINESS_SLICE = 0.5
+
 
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as handle:
@@ -119,7 +123,7 @@ class Admission:
         """Queue the files that have become complete, then quarantine those that never will. A quarantine
         that fails (the ledger cannot be written) loses neither the ready files nor the other unready ones:
         they are queued first, and those not yet quarantined are tracked again."""
-        results = self.tracker.poll(tick=self._tick)
+        results = self.tracker.poll(tick=self._tick, budget=READINESS_SLICE)
         ready = [QueueItem(queue_key(r.path, r.mjd), r.path, r.size, r.mtime_ns) for r in results if r.kind == "ready"]
         if ready:
             self.queue.push_many(ready)

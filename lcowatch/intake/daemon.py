@@ -186,7 +186,6 @@ class Daemon:
         assert self.admission is not None and self.worker is not None
         self.notifier.ready(self._status_text())
         self.log.info("daemon_ready", found=found, queued=len(self.queue), waiting=len(self.admission.tracker))
-        self.worker.start()
         return self._loop(self.admission, self.worker)
 
     def _start_up(self) -> int:
@@ -211,9 +210,9 @@ class Daemon:
         admission.requeue_ignored()
         if not self.watcher.alive():
             self.watcher.start()
-        found = admission.scan("startup")
-        admission.poll_readiness()
-        return found
+        # READY once the backlog is tracked: the readiness checks (every gzip file inflated) come after,
+        # in the main loop's slices, with the watchdog fed.
+        return admission.scan("startup")
 
     def _wait_alive(self, seconds: float) -> bool:
         """Wait, keeping the watchdog fed; True as soon as a stop signal came."""
@@ -252,6 +251,11 @@ class Daemon:
                     next_rescan = now + self.config.watch.rescan_seconds
                     admission.scan("reconcile")
                 admission.step(now)
+                if not worker.started and not admission.tracker.due():
+                    # The start-up backlog is checked and queued whole, so that it is worked through in
+                    # observation-time order.
+                    self.log.info("backlog_checked", queued=len(self.queue), waiting=len(admission.tracker))
+                    worker.start()
                 failed_ticks = 0
             except (Stop, sqlite3.DatabaseError) as exc:
                 if not isinstance(exc, sqlite3.OperationalError) or not state_dir_writable(self.config.state_dir):
@@ -280,7 +284,11 @@ class Daemon:
     def _healthy(self) -> bool:
         """Work makes progress: the worker runs and no frame has been in hand beyond ``stall_seconds``."""
         worker = self.worker
-        if worker is None or worker.fatal is not None or not worker.alive():
+        if worker is None or worker.fatal is not None:
+            return False
+        if not worker.started:
+            return True  # the main loop, checking the start-up backlog, is what calls
+        if not worker.alive():
             return False
         hand = worker.in_hand
         if hand is not None and time.monotonic() - hand.started > self.config.daemon.stall_seconds:

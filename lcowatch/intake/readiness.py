@@ -226,6 +226,8 @@ def _walk(stream: _Stream, max_pixels: int) -> float | None:
         values = _cards(header)
         size = _data_bytes(values, index, max_pixels, max_bytes)
         data_bytes += size
+        if data_bytes > max_bytes:
+            raise _Poison(f"its HDUs claim {data_bytes} bytes of data, more than a frame may hold")
         if mjd is None:
             mjd = _mjd(values)
         padded = -(-size // FITS_BLOCK) * FITS_BLOCK
@@ -346,6 +348,11 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._tracks)
 
+    def due(self) -> bool:
+        """Whether a file is due to be looked at now."""
+        now = self._clock()
+        return any(track.next_check <= now for track in self._tracks.values())
+
     def __contains__(self, path: object) -> bool:
         return path in self._tracks
 
@@ -358,18 +365,24 @@ class Tracker:
         now = self._clock()
         self._tracks[path] = _Track(first_seen=now, size=-1, mtime_ns=-1, quiet_since=now, next_check=0.0)
 
-    def poll(self, *, tick: Callable[[], None] | None = None) -> list[Result]:
-        """Look at every file that is due; return (and stop tracking) those decided.
+    def poll(self, *, tick: Callable[[], None] | None = None, budget: float | None = None) -> list[Result]:
+        """Look at the files that are due; return (and stop tracking) those decided.
 
-        ``tick`` is called now and then during a long pass (the daemon pings its watchdog there).
+        ``tick`` is called now and then during a long pass (the daemon pings its watchdog there). With a
+        ``budget`` (seconds), the pass ends once it is spent (after one file at least); the files not looked
+        at stay due for the next.
         """
         now = self._clock()
         recheck = max(0.05, min(1.0, self.quiet_seconds))
         results: list[Result] = []
-        last_tick = time.monotonic()
+        started = last_tick = time.monotonic()
+        looked = 0
         for path, track in list(self._tracks.items()):
             if track.next_check > now:
                 continue
+            if budget is not None and looked and time.monotonic() - started > budget:
+                break  # at least one file a pass, however slow
+            looked += 1
             if tick is not None and time.monotonic() - last_tick > 1.0:
                 tick()
                 last_tick = time.monotonic()

@@ -163,6 +163,10 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="lcowatch-worker", daemon=True)
         self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
