@@ -145,6 +145,16 @@ class Ledger:
             (path_value(path), size, mtime_ns, sha256),
         )
 
+    def settle_rewritten(self, path: Path, sha256: str) -> None:
+        """Rows left pending for earlier content of ``path``, which now holds ``sha256`` (a file rewritten or
+        grown in place while a crash interrupted its first measurement): that content is nowhere any more."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE files SET state = ?, error = ?, updated = ? WHERE path = ? AND sha256 != ? AND state = ?",
+                (State.IGNORED, f"{VANISHED}: the file was rewritten ({sha256})", time.time(), path_value(path),
+                 sha256, State.PENDING),
+            )  # fmt: skip
+
     def start_attempt(self, sha256: str, path: Path, size: int) -> FileRecord:
         """Record the file if new and count one attempt, committed before any work starts."""
         now = time.time()
