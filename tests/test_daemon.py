@@ -672,7 +672,7 @@ def test_kill_9_at_random_moments_while_frames_arrive(
     twins = {f.index: factory.frame(f.index, None) for f, how in zip(frames, ways, strict=True) if how == "twice"}
     junk = {rng.randrange(count): f"junk-{i}.fits" for i in range(count // 8)}
 
-    pace = loops * 1.5 / count  # the frames arrive over most of the loop
+    pace = loops * 1.1 / count  # the frames arrive over most of the loop
     delays = [rng.uniform(0.3 * pace, 1.7 * pace) for _ in frames]
 
     def arrive() -> None:
@@ -696,12 +696,12 @@ def test_kill_9_at_random_moments_while_frames_arrive(
         # land while a frame is in hand, or just after.
         if rng.random() < 0.25:
             daemon.start(wait_ready=False)
-            time.sleep(rng.uniform(0.05, 1.5))
+            time.sleep(rng.uniform(0.05, 1.2))
         else:
             daemon.start()
             with contextlib.suppress(AssertionError):  # nothing left to process: kill it idle
                 daemon.wait_event("file_processing", timeout=3.0)
-            time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(rng.uniform(0.0, 0.3))
         kills.append(exposures_done())
         daemon.kill9()
     arrival.join()

@@ -186,6 +186,7 @@ class Daemon:
         assert self.admission is not None and self.worker is not None
         self.notifier.ready(self._status_text())
         self.log.info("daemon_ready", found=found, queued=len(self.queue), waiting=len(self.admission.tracker))
+        self.worker.start()
         return self._loop(self.admission, self.worker)
 
     def _start_up(self) -> int:
@@ -251,11 +252,11 @@ class Daemon:
                     next_rescan = now + self.config.watch.rescan_seconds
                     admission.scan("reconcile")
                 admission.step(now)
-                if not worker.started and not admission.tracker.due():
+                if not worker.released.is_set() and not admission.tracker.due():
                     # The start-up backlog is checked and queued whole, so that it is worked through in
                     # observation-time order.
                     self.log.info("backlog_checked", queued=len(self.queue), waiting=len(admission.tracker))
-                    worker.start()
+                    worker.released.set()
                 failed_ticks = 0
             except (Stop, sqlite3.DatabaseError) as exc:
                 if not isinstance(exc, sqlite3.OperationalError) or not state_dir_writable(self.config.state_dir):
@@ -284,11 +285,7 @@ class Daemon:
     def _healthy(self) -> bool:
         """Work makes progress: the worker runs and no frame has been in hand beyond ``stall_seconds``."""
         worker = self.worker
-        if worker is None or worker.fatal is not None:
-            return False
-        if not worker.started:
-            return True  # the main loop, checking the start-up backlog, is what calls
-        if not worker.alive():
+        if worker is None or worker.fatal is not None or not worker.alive():
             return False
         hand = worker.in_hand
         if hand is not None and time.monotonic() - hand.started > self.config.daemon.stall_seconds:

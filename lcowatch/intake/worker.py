@@ -145,6 +145,7 @@ class Worker:
         self._defer = defer
         self._wake = wake
         self.stopping = threading.Event()  # no new files; the frame in hand is finished
+        self.released = threading.Event()  # set once the start-up backlog is checked and queued
         self.in_hand: InHand | None = None
         self.fatal: BaseException | None = None
         self.pause_until = 0.0  # backing off until then (monotonic)
@@ -162,10 +163,6 @@ class Worker:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lcowatch-worker", daemon=True)
         self._thread.start()
-
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -189,6 +186,9 @@ class Worker:
         warm_up()  # not in the first frame's latency
         try:
             while not self.stopping.is_set():
+                if not self.released.is_set():  # the start-up backlog is still being checked
+                    self.released.wait(0.5)
+                    continue
                 pause = self.pause_until - time.monotonic()
                 if pause > 0:
                     self.stopping.wait(min(pause, 1.0))

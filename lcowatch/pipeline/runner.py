@@ -372,18 +372,10 @@ class Pipeline:
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
         warn_if_target_far(self.config, frame, log)
-        first = self.store.same_exposure(frame.sha256, meta)
-        replaces = None
-        if first is not None and path_text(first["path"]) == str(frame.path):
-            # The file measured earlier has grown or been rewritten in place (a writer that paused at an HDU
-            # boundary for longer than the quiet period): its whole content replaces the part measured.
-            replaces = first["sha256"]
-        elif first is not None:
-            # Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name):
-            # one exposure gives one point.
-            duplicate = f"the same exposure as {first['file']}, already measured"
+        duplicate, replaces = earlier_version(self.store, frame)
+        if duplicate is not None:
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=duplicate, identity=identity)
-            log.info("frame_duplicate", reason=duplicate, first=first["file"])
+            log.info("frame_duplicate", reason=duplicate)
             return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels)
@@ -457,6 +449,21 @@ class Pipeline:
             **(_point_summary(work.points[0]) if state == State.DONE and work.points else {}),
         )  # fmt: skip
         return Outcome(frame.path, state, frame.sha256, reason, seconds)
+
+
+def earlier_version(store: Store, frame: Frame) -> tuple[str | None, str | None]:
+    """How an exposure measured before bears on ``frame``: (why it is a duplicate, the sha256 it replaces).
+
+    Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name) is a
+    duplicate: one exposure gives one point. The same file grown or rewritten in place (a writer that paused
+    at an HDU boundary for longer than the quiet period) replaces the part measured before.
+    """
+    first = store.same_exposure(frame.sha256, frame.meta)
+    if first is None:
+        return None, None
+    if path_text(first["path"]) == str(frame.path):
+        return None, first["sha256"]
+    return f"the same exposure as {first['file']}, already measured", None
 
 
 def draw_subtraction(config: Config, work: FrameWork, views: SubtractionViews) -> None:
