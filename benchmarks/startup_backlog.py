@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -63,14 +65,24 @@ def write_bombs(folder: Path) -> list[Path]:
     chain_bomb = folder / "chain-of-zeros.fits.gz"
     with gzip.open(chain_bomb, "wb", compresslevel=1) as out:
         out.write(fits.PrimaryHDU().header.tostring().encode())
-        extension = fits.ImageHDU(header=fits.Header({"XTENSION": "IMAGE", "BITPIX": -64, "NAXIS": 2})).header
-        extension["NAXIS1"], extension["NAXIS2"] = 5000, 5000  # 200 MB each, within a frame's bound
+        # 200 MB each, within a frame's bound
+        cards = {
+            "XTENSION": "IMAGE",
+            "BITPIX": -64,
+            "NAXIS": 2,
+            "NAXIS1": 5000,
+            "NAXIS2": 5000,
+            "PCOUNT": 0,
+            "GCOUNT": 1,
+        }
+        extension = fits.Header(cards)
         block = bytes(8 << 20)
         for _ in range(5):
             out.write(extension.tostring().encode())
-            for _ in range(200_000_000 // len(block)):
+            padded = -(-5000 * 5000 * 8 // 2880) * 2880
+            for _ in range(padded // len(block)):
                 out.write(block)
-            out.write(bytes(200_000_000 % len(block)))
+            out.write(bytes(padded % len(block)))
     return [header_bomb, chain_bomb]
 
 
@@ -112,12 +124,17 @@ def peak_memory_mb(pid: int) -> float:
     return float("nan")
 
 
-def finished(state: Path) -> int:
+def finished(state: Path, notes: Notifications, bombs: int) -> bool:
+    """The bombs are in quarantine, the frame is measured, and the daemon says it has nothing left (the
+    links are the frame's content again: known by their hash, they add no row)."""
     try:
         with sqlite3.connect(state / "lcowatch.sqlite", timeout=5) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM files WHERE state != 'pending'").fetchone()[0])
+            counts = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
     except sqlite3.OperationalError:
-        return 0
+        return False
+    statuses = [m for _, m in notes.messages if m.startswith("STATUS=")]
+    idle = bool(statuses) and statuses[-1].startswith("STATUS=0 queued, 0 waiting") and "working on" not in statuses[-1]
+    return counts.get("quarantined", 0) == bombs and counts.get("done", 0) == 1 and idle
 
 
 def main() -> int:
@@ -154,9 +171,8 @@ def main() -> int:
     with open(run / "daemon.log", "wb") as log:
         daemon = subprocess.Popen([sys.executable, "-m", "lcowatch", "run", "--config", str(config)], stdout=log,
                                   stderr=subprocess.STDOUT, env=env, cwd=run)  # fmt: skip
-    total = args.links + len(bombs)
     try:
-        while finished(run / "state") < total:
+        while not finished(run / "state", notes, len(bombs)):
             if daemon.poll() is not None:
                 raise SystemExit(f"the daemon exited ({daemon.returncode}); see {run / 'daemon.log'}")
             time.sleep(0.2)
@@ -171,11 +187,9 @@ def main() -> int:
     launched_wall = next(e for e in events if e["event"] == "daemon_starting")["timestamp"]
     ready = notes.times("READY=1")[0] - started
     pings = [started, *(t for t in notes.times("WATCHDOG=1") if t <= done_at)]
-    gap = max((b - a for a, b in zip(pings, pings[1:], strict=False)), default=float("nan"))
+    gap = max((b - a for a, b in itertools.pairwise(pings)), default=float("nan"))
     print(f"READY after {ready:.2f} s (TimeoutStartSec=120)")
     if checked is not None:
-        from datetime import datetime
-
         seconds = (datetime.fromisoformat(checked["timestamp"]) - datetime.fromisoformat(launched_wall)).total_seconds()
         print(f"start-up checks done {seconds:.1f} s after daemon_starting")
     print(f"every file finished after {done_at - started:.1f} s")
