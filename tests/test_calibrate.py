@@ -13,6 +13,7 @@ from lcowatch.science.calibrate import (
     TooFewStars,
     ZeroPoint,
     apply_zeropoint,
+    calibrate_apertures,
     fit_zeropoint,
     instrumental_mag,
 )
@@ -235,6 +236,29 @@ class TestTooFewStars:
     def test_length_mismatch(self):
         with pytest.raises(ValueError, match="one length"):
             fit_zeropoint([1.0, 2.0, 3.0], [0.1] * 3, [1.0, 2.0], [0.1] * 2)
+
+
+class TestCalibrateApertures:
+    """A zero point per aperture from the matched stars, the target calibrated with it; None where it cannot
+    be had, never an exception (a frame whose stars lack colours is a normal outcome)."""
+
+    @staticmethod
+    def _case(color: float) -> tuple[np.ndarray, ...]:
+        from astropy.table import Table
+
+        rng = np.random.default_rng(5)
+        inst, inst_err, cat, cat_err, *_ = synthetic(rng, 12, sigma_int=0.0)
+        catalog = Table({"mag": cat, "mag_err": cat_err, "color": np.full(12, color), "color_err": np.zeros(12)})
+        inst_mag = np.concatenate([[-9.0], inst])[:, None]
+        inst_errs = np.concatenate([[0.01], inst_err])[:, None]
+        return inst_mag, inst_errs, np.ones((12, 1), bool), catalog, np.arange(12), np.arange(12)
+
+    def test_a_fixed_colour_term_without_colours_gives_none(self):
+        assert calibrate_apertures(*self._case(np.nan), color_term=0.1) == [None]
+
+    def test_without_colours_and_no_colour_term_it_calibrates(self):
+        (calibration,) = calibrate_apertures(*self._case(np.nan), color_term=0.0)
+        assert calibration is not None and calibration.zeropoint.n_used >= 10
 
 
 class TestApplyZeropoint:

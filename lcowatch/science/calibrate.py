@@ -519,7 +519,8 @@ def calibrate_apertures(
     for k in range(inst_mag.shape[1]):
         rows = star_index[usable[star_index, k]]
         keep = usable[star_index, k]
-        has_color = bool(np.isfinite(color[keep]).any())
+        # A fixed colour term needs the colours even when none is known: the fit then has no star to use.
+        has_color = bool(np.isfinite(color[keep]).any()) or bool(color_term)
         try:
             zp = fit_zeropoint(
                 inst_mag[1:, k][rows], inst_err[1:, k][rows], cat_mag[keep], cat_err[keep],
