@@ -372,7 +372,7 @@ def time_floor(path: Path, planes: Sequence[str]) -> float:
 @dataclass
 class ReadTiming:
     content: float  # read bytes + sha256
-    decode: float  # read_frame: FITS open, decompress SCI/BPM/ERR, header, metadata, BJD
+    decode: float  # read_frame: FITS open, decompress SCI/BPM, header, metadata, BJD
     bjd: float  # one BJD_TDB computation alone (part of decode)
 
 
@@ -765,7 +765,7 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
     step_rows = [
         ["read (read_content + read_frame)", fmt_s(median([r.content + r.decode for r in reads[1:]]))],
         ["  of which read bytes + sha256", fmt_s(median([r.content for r in reads[1:]]))],
-        ["  of which read_frame (decompress SCI/BPM/ERR, header, BJD)", fmt_s(median([r.decode for r in reads[1:]]))],
+        ["  of which read_frame (decompress SCI/BPM, header, BJD)", fmt_s(median([r.decode for r in reads[1:]]))],
     ]
     step_rows += [[s, fmt_s(median([r.seconds[s] for r in done_rest if s in r.seconds]))] for s in steps]
     step_rows.append(["wall - stages (read, hash, ledger, log)", fmt_s(median([r.wall - r.stages for r in done_rest]))])

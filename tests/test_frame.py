@@ -30,7 +30,7 @@ class TestReadRealRomeFrame:
         frame = _read(real_data / ROME_FRAME)
         assert frame.data.shape == (400, 400)
         assert frame.data.dtype == np.float32 and frame.data.dtype.isnative
-        assert frame.bpm is None and frame.err is None
+        assert frame.bpm is None
         assert frame.warnings == ["BPM shape (4096, 4096) does not match SCI (400, 400); ignored"]
 
     def test_metadata(self, real_data: Path) -> None:

@@ -91,7 +91,7 @@ def load_pixels(path: Path, config: Config) -> Pixels:
 
 def prepared(pixels: Pixels) -> Prepared:
     """The part of loaded pixels the pipeline needs to hold."""
-    frame = replace(pixels.frame, data=np.empty((0, 0), np.float32), bpm=None, err=None)
+    frame = replace(pixels.frame, data=np.empty((0, 0), np.float32), bpm=None)
     sources, image_quality = pixels.image_quality()
     return Prepared(frame, sources, image_quality)
 

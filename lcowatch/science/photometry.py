@@ -4,7 +4,7 @@ Apertures are given in arcseconds or in multiples of the frame's FWHM, never in 
 apertures, cosmic-ray hits the file's mask missed and masked pixels are replaced by their mirror image
 through the star (SExtractor's ``MASK_TYPE CORRECT``), so neither adds nor loses light. The local
 background of each star is the sigma-clipped median of an annulus, robust to cosmic rays and
-neighbours. Errors follow the CCD equation (the ERR plane when the file has one). Pixel positions are
+neighbours. Errors follow the CCD equation (background RMS map and shot noise). Pixel positions are
 0-based.
 """
 
@@ -151,9 +151,7 @@ def repair_apertures(
     boxes = _Boxes(pre.subtracted[rows, cols], x[index] - (ix - half), y[index] - (iy - half))
     masked = pre.bad[rows, cols]
     filled = boxes.fill(masked)
-    noise = frame.err[rows, cols] if frame.err is not None else pre.rms[rows, cols]
-    if frame.err is None:
-        noise = np.sqrt(noise**2 + np.maximum(boxes.values, 0.0) / frame.meta.gain)
+    noise = np.sqrt(pre.rms[rows, cols] ** 2 + np.maximum(boxes.values, 0.0) / frame.meta.gain)
     hit = _cosmic_ray_hits(boxes, noise) & ~masked
     fixed = boxes.fill(hit) | filled
     if not fixed.any():
@@ -356,10 +354,8 @@ def measure(
     r_in, r_out = (a.radius_pix(fwhm_pix, pixscale) for a in annulus)
     r_out = max(r_out, r_in + 3.0)
     ny, nx = frame.data.shape
-    # With an ERR plane the per-pixel errors include the star's own shot noise; without one, the
-    # background RMS map gives the sky and read noise and the star's shot noise is added from its flux.
-    error_map = frame.err if frame.err is not None else pre.rms
-    shot_noise_gain = None if frame.err is not None else frame.meta.gain
+    # The background RMS map gives the sky and read noise; the star's shot noise is added from its flux.
+    error_map, gain = pre.rms, frame.meta.gain
 
     off_frame = ~((x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)) | ~np.isfinite(x) | ~np.isfinite(y)
     px, py = np.where(off_frame, 0.0, x), np.where(off_frame, 0.0, y)
@@ -395,7 +391,7 @@ def measure(
         # Error of the annulus median: (pi / 2) times the variance of a mean.
         median_var = np.where(used, (np.pi / 2) * local_rms**2 / np.maximum(n_annulus, 1), 0.0)
         flux[:, k] = np.where(used, total - area * np.nan_to_num(local), np.nan)
-        shot_var = np.maximum(flux[:, k], 0.0) / shot_noise_gain if shot_noise_gain else 0.0
+        shot_var = np.maximum(flux[:, k], 0.0) / gain
         flux_err[:, k] = np.sqrt(total_err**2 + shot_var + area**2 * median_var)
         bits = np.zeros(len(px), dtype=np.int64)
         bits |= np.where(saturated & sep.APER_HASMASKED, flags.value("saturated"), 0)
