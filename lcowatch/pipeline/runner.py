@@ -372,10 +372,11 @@ class Pipeline:
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
         warn_if_target_far(self.config, frame, log)
-        duplicate, replaces = earlier_version(self.store, frame)
-        if duplicate is not None:
+        first, replaces = earlier_version(self.store, frame)
+        if first is not None:
+            duplicate = f"the same exposure as {first}, already measured"
             self.ledger.finish(frame.sha256, State.IGNORED, step=Step.READ, error=duplicate, identity=identity)
-            log.info("frame_duplicate", reason=duplicate)
+            log.info("frame_duplicate", reason=duplicate, first=first)
             return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
         work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels)
@@ -452,7 +453,7 @@ class Pipeline:
 
 
 def earlier_version(store: Store, frame: Frame) -> tuple[str | None, str | None]:
-    """How an exposure measured before bears on ``frame``: (why it is a duplicate, the sha256 it replaces).
+    """How an exposure measured before bears on ``frame``: (the file it duplicates, the sha256 it replaces).
 
     Another copy or encoding (.fits.fz and its funpacked .fits, a re-delivery under a new name) is a
     duplicate: one exposure gives one point. The same file grown or rewritten in place (a writer that paused
@@ -463,7 +464,7 @@ def earlier_version(store: Store, frame: Frame) -> tuple[str | None, str | None]
         return None, None
     if path_text(first["path"]) == str(frame.path):
         return None, first["sha256"]
-    return f"the same exposure as {first['file']}, already measured", None
+    return first["file"], None
 
 
 def draw_subtraction(config: Config, work: FrameWork, views: SubtractionViews) -> None:
