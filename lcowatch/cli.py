@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -110,61 +109,44 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 class Progress:
-    """A one-line progress report for a person at a terminal (files, outcomes, rate, time left), kept at
-    the bottom: log lines to the same terminal go through :meth:`beneath` and are written above it."""
+    """A progress bar for a person at a terminal (tqdm: files done, rate, time left, and the outcomes so
+    far), kept at the bottom: log lines to the same terminal go through :meth:`beneath` and are written
+    above it. Nothing is drawn when ``stream`` is not a terminal."""
 
     def __init__(self, total: int, stream: IO[str], *, enabled: bool) -> None:
-        self.total, self.stream, self.enabled = total, stream, enabled
+        from tqdm import tqdm  # only for a batch at a terminal
+
         self.counts: dict[str, int] = {}
-        self.started = time.monotonic()
-        self.line = ""
+        self.bar = tqdm(total=total, unit="file", file=stream, disable=not enabled, dynamic_ncols=True)
 
     def update(self, state: str) -> None:
         self.counts[state] = self.counts.get(state, 0) + 1
-        if not self.enabled:
-            return
-        finished = sum(self.counts.values())
-        rate = finished / max(time.monotonic() - self.started, 1e-9)
-        left = (self.total - finished) / rate if rate > 0 else float("inf")
-        tally = ", ".join(f"{n} {name}" for name, n in sorted(self.counts.items()))
-        self.line = f"{finished}/{self.total} files ({tally}), {rate:.2f}/s, ~{left:.0f} s left"
-        self.draw()
-
-    def draw(self) -> None:
-        self.stream.write(f"\r{self.line}\x1b[K")
-        self.stream.flush()
-
-    def erase(self) -> None:
-        self.stream.write("\r\x1b[K")
-        self.stream.flush()
+        self.bar.set_postfix_str(", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())), refresh=False)
+        self.bar.update()
 
     def beneath(self, log_stream: IO[str]) -> IO[str]:
-        """``log_stream``, or when both are the terminal a stream that writes above the progress line."""
-        if not (self.enabled and log_stream.isatty()):
+        """``log_stream``, or when both are the terminal a stream that writes above the progress bar."""
+        if self.bar.disable or not log_stream.isatty():
             return log_stream
-        return cast(IO[str], _AboveProgress(self, log_stream))
+        return cast(IO[str], _AboveProgress(self.bar, log_stream))
 
     def close(self) -> None:
-        if self.enabled and self.counts:
-            self.stream.write("\n")
+        self.bar.close()
 
 
 class _AboveProgress:
-    """A text stream that lifts the progress line out of the way of each line written through it."""
+    """A text stream whose whole lines are written above the progress bar (``tqdm.write``)."""
 
-    def __init__(self, progress: Progress, stream: IO[str]) -> None:
-        self.progress, self.stream = progress, stream
-        self.mid_line = False
+    def __init__(self, bar: Any, stream: IO[str]) -> None:
+        self.bar, self.stream = bar, stream
+        self.pending = ""
 
     def write(self, text: str) -> int:
-        if not self.mid_line and self.progress.line:
-            self.progress.erase()
-        written = self.stream.write(text)
-        self.stream.flush()
-        self.mid_line = not text.endswith("\n")
-        if not self.mid_line and self.progress.line:
-            self.progress.draw()
-        return written
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            self.bar.write(line, file=self.stream)
+        return len(text)
 
     def flush(self) -> None:
         self.stream.flush()
