@@ -845,27 +845,32 @@ def test_a_pending_file_that_vanished_is_settled_at_start_and_worked_on_if_it_co
     tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
 ) -> None:
     """A file deleted while it was read (its row pending, the file gone) does not stay pending forever: it is
-    recorded as vanished; the same content arriving again, under another name, is measured."""
+    recorded as vanished (a name that is not UTF-8 as well); the same content arriving again, under another
+    name, is measured. A row another process finished meanwhile is left as it is."""
     from lcowatch.state.ledger import Ledger, connect
 
     config = factory.config(tmp_path)
     watch, state = tmp_path / "in", tmp_path / "state"
     frame = factory.frame(62, "fz")
-    sha256 = sha256_of(frame.path)
+    sha256, undecodable = sha256_of(frame.path), "f" * 64
     conn = connect(state)
-    Ledger(conn).record(sha256, watch / frame.name, len(frame.content), "pending")
+    ledger_rows = Ledger(conn)
+    ledger_rows.record(sha256, watch / frame.name, len(frame.content), "pending")
+    ledger_rows.record(undecodable, watch / os.fsdecode(b"gone-\xff.fits"), 10, "pending")
     conn.close()
     ledger = LedgerView(state)
 
     daemon = daemons(config).start()
-    daemon.wait_event("pending_file_vanished", sha256=sha256)
-    record = ledger.file(sha256)
-    assert record is not None and record["state"] == "ignored"
-    assert record["error"].startswith("vanished before it was finished")
+    for sha in (sha256, undecodable):
+        daemon.wait_event("pending_file_vanished", sha256=sha)
+        record = ledger.file(sha)
+        assert record is not None and record["state"] == "ignored"
+        assert record["error"].startswith("vanished before it was finished")
     drop(frame, watch, name="again-" + frame.name)
     wait_for(_done(ledger, 1), what="the file that came back")
     assert daemon.stop() == 0
-    assert_exactly_once(ledger, [frame])
+    assert ledger.states() == {sha256: "done", undecodable: "ignored"}
+    assert ledger.frame_rows() == {sha256: 1}
 
 
 def test_frames_waiting_for_a_first_template_go_as_soon_as_there_is_one(

@@ -230,6 +230,20 @@ def test_a_pass_with_a_budget_leaves_the_rest_due_for_the_next(tmp_path: Path, f
     assert {r.path for r in first + rest} == set(paths) and not tracker.due()
 
 
+def test_a_file_tracked_again_after_a_delay_is_not_due_before_it(
+    tmp_path: Path, frames: dict[str | None, bytes]
+) -> None:
+    """A file whose quarantine failed (a full disk) is looked at again after the back-off, not every tick."""
+    clock, wall = FakeClock(), [1e9]
+    tracker = _tracker(clock, wall, quiet=0.0)
+    path = tmp_path / "f.fits"
+    path.write_bytes(frames[None])
+    tracker.add(path, after=5.0)
+    assert not tracker.due() and tracker.poll() == []
+    clock.now += 5.0
+    assert tracker.due() and [r.kind for r in tracker.poll()] == ["ready"]
+
+
 def test_poison_and_gone(tmp_path: Path) -> None:
     text = tmp_path / "notes.fits"
     text.write_text("not an image\n" * 100)

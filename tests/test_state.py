@@ -91,3 +91,23 @@ class TestSchemaVersion:
         config = write_config(tmp_path, {"V9": {"ra": 120.0, "dec": 5.0}})
         assert main(["status", "--config", str(config)]) == 1
         assert "newer than this lcowatch" in capsys.readouterr().err
+
+
+class TestVanishedFiles:
+    """A file gone before it was finished is recorded as vanished only while its row is pending: a row that
+    another process finished (quarantined, done) meanwhile is left as it is; a vanished file is not finished,
+    so its content is worked on should it come back."""
+
+    def test_only_pending_rows_are_marked(self, tmp_path: Path) -> None:
+        from lcowatch.state.ledger import Ledger
+
+        ledger = Ledger(connect(tmp_path))
+        ledger.record("a" * 64, tmp_path / "a.fits", 10, "pending")
+        ledger.record("b" * 64, tmp_path / "b.fits", 10, "quarantined", error="not a FITS file")
+        for sha in ("a" * 64, "b" * 64):
+            ledger.mark_vanished(sha, tmp_path / f"{sha[0]}.fits", "read")
+        vanished, quarantined = ledger.get("a" * 64), ledger.get("b" * 64)
+        assert vanished is not None and vanished.state == "ignored" and not vanished.finished
+        assert vanished.error is not None and vanished.error.startswith("vanished before it was finished")
+        assert quarantined is not None and quarantined.state == "quarantined" and quarantined.finished
+        assert quarantined.error == "not a FITS file"

@@ -25,7 +25,7 @@ from lcowatch.intake.queue import QueueItem, WorkQueue, queue_key
 from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink
 from lcowatch.log import display_name
-from lcowatch.state.ledger import VANISHED, Ledger
+from lcowatch.state.ledger import Ledger
 from lcowatch.states import State, Step
 
 #: Seconds of readiness checks per pass of the main loop: a backlog of gzip files (each inflated to be
@@ -122,7 +122,8 @@ class Admission:
     def poll_readiness(self) -> None:
         """Queue the files that have become complete, then quarantine those that never will. A quarantine
         that fails (the ledger cannot be written) loses neither the ready files nor the other unready ones:
-        they are queued first, and those not yet quarantined are tracked again."""
+        they are queued first, and those not yet quarantined are looked at again after
+        ``daemon.retry_seconds`` (a full disk must not spin the main loop)."""
         results = self.tracker.poll(tick=self._tick, budget=READINESS_SLICE)
         ready = [QueueItem(queue_key(r.path, r.mjd), r.path, r.size, r.mtime_ns) for r in results if r.kind == "ready"]
         if ready:
@@ -135,7 +136,7 @@ class Admission:
                 self._quarantine_unready(result)
             except BaseException:
                 for later in unready[done:]:
-                    self.tracker.add(later.path)
+                    self.tracker.add(later.path, after=self.config.daemon.retry_seconds)
                 raise
 
     def defer(self, path: Path) -> None:
@@ -232,7 +233,7 @@ class Admission:
                     path, self.config.state_dir, sha256=sha256, reason=reason, step=step
                 )
             except FileNotFoundError:
-                self.ledger.record(sha256, path, result.size, State.IGNORED, step=step, error=f"{VANISHED}: {path}")
+                self.ledger.mark_vanished(sha256, path, step)
                 return
             except OSError as exc:  # e.g. a read-only watched folder: record it, leave it where it is
                 flog.error("quarantine_move_failed", reason=reason, error=str(exc))
@@ -280,5 +281,5 @@ class Admission:
             else:
                 # Deleted or moved away after it was first read: not pending forever. Should the same content
                 # come back (under any name), it is worked on.
-                self.ledger.finish(record.sha256, State.IGNORED, step=record.step, error=f"{VANISHED}: {path}")
+                self.ledger.mark_vanished(record.sha256, path, record.step)
                 self.log.warning("pending_file_vanished", file=name, path=str(path), sha256=record.sha256)

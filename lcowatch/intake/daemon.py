@@ -81,10 +81,16 @@ def lock_state_dir(state_dir: Path) -> int:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise Stop(f"another lcowatch daemon (PID {holder}) is running on state folder {state_dir}") from None
-    os.ftruncate(fd, 0)
-    with contextlib.suppress(OSError):  # the PID only names the holder; a full disk must not stop the start
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    write_pid(fd)
     return fd
+
+
+def write_pid(fd: int) -> None:
+    """Name this process in the lock file: best effort, as the lock holds without it (a full disk at start
+    must not stop the start; the daemon writes it again once it is up)."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def running_daemon(state_dir: Path) -> int | None:
@@ -184,6 +190,8 @@ class Daemon:
                 return self._shutdown(self._signal or signal.SIGTERM)
             delay = min(self.config.daemon.max_retry_seconds, delay * 2)
         assert self.admission is not None and self.worker is not None
+        if waiting and self._lock is not None:
+            write_pid(self._lock)
         self.notifier.ready(self._status_text())
         self.log.info("daemon_ready", found=found, queued=len(self.queue), waiting=len(self.admission.tracker))
         self.worker.start()
@@ -261,8 +269,11 @@ class Daemon:
             except (Stop, sqlite3.DatabaseError) as exc:
                 if not isinstance(exc, sqlite3.OperationalError) or not state_dir_writable(self.config.state_dir):
                     return self._exit_fatal(exc)
-                failed_ticks += 1
-                self.log.warning("main_loop_error", error=str(exc), consecutive=failed_ticks)
+                if disk_full(exc, self.config.state_dir):  # waited out, as the worker does: not a failing loop
+                    self.log.warning("main_loop_disk_full", error=str(exc))
+                else:
+                    failed_ticks += 1
+                    self.log.warning("main_loop_error", error=str(exc), consecutive=failed_ticks)
             except Exception as exc:
                 failed_ticks += 1
                 self.log.exception("main_loop_error", error=str(exc), consecutive=failed_ticks)

@@ -299,10 +299,9 @@ class Pipeline:
         try:
             destination = quarantine_file(path, self.config.state_dir, sha256=sha256, reason=str(exc), step=exc.step)
         except FileNotFoundError:  # deleted while it was read: nothing to move aside, nothing left pending
-            vanished = f"{VANISHED} (it was to be quarantined: {exc})"
-            self.ledger.finish(sha256, State.IGNORED, step=exc.step, error=vanished)
-            self.log.warning("file_vanished", file=path.name, sha256=sha256, reason=vanished)
-            return Outcome(path, State.IGNORED, sha256, vanished)
+            self.ledger.mark_vanished(sha256, path, exc.step, f" (it was to be quarantined: {exc})")
+            self.log.warning("file_vanished", file=path.name, sha256=sha256, reason=str(exc))
+            return Outcome(path, State.IGNORED, sha256, VANISHED)
         self.ledger.finish(sha256, State.QUARANTINED, step=exc.step, error=str(exc))
         self.log.warning(
             "frame_quarantined", file=path.name, sha256=sha256, step=exc.step, reason=str(exc),
@@ -372,6 +371,7 @@ class Pipeline:
             log.info("frame_ignored", reason=unmatched)
             return Outcome(frame.path, State.IGNORED, frame.sha256, unmatched)
         warn_if_target_far(self.config, frame, log)
+        target = meta.target
         first, replaces = earlier_version(self.store, frame)
         if first is not None:
             duplicate = f"the same exposure as {first}, already measured"
@@ -379,7 +379,7 @@ class Pipeline:
             log.info("frame_duplicate", reason=duplicate, first=first)
             return Outcome(frame.path, State.IGNORED, frame.sha256, duplicate)
 
-        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels)
+        work = FrameWork(frame=frame, config=self.config, log=log, store=self.store, pixels=pixels, replaces=replaces)
         seconds: dict[str, float] = {}
         step: str = Step.READ
         try:
@@ -413,12 +413,11 @@ class Pipeline:
         requeued: list[Path] = []
 
         def write(conn: sqlite3.Connection) -> None:
+            if replaces is not None:  # gone before this version's colours are solved
+                retire_earlier_version(conn, self.store, replaces, frame.sha256)
             self._write_results(conn, work, state, requeued)
-            if replaces is not None:
-                self.store.forget_measurements(conn, replaces)
-                self.ledger.mark_replaced(
-                    conn, replaces, f"replaced by a later version of the same file ({frame.sha256})"
-                )
+            if replaces is not None and state != State.DONE:
+                apply_colours(conn, self.store, target, meta.mjd_mid)
 
         started = time.perf_counter()
         try:
@@ -462,9 +461,16 @@ def earlier_version(store: Store, frame: Frame) -> tuple[str | None, str | None]
     first = store.same_exposure(frame.sha256, frame.meta)
     if first is None:
         return None, None
-    if path_text(first["path"]) == str(frame.path):
+    if path_text(first["path"]) == str(frame.path.absolute()):
         return None, first["sha256"]
     return first["file"], None
+
+
+def retire_earlier_version(conn: sqlite3.Connection, store: Store, sha256: str, by: str) -> None:
+    """Drop what an earlier version of a file gave and record it as replaced by ``by`` (the caller's
+    transaction)."""
+    store.forget_measurements(conn, sha256)
+    Ledger.mark_replaced(conn, sha256, f"replaced by a later version of the same file ({by})")
 
 
 def draw_subtraction(config: Config, work: FrameWork, views: SubtractionViews) -> None:

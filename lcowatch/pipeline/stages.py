@@ -78,6 +78,7 @@ class FrameWork:
     new_reference: bool = False
     reference_changed: bool = False
     fill_in_calibration: bool = False  # a catalog answered where earlier points of the target went without
+    replaces: str | None = None  # sha256 of an earlier version of this file, measured before (see earlier_version)
     template: Template | None = None
     template_reason: str | None = None
     new_field_ids: np.ndarray | None = None

@@ -65,18 +65,24 @@ class SubtractReference:
         target_xy = apply_affine(work.to_frame, work.reference.target_xy[None, :])[0]
         klass = instrument_class(meta.instrument)
         reference = reference_image(work.store.conn, meta.target, meta.filter, klass)
-        is_reference = reference is None
+        # An earlier version of this very file (a part of it) made the reference: the same pixels.
+        is_reference = reference is None or reference.sha256 == work.replaces
         if reference is None:
             if not self._may_be_reference(work):
                 raise Reject(f"waiting for a reference image of {meta.filter} ({klass})", step=Step.SUBTRACT)
             reference = work.new_reference_image = self._new_reference(work, target_xy, klass)
-            flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
             at = (float(target_xy[0] - reference.origin[0]), float(target_xy[1] - reference.origin[1]))
             work.subtraction_views = SubtractionViews([("new reference image", reference.image)], at)
+        if is_reference:
+            flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
         else:
             # Measured against the reference as it is; then, while it is shallow and the target shows nothing
             # new, averaged into it.
-            grow = reference.frames < config.subtraction.reference_frames and self._may_be_reference(work)
+            grow = (
+                reference.frames < config.subtraction.reference_frames
+                and self._may_be_reference(work)
+                and work.replaces is None  # its earlier version may be averaged in already
+            )
             flux, flux_err, residual, work.new_reference_image, views = work.pixels.run(
                 _difference_flux, reference, _cutout_map(reference, work.to_frame), config.subtraction.cutout,
                 target_xy, work.photometry.radii, work.quality.fwhm_pix,

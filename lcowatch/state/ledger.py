@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lcowatch.log import display_name
 from lcowatch.state.schema import migrate
 from lcowatch.states import LEDGER_STATES, TERMINAL_STATES, State, Step
 
@@ -151,8 +152,8 @@ class Ledger:
         with transaction(self.conn):
             self.conn.execute(
                 "UPDATE files SET state = ?, error = ?, updated = ? WHERE path = ? AND sha256 != ? AND state = ?",
-                (State.IGNORED, f"{VANISHED}: the file was rewritten ({sha256})", time.time(), path_value(path),
-                 sha256, State.PENDING),
+                (State.IGNORED, f"{VANISHED}: the file was rewritten ({sha256})", time.time(),
+                 path_value(path.absolute()), sha256, State.PENDING),
             )  # fmt: skip
 
     def start_attempt(self, sha256: str, path: Path, size: int) -> FileRecord:
@@ -162,11 +163,11 @@ class Ledger:
             self.conn.execute(
                 "INSERT INTO files (sha256, path, size, state, attempts, first_seen, updated) "
                 "VALUES (?, ?, ?, 'pending', 0, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                (sha256, path_value(path), size, now, now),
+                (sha256, path_value(path.absolute()), size, now, now),
             )
             self.conn.execute(
                 "UPDATE files SET state = 'pending', attempts = attempts + 1, path = ?, updated = ? WHERE sha256 = ?",
-                (path_value(path), now, sha256),
+                (path_value(path.absolute()), now, sha256),
             )
         record = self.get(sha256)
         assert record is not None
@@ -221,7 +222,23 @@ class Ledger:
                 "INSERT INTO files (sha256, path, size, state, attempts, step, error, first_seen, updated) "
                 "VALUES (?, ?, ?, ?, 0, ?, ?, ?, ?) ON CONFLICT (sha256) DO UPDATE SET path = excluded.path, "
                 "state = excluded.state, step = excluded.step, error = excluded.error, updated = excluded.updated",
-                (sha256, path_value(path), size, state, step, error, now, now),
+                (sha256, path_value(path.absolute()), size, state, step, error, now, now),
+            )
+
+    def mark_vanished(self, sha256: str, path: Path, step: str | None, note: str = "") -> None:
+        """Record a file that was deleted or moved away before it was finished, if it is still pending (another
+        process may have finished it, or moved it into quarantine, meanwhile)."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE files SET state = ?, step = ?, error = ?, updated = ? WHERE sha256 = ? AND state = ?",
+                (
+                    State.IGNORED,
+                    step,
+                    f"{VANISHED}: {display_name(str(path))}{note}",
+                    time.time(),
+                    sha256,
+                    State.PENDING,
+                ),
             )
 
     @staticmethod
@@ -291,4 +308,4 @@ class Ledger:
             "FROM files WHERE state = ? ORDER BY mjd, path",
             (state,),
         ).fetchall()
-        return [FileRecord(**dict(row)) for row in rows]
+        return [FileRecord(**(dict(row) | {"path": path_text(row["path"])})) for row in rows]
