@@ -88,3 +88,32 @@ class TestVerdict:
         _, sources = _quality(tmp_path, exptime=300.0, seed=9)
         assert sources["saturated"].any()
         assert np.isnan(sources["fwhm"][sources["saturated"]]).all()
+
+
+class TestCrowdedFields:
+    """A field so crowded that sep's default buffer of pixels above the threshold overflows (a bulge) is
+    detected with a larger one, rather than failing the frame."""
+
+    def test_the_buffer_grows_when_it_overflows(self) -> None:
+        import sep
+        from scipy.ndimage import gaussian_filter
+
+        from lcowatch.science.preprocess import Preprocessed
+        from lcowatch.science.quality import EXTRACT_PIXSTACKS
+
+        rng = np.random.default_rng(3)
+        n = 1024
+        yy, xx = np.mgrid[0:n, 0:n]
+        bulge = 1000.0 * np.exp(-((xx - 512.0) ** 2 + (yy - 512.0) ** 2) / (2 * 300.0**2))  # 5 sigma everywhere
+        stars = np.zeros((n, n), np.float32)
+        at = rng.integers(0, n, (300, 2))
+        np.add.at(stars, (at[:, 0], at[:, 1]), rng.uniform(2000.0, 20000.0, len(at)))
+        image = (bulge + gaussian_filter(stars, 2.0) + rng.normal(0.0, 10.0, (n, n))).astype(np.float32)
+        rms = np.full((n, n), 10.0, np.float32)
+        nothing = np.zeros((n, n), bool)
+        pre = Preprocessed(nothing, nothing, image, rms, 0.0, 10.0)
+        sep.set_extract_pixstack(EXTRACT_PIXSTACKS[0])
+        with pytest.raises(Exception, match="pixel buffer full"):
+            sep.extract(image, CONFIG.quality.detect_sigma, err=rms)
+        sources = detect_sources(pre, CONFIG.quality)
+        assert len(sources) >= 1 and sources["npix"].max() > EXTRACT_PIXSTACKS[0]

@@ -41,7 +41,10 @@ PRECISE_FWHM_SNR = 100.0
 MIN_PRECISE_FWHM_STARS = 10
 SHARP_RATIO = 4.0  # peak/flux this many times that of well-measured stars marks a cosmic ray
 CENTROID_ITERATIONS = 5
-EXTRACT_PIXSTACK = 3_000_000  # crowded bulge fields overflow sep's default buffer
+#: sep's buffer of pixels above the threshold, tried in turn: its default holds a 4k Sinistro field; a
+#: crowded bulge field overflows it and gets ten times as much (which costs 126 MB of peak memory on a
+#: 4k frame, so it is not the first try).
+EXTRACT_PIXSTACKS = (300_000, 3_000_000)
 
 
 @dataclass
@@ -68,21 +71,30 @@ class Quality:
         return bool(np.isfinite(self.fwhm_pix))
 
 
+def _extract(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
+    def extract(pixstack: int) -> np.ndarray:
+        sep.set_extract_pixstack(pixstack)
+        sep.set_sub_object_limit(4096)
+        return sep.extract(
+            pre.subtracted, thresh=config.detect_sigma, err=pre.rms, mask=pre.bad, minarea=config.min_area,
+            deblend_cont=0.005,
+        )  # fmt: skip
+
+    for pixstack in EXTRACT_PIXSTACKS[:-1]:
+        try:
+            return extract(pixstack)
+        except Exception as exc:  # sep raises a bare Exception
+            if "pixel buffer full" not in str(exc):
+                raise
+    return extract(EXTRACT_PIXSTACKS[-1])
+
+
 def detect_sources(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
     """Detect sources on the background-subtracted image; returns an array of :data:`SOURCE_DTYPE`.
 
     Saturated pixels are not masked during detection (their stars are found, then marked saturated).
     """
-    sep.set_extract_pixstack(EXTRACT_PIXSTACK)
-    sep.set_sub_object_limit(4096)
-    objects = sep.extract(
-        pre.subtracted,
-        thresh=config.detect_sigma,
-        err=pre.rms,
-        mask=pre.bad,
-        minarea=config.min_area,
-        deblend_cont=0.005,
-    )
+    objects = _extract(pre, config)
     sources = np.zeros(len(objects), dtype=SOURCE_DTYPE)
     for name in ("x", "y", "flux", "peak", "a", "b", "theta", "npix"):
         sources[name] = objects[name]
