@@ -269,7 +269,6 @@ class Pipeline:
             self.log.error("file_unreadable", file=path.name, path=str(path), error=str(exc))
             return Outcome(path, State.FAILED, reason=str(exc))
         self.ledger.remember_path(path, stat.st_size, stat.st_mtime_ns, sha256)
-        self.ledger.settle_rewritten(path, sha256)
         record = self.ledger.get(sha256)
         if record is not None and record.finished:
             self.log.debug("already_seen", file=path.name, sha256=sha256, state=record.state)

@@ -354,14 +354,12 @@ def measure(
     r_in, r_out = (a.radius_pix(fwhm_pix, pixscale) for a in annulus)
     r_out = max(r_out, r_in + 3.0)
     ny, nx = frame.data.shape
-    # The background RMS map gives the sky and read noise; the star's shot noise is added from its flux.
-    error_map, gain = pre.rms, frame.meta.gain
 
     off_frame = ~((x >= 0) & (x <= nx - 1) & (y >= 0) & (y <= ny - 1)) | ~np.isfinite(x) | ~np.isfinite(y)
     px, py = np.where(off_frame, 0.0, x), np.where(off_frame, 0.0, y)
     # Repaired around where registration puts the stars, a little beyond the largest aperture.
     sum_mask, repaired = repair_apertures(frame, pre, x, y, float(radii.max()) + max_shift, float(radii.max()))
-    first, first_err, _ = sep.sum_circle(pre.subtracted, px, py, radii[0], err=error_map, mask=sum_mask)
+    first, first_err, _ = sep.sum_circle(pre.subtracted, px, py, radii[0], err=pre.rms, mask=sum_mask)
     with np.errstate(divide="ignore", invalid="ignore"):
         bright = (first / first_err >= recentre_snr) & ~off_frame
     cx, cy = recentre(pre.subtracted, px, py, fwhm_pix)
@@ -384,14 +382,15 @@ def measure(
     for k, radius in enumerate(radii):
         # subpix=0: exact pixel overlaps, so the summed area is pi r^2 and the background subtracted with it
         # is the one under the aperture (a sampled area is off by up to ~20 % at small radii and high sky).
-        total, total_err, sep_flags = sep.sum_circle(frame.data, px, py, radius, err=error_map, mask=sum_mask, subpix=0)
+        total, total_err, sep_flags = sep.sum_circle(frame.data, px, py, radius, err=pre.rms, mask=sum_mask, subpix=0)
         _, _, saturated = sep.sum_circle(frame.data, px, py, radius, mask=pre.saturated, subpix=0)
         area = np.pi * radius**2
         used = n_annulus >= MIN_ANNULUS_PIXELS
         # Error of the annulus median: (pi / 2) times the variance of a mean.
         median_var = np.where(used, (np.pi / 2) * local_rms**2 / np.maximum(n_annulus, 1), 0.0)
         flux[:, k] = np.where(used, total - area * np.nan_to_num(local), np.nan)
-        shot_var = np.maximum(flux[:, k], 0.0) / gain
+        # The RMS map holds the sky and read noise; the star's own shot noise comes from its flux.
+        shot_var = np.maximum(flux[:, k], 0.0) / frame.meta.gain
         flux_err[:, k] = np.sqrt(total_err**2 + shot_var + area**2 * median_var)
         bits = np.zeros(len(px), dtype=np.int64)
         bits |= np.where(saturated & sep.APER_HASMASKED, flags.value("saturated"), 0)

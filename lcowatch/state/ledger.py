@@ -139,17 +139,16 @@ class Ledger:
         return row["sha256"] if row else None
 
     def remember_path(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
-        self.conn.execute(
-            "INSERT INTO paths (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
-            "sha256 = excluded.sha256",
-            (path_value(path), size, mtime_ns, sha256),
-        )
-
-    def settle_rewritten(self, path: Path, sha256: str) -> None:
-        """Rows left pending for earlier content of ``path``, which now holds ``sha256`` (a file rewritten or
-        grown in place while a crash interrupted its first measurement): that content is nowhere any more."""
+        """Remember that ``path`` holds ``sha256``, so rescans skip hashing it. Rows left pending for earlier
+        content of the path (a file rewritten or grown in place while a crash interrupted its first
+        measurement) are settled in the same transaction: that content is nowhere any more."""
         with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO paths (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (path) DO UPDATE SET size = excluded.size, mtime_ns = excluded.mtime_ns, "
+                "sha256 = excluded.sha256",
+                (path_value(path), size, mtime_ns, sha256),
+            )
             self.conn.execute(
                 "UPDATE files SET state = ?, error = ?, updated = ? WHERE path = ? AND sha256 != ? AND state = ?",
                 (State.IGNORED, f"{VANISHED}: the file was rewritten ({sha256})", time.time(),
