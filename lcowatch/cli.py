@@ -24,9 +24,10 @@ from lcowatch.log import get_logger
 from lcowatch.outputs.export import lightcurve_table, named_check_star, update_result_file, write_aavso
 from lcowatch.outputs.export import write_table as export_table
 from lcowatch.outputs.plot import PLOTS_DIR, plot_lightcurve
+from lcowatch.pipeline.batch import MEASURE, SURVEY, run_batch
 from lcowatch.pipeline.executor import Executor, make_executor
 from lcowatch.pipeline.reprocess import ReprocessError, reprocess
-from lcowatch.pipeline.runner import Pipeline, pin_template, recalibrate
+from lcowatch.pipeline.runner import Outcome, Pipeline, pin_template, recalibrate
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import CatalogFileError, FieldCatalogs, read_local_catalog, standard_band
 from lcowatch.state.images import reference_images
@@ -109,19 +110,29 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 class Progress:
-    """A progress bar for a person at a terminal (tqdm: files done, rate, time left, and the outcomes so
-    far), kept at the bottom: log lines to the same terminal go through :meth:`beneath` and are written
-    above it. Nothing is drawn when ``stream`` is not a terminal."""
+    """A progress bar for a person at a terminal, one pass of a batch after the other (tqdm: files done,
+    rate, time left, and the outcomes so far), kept at the bottom: log lines to the same terminal go
+    through :meth:`beneath` and are written above it. Nothing is drawn when ``stream`` is not a terminal.
+    ``totals``: the number of files of each pass, in the order they run."""
 
-    def __init__(self, total: int, stream: IO[str], *, enabled: bool) -> None:
+    def __init__(self, totals: dict[str, int], stream: IO[str], *, enabled: bool) -> None:
         from tqdm import tqdm  # only for a batch at a terminal
 
+        self.totals = totals
         self.counts: dict[str, int] = {}
-        self.bar = tqdm(total=total, unit="file", file=stream, disable=not enabled, dynamic_ncols=True)
+        self.pass_name = next(iter(totals))
+        self.bar = tqdm(total=totals[self.pass_name], desc=self.pass_name, unit="file", file=stream,
+                        disable=not enabled, dynamic_ncols=True)  # fmt: skip
 
-    def update(self, state: str) -> None:
-        self.counts[state] = self.counts.get(state, 0) + 1
-        self.bar.set_postfix_str(", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())), refresh=False)
+    def update(self, pass_name: str, outcome: Outcome | None) -> None:
+        if pass_name != self.pass_name:
+            self.pass_name = pass_name
+            self.bar.refresh()  # the pass's last count, which tqdm's rate limit may not have drawn
+            self.bar.reset(total=self.totals[pass_name])
+            self.bar.set_description_str(pass_name, refresh=False)
+        if outcome is not None:
+            self.counts[outcome.state] = self.counts.get(outcome.state, 0) + 1
+            self.bar.set_postfix_str(", ".join(f"{n} {name}" for name, n in sorted(self.counts.items())), refresh=False)
         self.bar.update()
 
     def beneath(self, log_stream: IO[str]) -> IO[str]:
@@ -205,19 +216,10 @@ def _process_files(args: argparse.Namespace, config: Config, pipeline: Pipeline)
     for path in unusable:
         pipeline.log.error("not_a_regular_file", path=str(path))
     missing += unusable
-    progress = Progress(len(files), sys.stderr, enabled=sys.stderr.isatty())
+    readable = sum(verdict is not None and verdict.kind == "ready" for _, verdict in files)
+    progress = Progress({SURVEY: readable, MEASURE: len(files)}, sys.stderr, enabled=sys.stderr.isatty())
     log.configure(progress.beneath(sys.stdout), level=config.log_level)
-    readable = [path for path, verdict in files if verdict is not None and verdict.kind == "ready"]
-    outcomes = []
-    readable_done = 0
-    for path, verdict in files:
-        pipeline.executor.prefetch(readable, readable_done)  # this file first, when it is readable
-        outcomes.append(pipeline.process_unwatched(path, verdict))
-        readable_done += verdict is not None and verdict.kind == "ready"
-        progress.update(outcomes[-1].state)
-    # Frames that arrived before any frame could be a template get their turn once one exists.
-    while waiting := pipeline.take_requeued():
-        outcomes.extend(pipeline.process_unwatched(path) for path in waiting if path.exists())
+    outcomes = run_batch(pipeline, files, report=progress.update)
     progress.close()
     pipeline.flush_results(force=True)
     counts: dict[str, int] = {}

@@ -142,11 +142,13 @@ class TestLog:
 
     def test_frame_events_are_bound_and_summarised(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         config = write_config(tmp_path, TARGETS)
-        _frame(tmp_path / "in", "f1.fits.fz", mjd_start=61000.1, seed=4)
-        _frame(tmp_path / "in", "f2.fits.fz", mjd_start=61000.2, seed=5)
+        _frame(tmp_path / "in", "f1.fits.fz", mjd_start=61000.1, seed=4, fwhm_arcsec=2.2)
+        _frame(tmp_path / "in", "f2.fits.fz", mjd_start=61000.2, seed=5, fwhm_arcsec=2.2)
+        _frame(tmp_path / "in", "f3.fits.fz", mjd_start=61000.3, seed=6, fwhm_arcsec=1.3)
         _, events = _process(config, capsys, tmp_path / "in")
         summaries = [e for e in events if e["event"] == "frame_processed"]
-        assert [e["file"] for e in summaries] == ["f1.fits.fz", "f2.fits.fz"]  # observation-time order
+        # The batch's template first, then observation-time order.
+        assert [e["file"] for e in summaries] == ["f3.fits.fz", "f1.fits.fz", "f2.fits.fz"]
         for event in summaries:
             assert {"sha256", "target", "filter", "outcome", "seconds", "level", "timestamp"} <= event.keys()
             assert event["target"] == "PTEST" and event["filter"] == "rp" and len(event["sha256"]) == 64
@@ -195,7 +197,8 @@ class TestDiagnostics:
 
 
 class TestProgress:
-    """The progress bar is drawn for a terminal only, and counts files, outcomes, rate and time left."""
+    """The progress bar is drawn for a terminal only, one pass after the other, and counts files, outcomes,
+    rate and time left."""
 
     def test_terminal_and_pipe(self) -> None:
         import io
@@ -203,14 +206,19 @@ class TestProgress:
         from lcowatch.cli import Progress
 
         shown, piped = io.StringIO(), io.StringIO()
-        for stream, enabled in ((shown, True), (piped, False)):
-            progress = Progress(3, stream, enabled=enabled)
+        for stream, enabled in ((piped, False), (shown, True)):
+            progress = Progress({"survey": 2, "measure": 3}, stream, enabled=enabled)
+            for _ in range(2):
+                progress.update("survey", None)
             for state in ("done", "rejected", "done"):
-                progress.update(state)
+                progress.update("measure", Outcome(Path("f"), state))
             progress.close()
         assert piped.getvalue() == ""
-        last = shown.getvalue().split("\r")[-1]
-        assert "3/3" in last and "file/s" in last and "2 done, 1 rejected" in last and last.endswith("\n")
+        drawn = shown.getvalue().split("\r")
+        assert any(line.startswith("survey") and "2/2" in line for line in drawn)
+        last = drawn[-1]
+        assert last.startswith("measure") and "3/3" in last and "file/s" in last
+        assert "2 done, 1 rejected" in last and last.endswith("\n")
 
     def test_log_lines_at_the_same_terminal_go_above_it(self) -> None:
         from lcowatch.cli import Progress
@@ -236,11 +244,11 @@ class TestProgress:
                 return lines
 
         terminal = Terminal()
-        progress = Progress(2, terminal, enabled=True)
+        progress = Progress({"measure": 2}, terminal, enabled=True)
         logs = progress.beneath(terminal)
-        progress.update("done")
+        progress.update("measure", Outcome(Path("f"), "done"))
         print('{"event": "frame_processed"}', file=logs)
-        progress.update("done")
+        progress.update("measure", Outcome(Path("g"), "done"))
         print('{"event": "process_finished"}', file=logs)
         progress.close()
         screen = [line.rstrip() for line in terminal.screen()]
@@ -257,15 +265,29 @@ class TestAwkwardFrames:
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         config = write_config(tmp_path, TARGETS)
-        _frame(tmp_path / "in", "unsolved.fits.fz", mjd_start=61000.10, seed=31, wcs_error=True)
+        unsolved = _frame(tmp_path / "in", "unsolved.fits.fz", mjd_start=61000.10, seed=31, wcs_error=True)
+        code, events = _process(config, capsys, unsolved)
+        assert code == 0 and [(e["file"], e["outcome"]) for e in events if e["event"] == "frame_processed"] == [
+            ("unsolved.fits.fz", "rejected")
+        ]
         _frame(tmp_path / "in", "solved.fits.fz", mjd_start=61000.11, seed=32)
         code, events = _process(config, capsys, tmp_path / "in")
         assert code == 0
         assert _states(tmp_path) == {"unsolved.fits.fz": "done", "solved.fits.fz": "done"}
         outcomes = [(e["file"], e["outcome"]) for e in events if e["event"] == "frame_processed"]
-        assert outcomes == [
-            ("unsolved.fits.fz", "rejected"), ("solved.fits.fz", "done"), ("unsolved.fits.fz", "done")
-        ]  # fmt: skip
+        assert outcomes == [("solved.fits.fz", "done"), ("unsolved.fits.fz", "done")]
+
+    def test_a_batch_measures_a_frame_with_a_solved_wcs_first(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The target's reference frame needs a solved WCS: a sharper unsolved frame does not lead."""
+        config = write_config(tmp_path, TARGETS)
+        _frame(tmp_path / "in", "unsolved.fits.fz", mjd_start=61000.10, seed=31, wcs_error=True, fwhm_arcsec=1.2)
+        _frame(tmp_path / "in", "solved.fits.fz", mjd_start=61000.11, seed=32, fwhm_arcsec=2.4)
+        code, events = _process(config, capsys, tmp_path / "in")
+        assert code == 0
+        outcomes = [(e["file"], e["outcome"]) for e in events if e["event"] == "frame_processed"]
+        assert outcomes == [("solved.fits.fz", "done"), ("unsolved.fits.fz", "done")]
 
     def test_filter_without_a_standard_band_stays_uncalibrated(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

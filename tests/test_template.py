@@ -45,12 +45,17 @@ def _points(folder: Path) -> list[sqlite3.Row]:
 
 
 class TestTemplateChange:
-    """A much sharper frame mid-series becomes the template, and the light curve does not shift."""
+    """A much sharper frame arriving mid-series becomes the template, and the light curve does not shift; a
+    batch that holds it takes it as the template from the start."""
+
+    SEEING = [2.8] * 6 + [1.5] + [2.8] * 6
 
     def test_no_shift_across_the_change(self, tmp_path: Path) -> None:
-        seeing = [2.8] * 6 + [1.5] + [2.8] * 6
+        seeing = self.SEEING
         truth = _series(tmp_path / "in", seeing)
         config = write_config(tmp_path, {"TPL": {"ra": 120.0, "dec": 10.0}})
+        first_nights = [str(tmp_path / "in" / name) for name in sorted(truth)[:6]]
+        assert main(["process", "--config", str(config), *first_nights]) == 0
         assert main(["process", "--config", str(config), str(tmp_path / "in")]) == 0
         rows = _points(tmp_path)
         assert len(rows) == len(seeing)
@@ -64,6 +69,17 @@ class TestTemplateChange:
         assert abs(step) < max(3 * combined, 0.003), f"shift {step:.4f} mag"
         # 11 comparison stars in 2.8" seeing on a 400 px frame: the ensemble's own error is ~0.01 (see issue 10).
         assert np.median(error) < 0.012
+
+    def test_a_batch_takes_its_best_frame_as_the_template_from_the_start(self, tmp_path: Path) -> None:
+        truth = _series(tmp_path / "in", self.SEEING)
+        config = write_config(tmp_path, {"TPL": {"ra": 120.0, "dec": 10.0}})
+        assert main(["process", "--config", str(config), str(tmp_path / "in")]) == 0
+        sharp = sorted(truth)[6]
+        assert {r["template"] for r in _points(tmp_path)} == {sharp}
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            assert conn.execute("SELECT COUNT(*) FROM templates").fetchone() == (1,)
+            reference = conn.execute("SELECT file FROM reference_frames").fetchone()
+        assert reference == (sharp,)
 
 
 class TestPinning:

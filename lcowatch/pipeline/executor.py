@@ -13,7 +13,7 @@ worker (Dask keeps the task graph), never a second write.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 
@@ -22,7 +22,7 @@ import numpy as np
 from lcowatch.config import Config
 from lcowatch.errors import RetryLater
 from lcowatch.log import get_logger
-from lcowatch.pipeline.pixels import Pixels, PixelSite, Prepared, load_pixels, prepared
+from lcowatch.pipeline.pixels import FrameSurvey, Pixels, PixelSite, Prepared, load_pixels, prepared, survey_frame
 from lcowatch.science.frame import Frame, read_frame
 from lcowatch.science.quality import ImageQuality
 
@@ -49,6 +49,10 @@ class Executor(Protocol):
         """A frame's header side and its pixels' site; raises what ``read_frame`` raises."""
         ...
 
+    def survey(self, paths: Sequence[Path]) -> Iterator[FrameSurvey | None]:
+        """Pass 1 of a batch (:func:`lcowatch.pipeline.pixels.survey_frame`) of each file, as each is done."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -66,6 +70,9 @@ class SerialExecutor:
     def open(self, path: Path, content: bytes, sha256: str) -> tuple[Frame, PixelSite]:
         frame = read_frame(path, content, sha256, self.config)
         return frame, Pixels(frame, self.config.quality)
+
+    def survey(self, paths: Sequence[Path]) -> Iterator[FrameSurvey | None]:
+        return (survey_frame(path, self.config) for path in paths)
 
     def close(self) -> None:
         pass
@@ -136,6 +143,13 @@ class DaskExecutor:
                 raise RetryLater(f"{path.name} changed while it was read", step="read")
         assert future is not None
         return ready.frame, RemotePixels(self.client, future, ready)
+
+    def survey(self, paths: Sequence[Path]) -> Iterator[FrameSurvey | None]:
+        from distributed import as_completed
+
+        futures = self.client.map(survey_frame, paths, config=self.config, pure=False, resources=self._load_slot)
+        for future in as_completed(futures):
+            yield future.result()
 
     def _load(self, path: Path) -> Future:
         return self.client.submit(load_pixels, path, self.config, pure=False, resources=self._load_slot)

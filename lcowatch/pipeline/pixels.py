@@ -99,3 +99,50 @@ def prepared(pixels: Pixels) -> Prepared:
 def image_of(pixels: Pixels) -> np.ndarray:
     """The frame's image (electrons), for a diagnostic plot."""
     return pixels.frame.data
+
+
+#: Side (pixels) of the central square the survey measures.
+SURVEY_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class FrameSurvey:
+    """What pass 1 learns of a frame: who it is and its image quality (``nstars`` scaled to the whole
+    frame from the surveyed square)."""
+
+    path: Path
+    target: str
+    filter: str
+    instrument: str | None
+    pixscale: float
+    wcs_usable: bool
+    image_quality: ImageQuality
+
+
+def survey_frame(path: Path, config: Config) -> FrameSurvey | None:
+    """Pass 1 of a batch for one file, wherever it runs (:mod:`lcowatch.pipeline.batch`); None for a file
+    that is not a readable frame of a target."""
+    try:
+        return _survey(path, config)
+    except Exception:  # the survey only orders the batch: pass 2 meets the same failure and records it
+        return None
+
+
+def _survey(path: Path, config: Config) -> FrameSurvey | None:
+    content, sha256 = read_content(path)
+    frame = read_frame(path, content, sha256, config)
+    meta = frame.meta
+    if meta.target is None:
+        return None
+    ny, nx = frame.data.shape
+    y0, x0 = max(0, (ny - SURVEY_SIZE) // 2), max(0, (nx - SURVEY_SIZE) // 2)
+    window = (slice(y0, y0 + SURVEY_SIZE), slice(x0, x0 + SURVEY_SIZE))
+    square = replace(
+        frame,
+        data=np.ascontiguousarray(frame.data[window]),
+        bpm=None if frame.bpm is None else np.ascontiguousarray(frame.bpm[window]),
+    )
+    pre = preprocess(square)
+    measured = measure_image_quality(pre, detect_sources(pre, config.quality))
+    measured = replace(measured, nstars=round(measured.nstars * frame.data.size / square.data.size))
+    return FrameSurvey(path, meta.target, meta.filter, meta.instrument, meta.pixscale, meta.wcs_usable, measured)

@@ -11,6 +11,7 @@ from collections import Counter
 from lcowatch.config import Config
 from lcowatch.intake.quarantine import QUARANTINE_DIR
 from lcowatch.log import get_logger
+from lcowatch.pipeline.batch import run_batch
 from lcowatch.pipeline.executor import Executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.science.refcat import CACHE_DIR
@@ -71,10 +72,5 @@ def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str]
     gone = [str(f.path) for f in files if not f.path.is_file()]
     if gone:
         raise ReprocessError(f"{len(gone)} image(s) are no longer where they were seen, e.g. {gone[0]}")
-    paths = [f.path for f in files]
-    for k, path in enumerate(paths):
-        pipeline.executor.prefetch(paths, k)
-        outcomes[pipeline.process_unwatched(path).state] += 1
-    while waiting := pipeline.take_requeued():
-        for path in waiting:
-            outcomes[pipeline.process_unwatched(path).state] += 1
+    for outcome in run_batch(pipeline, pipeline.unseen(f.path for f in files)):
+        outcomes[outcome.state] += 1
