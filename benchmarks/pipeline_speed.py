@@ -54,6 +54,7 @@ from astropy.io import fits
 
 from lcowatch import log
 from lcowatch.config import Config, parse
+from lcowatch.pipeline.pixels import SURVEY_SIZE, survey_frame
 from lcowatch.pipeline.runner import Outcome, Pipeline
 from lcowatch.science.frame import bjd_tdb, read_content, read_frame, site_location
 from lcowatch.simulation.simulate import FrameSpec, lco_filename, make_field, write_frame, write_refcat
@@ -728,6 +729,19 @@ def run(args: argparse.Namespace, setup: Setup, workdir: Path) -> int:
         "(astropy parses its IERS tables for the first BJD_TDB)"
     )
     load.stop("read")
+
+    # ---- pass 1 of a batch (process, reprocess): the survey of each frame's image quality
+    begin("pass 1 of a batch: survey_frame per file (read, and quality on the central square)")
+    surveys = []
+    for p in paths:
+        started = time.perf_counter()
+        surveyed = survey_frame(p, config)
+        surveys.append(time.perf_counter() - started)
+        assert surveyed is not None, f"{p.name} could not be surveyed"
+    survey_med = median(surveys[1:])
+    print(f"  survey: median {survey_med:.3f} s per frame ({SURVEY_SIZE} px square), paid once per frame of a batch")
+    summary.add("batch pass 1 (survey), median per frame", f"{survey_med:.3f} s")
+    load.stop("survey")
 
     # ---- lcowatch, in process, one worker, fresh state
     begin("lcowatch: Pipeline.process_path, one worker, in this process, fresh state_dir")

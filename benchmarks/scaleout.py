@@ -5,6 +5,8 @@ A plain script (no test runner). It reuses ``pipeline_speed.py``'s simulated Sin
 the frames are shared when that benchmark has made them), seeds a state with the template frame, and times
 the same frames through:
 
+Each run is a batch as ``lcowatch process`` runs it: the survey (pass 1), then the frames (pass 2).
+
 1. serial processing (``--workers 1``: everything in this process);
 2. a LocalCluster of 1 worker: the executor's overhead per frame (pixels read on the worker, aperture sums
    run there, results sent back), against serial;
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline_speed import Setup, make_config, prepare_frames, quiet_logs, seed_state
 
+from lcowatch.pipeline.batch import run_batch
 from lcowatch.pipeline.executor import DaskExecutor, make_executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.state.ledger import connect
@@ -50,12 +53,11 @@ def timed_run(
     startup = time.perf_counter() - started
     try:
         pipeline = Pipeline(config, connect(state), executor=executor)
+        files = pipeline.unseen(paths)
         started, cpu = time.perf_counter(), time.process_time()
-        for k, path in enumerate(paths):
-            executor.prefetch(paths, k)
-            outcome = pipeline.process_path(path)
+        for outcome in run_batch(pipeline, files):  # both passes, as lcowatch process runs them
             if outcome.state != "done":
-                raise SystemExit(f"{path.name} ended {outcome.state}: {outcome.reason}")
+                raise SystemExit(f"{outcome.path.name} ended {outcome.state}: {outcome.reason}")
         return startup, time.perf_counter() - started, time.process_time() - cpu
     finally:
         executor.close()

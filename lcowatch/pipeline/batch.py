@@ -3,10 +3,13 @@ frame of the whole batch, not the best one so far.
 
 **Pass 1, the survey**, measures the image quality of every file (on the cluster when there is one) on a
 central :data:`SURVEY_SIZE` square, which ranks frames as well as the whole image does at a fraction of its
-cost. Per target and filter, the best-scoring frame that passes quality control *leads*: it is measured
-first, so it becomes the filter's template, and every other frame of the filter is measured against it. A
-target without a reference pixel frame gets its best leader with a solved WCS as that frame. A filter whose
-stored template is pinned, or would be beaten by less than ``template.min_improvement``, has no leader.
+cost. Per target, filter and instrument, the best-scoring frame that passes quality control *leads*. The
+leaders are measured first, best first, so the best becomes the filter's template and every other frame
+of the filter is measured against it; another instrument's leader is the template its frames register to
+(a sparse 0.4 m frame shares only a handful of stars with a 1 m template). A target without a reference
+pixel frame gets its best frame with a solved WCS as that frame. A filter whose stored template is pinned,
+or would be beaten by less than ``template.min_improvement`` by an instrument that has a template, has
+no leader.
 
 **Pass 2** measures the leaders, then every other file in observation-time order, each through the same
 stages and the same one-transaction write as any frame: the survey only chooses the order. A file the
@@ -38,12 +41,12 @@ Report = Callable[[str, Outcome | None], None]
 
 def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) -> list[Path]:
     """The files to measure first, target by target (see the module's text)."""
-    groups: dict[tuple[str, str], list[FrameSurvey]] = defaultdict(list)
+    groups: dict[tuple[str, str, str | None], list[FrameSurvey]] = defaultdict(list)
     for survey in surveys:
-        groups[survey.target, survey.filter].append(survey)
+        groups[survey.target, survey.filter, survey.instrument].append(survey)
     judged: dict[str, list[tuple[bool, float, FrameSurvey]]] = defaultdict(list)  # (good, score, frame)
     leaders: dict[str, list[tuple[float, FrameSurvey]]] = defaultdict(list)
-    for (target, filter), group in groups.items():
+    for (target, filter, instrument), group in groups.items():
         marks = [(*_judge(config, survey, group), survey) for survey in group]
         judged[target].extend(marks)
         current = store.current_template(target, filter)
@@ -51,7 +54,8 @@ def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) 
         if not good or (current is not None and current.pinned):
             continue
         score, best = max(good, key=lambda pair: pair[0])
-        if current is None or score > current.score + config.template.min_improvement:
+        new_instrument = not store.instrument_templates(target, instrument, limit=1)
+        if current is None or new_instrument or score > current.score + config.template.min_improvement:
             leaders[target].append((score, best))
     first: list[Path] = []
     for target, led in leaders.items():

@@ -330,6 +330,9 @@ class Pipeline:
             requeued.extend(self.ledger.requeue_waiting(conn, meta.target))
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
+        if work.instrument_template is not None:
+            reason = f"first frame of {meta.instrument}: its frames register to it"
+            self.store.write_template(conn, work.instrument_template, reason, active=False)
         if work.new_field_ids is not None and work.new_field_ref is not None:
             origin = f"template {frame.name}"
             self.store.write_field_stars(conn, meta.target, work.new_field_ids, work.new_field_ref, origin)

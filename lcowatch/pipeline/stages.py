@@ -81,6 +81,7 @@ class FrameWork:
     replaces: str | None = None  # sha256 of an earlier version of this file, measured before (see earlier_version)
     template: Template | None = None
     template_reason: str | None = None
+    instrument_template: Template | None = None  # this frame, kept for its instrument's frames to register to
     new_field_ids: np.ndarray | None = None
     new_field_ref: np.ndarray | None = None
     registration: Registration | None = None
@@ -167,7 +168,7 @@ class SelectTemplate:
                     raise
                 work.log.warning("template_candidate_not_registered", reason="cannot be placed in the reference frame")
             else:
-                work.template = self._template(work, score, from_reference)
+                work.template = frame_template(work, score, from_reference)
                 self._grow_field(work, invert(from_reference))
                 work.template_reason = (
                     f"first template of {filter}" if current is None
@@ -176,15 +177,6 @@ class SelectTemplate:
                 return
         assert current is not None
         work.template = current
-
-    def _template(self, work: FrameWork, score: float, from_reference: Affine) -> Template:
-        frame = work.frame
-        assert frame.meta.target is not None and work.sources is not None
-        return Template(
-            id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.name,
-            score=score, pinned=False, shape=frame.meta.shape, wcs_header=wcs_text(frame),
-            sources=work.sources, from_reference=from_reference,
-        )  # fmt: skip
 
     def _reference_template(self, work: FrameWork) -> Template:
         """The reference frame as a template (its sources in reference pixels)."""
@@ -212,7 +204,7 @@ class SelectTemplate:
             sky_fix = fit_sky_fix(reference, work.sources, catalog) if catalog is not None else None
             reference = place_target(replace(reference, sky_fix=sky_fix, target_origin="wcs"), config)
         work.reference, work.new_reference, work.reference_changed = reference, True, True
-        work.template = self._template(work, template_score(quality, config.template), IDENTITY)
+        work.template = frame_template(work, template_score(quality, config.template), IDENTITY)
         work.template_reason = "first template: defines the target's reference pixel frame"
         self._grow_field(work, IDENTITY)
 
@@ -274,6 +266,17 @@ def catalog_radius_arcmin(config: Config, shape: tuple[int, int], pixscale: floa
 
 def _radius_arcmin(work: FrameWork) -> float:
     return catalog_radius_arcmin(work.config, work.frame.meta.shape, work.frame.meta.pixscale)
+
+
+def frame_template(work: FrameWork, score: float, from_reference: Affine) -> Template:
+    """This frame as a template, placed in the reference frame by ``from_reference``."""
+    frame = work.frame
+    assert frame.meta.target is not None and work.sources is not None
+    return Template(
+        id=None, target=frame.meta.target, filter=frame.meta.filter, sha256=frame.sha256, file=frame.name,
+        score=score, pinned=False, shape=frame.meta.shape, wcs_header=wcs_text(frame),
+        sources=work.sources, from_reference=from_reference,
+    )  # fmt: skip
 
 
 def register_to_template(work: FrameWork, template: Template) -> Registration:
@@ -348,6 +351,14 @@ class Register:
             work.to_frame = work.template.from_reference
         else:
             work.template, work.registration, work.to_frame = place_in_reference(work)
+            meta = work.frame.meta
+            assert meta.target is not None and work.quality is not None
+            if not work.store.instrument_templates(meta.target, meta.instrument, limit=1):
+                # A telescope's frames match its own stars best (pixel scale, depth, field of view): a sparse
+                # 0.4 m frame shares a handful of stars with a 1 m template. The first frame of each instrument
+                # is kept, inactive, as a template its later frames register to.
+                score = template_score(work.quality, work.config.template)
+                work.instrument_template = frame_template(work, score, work.to_frame)
         work.log.debug(
             "registered", method=work.registration.method, n_matched=work.registration.n_matched,
             rms=round(work.registration.rms, 4), rotation_deg=round(work.registration.rotation_deg, 3),

@@ -83,18 +83,20 @@ class ReferenceRecords:
         return templates
 
     @staticmethod
-    def write_template(conn: sqlite3.Connection, template: Template, reason: str) -> None:
-        """Make ``template`` the active one for its target and filter; the history stays."""
-        conn.execute(
-            "UPDATE templates SET active = 0 WHERE target = ? AND filter = ?",
-            (template.target, template.filter),
-        )
+    def write_template(conn: sqlite3.Connection, template: Template, reason: str, *, active: bool = True) -> None:
+        """Make ``template`` the active one for its target and filter (the history stays), or with ``active``
+        false add it to the history only (a template its instrument's frames may register to)."""
+        if active:
+            conn.execute(
+                "UPDATE templates SET active = 0 WHERE target = ? AND filter = ?",
+                (template.target, template.filter),
+            )
         conn.execute(
             "INSERT INTO templates (target, filter, sha256, file, score, pinned, active, created, reason, nx, ny, "
-            "wcs_header, from_reference) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?)",
+            "wcs_header, from_reference) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 template.target, template.filter, template.sha256, template.file, template.score,
-                int(template.pinned), time.time(), reason, template.shape[1], template.shape[0],
+                int(template.pinned), int(active), time.time(), reason, template.shape[1], template.shape[0],
                 template.wcs_header or "", affine_to_text(template.from_reference),
             ),
         )  # fmt: skip
