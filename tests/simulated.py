@@ -127,8 +127,8 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
     - V2, a variable in rp and ip from the 1 m, where every ip frame's WCS failed (WCSERR=4);
     - V3, a bright red variable (r = 13, g - r = 1.0) in rp from both telescopes and in gp from the 1 m:
       the colour terms put the 0.4 m's magnitudes on the 1 m's scale, or the other way round.
-    Seeing varies from night to night, so templates change in every filter. Cosmic rays hit every frame
-    and no mask marks them.
+    Seeing varies from night to night, and the nights are processed one after the other, so templates
+    change in every filter. Cosmic rays hit every frame and no mask marks them.
     """
     fields = {
         "SN2026H": make_field(
@@ -169,7 +169,12 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
         targets[name] = {"ra": field.ra, "dec": field.dec, "refcat": f"{name}.csv"}
     terms = {f"fa06:{f}": -t for f, t in ONE_METRE_TERMS.items()} | {f"kb29:{f}": -t for f, t in SBIG_TERMS.items()}
     config = write_config(folder, targets, catalog={"source": "file", "color_terms": terms})
-    assert main(["process", "--config", str(config), str(incoming)]) == 0
+    # Night by night, as the daemon meets them: a better night changes the template of a filter.
+    nights: dict[str, list[str]] = {}
+    for path, *_ in series:
+        nights.setdefault(path.name.split("-")[2], []).append(str(path))
+    for night in sorted(nights):
+        assert main(["process", "--config", str(config), *nights[night]]) == 0
     return Campaign(folder, config, fields, truth)
 
 

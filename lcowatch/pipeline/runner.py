@@ -81,6 +81,20 @@ TARGET_FAR_ARCMIN = 10.0
 
 #: Standard deviation of field stars' colours (mag): the error of a colour assumed to be their median.
 ASSUMED_COLOR_SPREAD = 0.3
+#: Same-visit colours of the target before their spread stands for the error of their median.
+TYPICAL_COLOR_VISITS = 3
+
+
+def typical_colour(colours: np.ndarray) -> tuple[float, float] | None:
+    """The target's usual colour from its same-visit colours, and the error of using it for a visit without
+    one: their spread (the colour's change with the target's phase and the measurements' noise), or the
+    field's spread while there are too few of them."""
+    if len(colours) == 0:
+        return None
+    median = float(np.median(colours))
+    if len(colours) < TYPICAL_COLOR_VISITS:
+        return median, ASSUMED_COLOR_SPREAD
+    return median, float(np.std(colours, ddof=1))
 
 
 def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
@@ -91,11 +105,11 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
     flagged ``color_assumed`` (when a colour term applies at all). ``diff_mag`` from another instrument
     than the reference frame's moves with the difference of their colour terms. The colour's error, times
     the term, is in ``mag_err`` and ``diff_mag_err``: the measured colour's from its two magnitudes, an
-    assumed one's the spread of field stars' colours.
+    assumed one's the spread of the target's own colours (:func:`typical_colour`) or of field stars'.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
-    typical: dict[str | None, float | None] = {}
+    typical: dict[str | None, tuple[float, float] | None] = {}
     for aperture in {row["aperture"] for row in rows}:
         group = [row for row in rows if row["aperture"] == aperture]
         term = np.array([row["color_term"] or 0.0 for row in group])
@@ -114,11 +128,10 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
             c, change = term[k], row["diff_color_term"] or 0.0
             field_color = row["comparison_color"] or 0.0
             if row["band"] not in typical:
-                typical[row["band"]] = store.typical_colour(target, row["band"])
+                typical[row["band"]] = typical_colour(store.measured_colours(target, row["band"]))
             measured = bool(np.isfinite(colour[k]))
-            stand_in = typical[row["band"]]
-            used = colour[k] if measured else stand_in if stand_in is not None else field_color
-            used_err = float(colour_err[k]) if measured else ASSUMED_COLOR_SPREAD
+            stand_in = typical[row["band"]] or (field_color, ASSUMED_COLOR_SPREAD)
+            used, used_err = (float(colour[k]), float(colour_err[k])) if measured else stand_in
             diff_mag, diff_err = row["diff_mag"], row["diff_mag_err"]
             if diff_mag is not None and change:
                 # diff_mag was made for the field's median colour, moved since by the colour last applied.

@@ -184,14 +184,14 @@ class Store(ReferenceRecords):
             (target, mjd - days, mjd + days),
         ).fetchall()
 
-    def typical_colour(self, target: str, band: str | None) -> float | None:
-        """The target's median colour over the points in ``band`` whose colour was measured, or None."""
+    def measured_colours(self, target: str, band: str | None) -> np.ndarray:
+        """The target's colours measured in the same visit, over the points in ``band``."""
         rows = self.conn.execute(
             "SELECT color FROM points WHERE target = ? AND band IS ? AND aperture = 0 AND color IS NOT NULL "
             "AND mag IS NOT NULL AND flags & ? = 0",
             (target, band, flags.value("color_assumed")),
         ).fetchall()
-        return float(np.median([row[0] for row in rows])) if rows else None
+        return np.array([row[0] for row in rows], dtype=float)
 
     @staticmethod
     def set_point_colour(conn: sqlite3.Connection, sha256: str, aperture: int, columns: ColourColumns) -> None:
