@@ -339,8 +339,10 @@ class Pipeline:
             self.store.write_reference(conn, work.reference)
         if work.new_reference_image is not None:
             write_reference_image(conn, work.new_reference_image)
-        if work.new_reference or (work.new_reference_image is not None and work.new_reference_image.frames == 1):
-            requeued.extend(self.ledger.requeue_waiting(conn, meta.target))
+        new_template = work.template_reason is not None or work.instrument_template is not None
+        first_image = work.new_reference_image is not None and work.new_reference_image.frames == 1
+        if work.new_reference or new_template or first_image:
+            requeued.extend(self.ledger.requeue_waiting(conn, meta.target, unregistered=new_template))
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
         if work.instrument_template is not None:
