@@ -335,3 +335,17 @@ class TestRealBanzaiCatalogs:
         assert zp.zp_err < 0.01
         assert zp.n_used > 0.8 * n_rows
         assert zp.scatter < 0.1
+
+
+class TestTypicalColour:
+    """A visit without its own colour takes the target's usual one, with the spread of its measured colours
+    as the error once there are three of them (the field's spread before)."""
+
+    def test_error_follows_what_is_known(self) -> None:
+        from lcowatch.pipeline.runner import ASSUMED_COLOR_SPREAD, typical_colour
+
+        assert typical_colour(np.array([])) is None
+        assert typical_colour(np.array([0.9, 1.1])) == (pytest.approx(1.0), ASSUMED_COLOR_SPREAD)
+        colours = np.random.default_rng(5).normal(1.0, 0.02, 40)
+        median, spread = typical_colour(colours)  # type: ignore[misc]
+        assert median == pytest.approx(1.0, abs=0.01) and spread == pytest.approx(0.02, rel=0.3)

@@ -24,6 +24,13 @@ class TestEveryFrameGivesAPoint:
             states = dict(conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall())
         assert states == {"done": len(hazards.truth)}
 
+    def test_each_telescope_has_a_template_its_frames_register_to(self, hazards: Campaign) -> None:
+        with hazards.connect() as conn:
+            kinds = conn.execute(
+                "SELECT DISTINCT t.target, f.instrument FROM templates t JOIN frames f USING (sha256)"
+            ).fetchall()
+        assert {tuple(k) for k in kinds} >= {("SN2026H", "fa06"), ("SN2026H", "kb29"), ("V3", "fa06"), ("V3", "kb29")}
+
     def test_filter_whose_wcs_always_failed_gets_every_point(self, hazards: Campaign) -> None:
         failed = [name for name, (spec, _) in hazards.truth.items() if spec.filter == "ip"]
         assert all(hazards.truth[name][0].wcs_error for name in failed)
@@ -96,8 +103,11 @@ class TestBrightTarget:
         assert np.median(np.abs(delta[one_metre] - np.median(delta[one_metre]))) <= 0.003
         own = delta[moved] - np.median(delta[moved])
         # The colour's own error, through the 0.11 between the terms, is in diff_mag_err: chi2/dof near 1.
+        # The moved instrument is the 0.4 m when a 1 m frame founded the reference: its errors carry the
+        # ensemble's extra scatter (blends at 5" seeing) that the isolated target does not have, so chi2/dof
+        # falls to ~0.4.
         error = np.array([r["diff_mag_err"] for r in rows])[moved]
-        assert 0.5 < np.sum((own / error) ** 2) / (len(own) - 1) < 1.5
+        assert 0.3 < np.sum((own / error) ** 2) / (len(own) - 1) < 1.5
         assert all(r["color_err"] > 0 for r in rows)
 
     def test_without_a_colour_the_same_visit_the_target_keeps_its_own(self, hazards: Campaign) -> None:
@@ -105,10 +115,15 @@ class TestBrightTarget:
         assumed = [r for r in rows if r["flags"] & flags.value("color_assumed")]
         # The 0.4 m frames are 8 h from the 1 m's g frames: a third of the period of the variable.
         assert assumed and all(hazards.truth[r["file"]][0].instrument == "kb29" for r in assumed)
-        own = np.array([abs(r["color"] - 1.0) < 0.05 for r in assumed])  # simulated g - r = 1.0
-        field = np.array([abs(r["color"] - r["comparison_color"]) < 1e-9 for r in assumed])
-        # Only the frames before the target's first measured colour take the comparison stars' median.
-        assert np.all(own | field) and own.sum() >= 0.8 * len(assumed)
+        colour = np.array([r["color"] for r in assumed])
+        error = np.array([r["color_err"] for r in assumed])
+        own = np.abs(colour - 1.0) < 0.05  # simulated g - r = 1.0
+        # Only frames before the target's third measured colour take the comparison stars' median, or the
+        # few colours measured by then, with the field's spread (0.3) as the error.
+        early = (error == 0.3) & (np.abs(colour - 1.0) < 2 * error)
+        assert np.all(own | early) and own.sum() >= 0.8 * len(assumed)
+        # Later, the target's own colours' spread is the error.
+        assert np.all(error[own & ~early] < 0.05)
 
 
 class TestFadingTarget:
@@ -121,7 +136,13 @@ class TestFadingTarget:
         for r in rows:
             undetected = bool(r["flags"] & flags.value("nondetection"))
             assert undetected == (r["snr"] < 3)
-            assert (r["mag"] is None and r["diff_mag"] is None) if undetected else r["diff_mag"] is not None
+            # A detected point has diff_mag, unless its frame shared too few measurable stars with the filter's
+            # reference magnitudes (a 1 m frame against a 0.4 m frame's stars, saturated in it): then it is
+            # flagged few_comparisons and has only the calibrated mag.
+            if undetected:
+                assert r["mag"] is None and r["diff_mag"] is None
+            else:
+                assert r["diff_mag"] is not None or (r["flags"] & flags.value("few_comparisons") and r["mag"])
             assert r["limit_mag"] is not None and r["flux"] is not None and r["flux_err"] > 0
         # A limit is the 5 sigma depth: a target measured at S/N s is 2.5 log10(s / 5) brighter (colour 0).
         bright = [r for r in rows if r["mag"] is not None]
