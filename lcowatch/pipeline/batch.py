@@ -9,7 +9,8 @@ of the filter is measured against it; another instrument's leader is the templat
 (a sparse 0.4 m frame shares only a handful of stars with a 1 m template). A target without a reference
 pixel frame gets its best frame with a solved WCS as that frame. A filter whose stored template is pinned,
 or would be beaten by less than ``template.min_improvement`` by an instrument that has a template, has
-no leader.
+no leader. For a ``difference`` target the leaders also become its reference images, so only frames outside
+the transient's window may lead (see :func:`_may_lead`).
 
 **Pass 2** measures the leaders, then every other file in observation-time order, each through the same
 stages and the same one-transaction write as any frame: the survey only chooses the order. A file the
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lcowatch.config import Config
+from lcowatch.config import Config, TargetConfig
 from lcowatch.intake.readiness import Verdict
 from lcowatch.pipeline.pixels import FrameSurvey
 from lcowatch.pipeline.runner import Outcome, Pipeline
@@ -43,7 +44,8 @@ def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) 
     """The files to measure first, target by target (see the module's text)."""
     groups: dict[tuple[str, str, str | None], list[FrameSurvey]] = defaultdict(list)
     for survey in surveys:
-        groups[survey.target, survey.filter, survey.instrument].append(survey)
+        if _may_lead(config.targets[survey.target], survey):
+            groups[survey.target, survey.filter, survey.instrument].append(survey)
     judged: dict[str, list[tuple[bool, float, FrameSurvey]]] = defaultdict(list)  # (good, score, frame)
     leaders: dict[str, list[tuple[float, FrameSurvey]]] = defaultdict(list)
     for (target, filter, instrument), group in groups.items():
@@ -67,6 +69,16 @@ def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) 
             order.insert(0, max(solved, key=lambda mark: mark[:2])[2].path)
         first.extend(dict.fromkeys(order))
     return first
+
+
+def _may_lead(target: TargetConfig, survey: FrameSurvey) -> bool:
+    """Whether a frame may be measured ahead of its time. A ``difference`` target's first frame measured
+    becomes its reference image, which must hold no transient light: only frames outside the transient's
+    window may lead, and without a window none (the earliest frames stand in for "before the transient")."""
+    if target.method != "difference":
+        return True
+    window = target.reference_window()
+    return window is not None and not window[0] <= survey.mjd <= window[1]
 
 
 def _judge(config: Config, survey: FrameSurvey, group: list[FrameSurvey]) -> tuple[bool, float]:

@@ -115,6 +115,7 @@ class FrameSurvey:
     filter: str
     instrument: str | None
     pixscale: float
+    mjd: float
     wcs_usable: bool
     image_quality: ImageQuality
 
@@ -145,4 +146,6 @@ def _survey(path: Path, config: Config) -> FrameSurvey | None:
     pre = preprocess(square)
     measured = measure_image_quality(pre, detect_sources(pre, config.quality))
     measured = replace(measured, nstars=round(measured.nstars * frame.data.size / square.data.size))
-    return FrameSurvey(path, meta.target, meta.filter, meta.instrument, meta.pixscale, meta.wcs_usable, measured)
+    return FrameSurvey(
+        path, meta.target, meta.filter, meta.instrument, meta.pixscale, meta.mjd_mid, meta.wcs_usable, measured
+    )

@@ -212,26 +212,6 @@ class Pipeline:
             self._results_written[target] = now
             self._stale_results.discard(target)
 
-    def _preview(self, work: FrameWork, kind: str) -> None:
-        """A diagnostic PNG (the old ``verbose 2``): a poor frame, or a new template, with its apertures."""
-        frame, quality = work.frame, work.quality
-        phot = work.photometry
-        radius = float(phot.radii[0]) if phot is not None else 2.0 * (quality.fwhm_pix if quality else 3.0)
-        target_xy = (float(phot.x[0]), float(phot.y[0])) if phot is not None else None
-        stars = np.column_stack([phot.x[1:], phot.y[1:]]) if phot is not None else np.empty((0, 2))
-        reasons = "; ".join(quality.reasons) if quality and quality.reasons else "new template"
-        path = self.config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
-        try:
-            plot_frame_preview(
-                work.pixels.run(image_of), path,
-                title=f"{frame.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
-                target_xy=target_xy, star_xy=stars, radius=radius,
-            )  # fmt: skip
-        except (OSError, ValueError) as exc:
-            work.log.warning("diagnostic_not_written", reason=str(exc))
-            return
-        work.log.info("diagnostic_written", path=str(path), kind=kind)
-
     def unseen(self, paths: Iterable[Path]) -> list[tuple[Path, Verdict | None]]:
         """Files not already finished (by path, size and mtime), each with its readiness verdict (None for
         what is not a regular file), in observation-time order. The verdict is the daemon's: one walk of the
@@ -454,7 +434,9 @@ class Pipeline:
             self._stale_results.add(meta.target)
             self.flush_results()
         if self.config.diagnostics and (work.template_reason is not None or (quality and quality.verdict == "poor")):
-            self._preview(work, "template" if work.template_reason is not None and state == State.DONE else "poor")
+            draw_preview(
+                self.config, work, "template" if work.template_reason is not None and state == State.DONE else "poor"
+            )
         if self.config.diagnostics and work.subtraction_views is not None and state == State.DONE:
             draw_subtraction(self.config, work, work.subtraction_views)
         seconds["store"] = round(time.perf_counter() - started, 4)
@@ -488,6 +470,27 @@ def retire_earlier_version(conn: sqlite3.Connection, store: Store, sha256: str, 
     transaction)."""
     store.forget_measurements(conn, sha256)
     Ledger.mark_replaced(conn, sha256, f"replaced by a later version of the same file ({by})")
+
+
+def draw_preview(config: Config, work: FrameWork, kind: str) -> None:
+    """A diagnostic PNG (the old ``verbose 2``): a poor frame, or a new template, with its apertures."""
+    frame, quality = work.frame, work.quality
+    phot = work.photometry
+    radius = float(phot.radii[0]) if phot is not None else 2.0 * (quality.fwhm_pix if quality else 3.0)
+    target_xy = (float(phot.x[0]), float(phot.y[0])) if phot is not None else None
+    stars = np.column_stack([phot.x[1:], phot.y[1:]]) if phot is not None else np.empty((0, 2))
+    reasons = "; ".join(quality.reasons) if quality and quality.reasons else "new template"
+    path = config.state_dir / DIAGNOSTICS_DIR / f"{kind}-{frame.path.name}.png"
+    try:
+        plot_frame_preview(
+            work.pixels.run(image_of), path,
+            title=f"{frame.name} ({frame.meta.target}, {frame.meta.filter}): {reasons}",
+            target_xy=target_xy, star_xy=stars, radius=radius,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        work.log.warning("diagnostic_not_written", reason=str(exc))
+        return
+    work.log.info("diagnostic_written", path=str(path), kind=kind)
 
 
 def draw_subtraction(config: Config, work: FrameWork, views: SubtractionViews) -> None:
