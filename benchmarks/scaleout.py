@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from pipeline_speed import Setup, make_config, prepare_frames, quiet_logs, seed_state
 
-from lcowatch.pipeline.batch import run_batch
+from lcowatch.pipeline.batch import SURVEY, run_batch
 from lcowatch.pipeline.executor import DaskExecutor, make_executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.state.ledger import connect
@@ -42,8 +42,9 @@ ESTIMATE_CORES = 128
 
 def timed_run(
     config_dir: Path, seed: Path, paths: list[Path], refcat: Path, workers: int
-) -> tuple[float, float, float]:
-    """(cluster start-up s, wall s for the frames, this process's CPU s for them) for ``workers`` (0: serial)."""
+) -> tuple[float, float, float, float]:
+    """(cluster start-up s, wall s for the frames, of which the survey (pass 1), this process's CPU s for
+    them) for ``workers`` (0: serial)."""
     state = config_dir / f"state-{workers}"
     shutil.rmtree(state, ignore_errors=True)
     shutil.copytree(seed, state)
@@ -55,10 +56,16 @@ def timed_run(
         pipeline = Pipeline(config, connect(state), executor=executor)
         files = pipeline.unseen(paths)
         started, cpu = time.perf_counter(), time.process_time()
-        for outcome in run_batch(pipeline, files):  # both passes, as lcowatch process runs them
+        surveyed: list[float] = []
+
+        def note(pass_name: str, _outcome: object) -> None:
+            if pass_name == SURVEY:
+                surveyed.append(time.perf_counter() - started)
+
+        for outcome in run_batch(pipeline, files, report=note):  # both passes, as lcowatch process runs them
             if outcome.state != "done":
                 raise SystemExit(f"{outcome.path.name} ended {outcome.state}: {outcome.reason}")
-        return startup, time.perf_counter() - started, time.process_time() - cpu
+        return startup, time.perf_counter() - started, max(surveyed, default=0.0), time.process_time() - cpu
     finally:
         executor.close()
 
@@ -79,9 +86,10 @@ def main() -> None:
     frames = paths[1:]
     rows = []
     for label, workers in (("serial", 0), ("Dask, 1 worker", 1), ("Dask, 2 workers", 2)):
-        startup, wall, cpu = timed_run(workdir, seed, frames, refcat, workers)
+        startup, wall, survey, cpu = timed_run(workdir, seed, frames, refcat, workers)
         rows.append((wall / len(frames), cpu / len(frames)))
-        print(f"{label:16s} start-up {startup:5.2f} s   {wall / len(frames):5.3f} s/frame   "
+        print(f"{label:16s} start-up {startup:5.2f} s   {wall / len(frames):5.3f} s/frame "
+              f"(survey {survey / len(frames):5.3f}, measure {(wall - survey) / len(frames):5.3f})   "
               f"{len(frames) / wall:5.2f} frames/s   this process {cpu / len(frames):5.3f} CPU s/frame")  # fmt: skip
     (serial, _), (one, writer), (two, _) = rows
     print(f"\n{len(frames)} frames of {setup.size}x{setup.size}")

@@ -43,7 +43,8 @@ from lcowatch.science.calibrate import (
     COLOR_WINDOW_DAYS,
     solve_colours,
 )
-from lcowatch.science.frame import Frame, bjd_tdb, file_sha256, read_content
+from lcowatch.science.frame import Frame, file_sha256, read_content
+from lcowatch.science.frame import warm_up as warm_up  # the daemon warms its process through here
 from lcowatch.science.refcat import FieldCatalogs, color_for_band
 from lcowatch.science.register import (
     register,
@@ -531,12 +532,6 @@ def warn_if_target_far(config: Config, frame: Frame, log: Any) -> None:
             "target_far_from_frame", distance_arcmin=round(distance, 1), frame_reach_arcmin=round(reach, 1),
             note="check the target's ra/dec in the config (ra in degrees, or quoted hours)",
         )  # fmt: skip
-
-
-def warm_up() -> None:
-    """Load what the first frame would otherwise wait for: astropy parses its Earth-orientation tables at
-    the first barycentric time (~0.8 s)."""
-    bjd_tdb(60000.0, 0.0, 0.0, None)
 
 
 def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[int, int]:

@@ -209,6 +209,12 @@ def bjd_tdb(mjd_utc: float, ra: float, dec: float, location: EarthLocation | Non
         return float((time.tdb + light_time).jd)
 
 
+def warm_up() -> None:
+    """Load what the first frame would otherwise wait for: astropy parses its Earth-orientation tables at
+    the first barycentric time (~0.8 s)."""
+    bjd_tdb(60000.0, 0.0, 0.0, None)
+
+
 def celestial_wcs(header: fits.Header) -> WCS | None:
     """The header's celestial WCS, or None when there is none."""
     with warnings.catch_warnings():
