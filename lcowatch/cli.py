@@ -364,6 +364,15 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
 def cmd_reference(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
+    if args.rebuild:
+        if config.targets[args.target].method != "difference":
+            print(f"lcowatch: {args.target} has method: aperture; it uses no reference image", file=sys.stderr)
+            return EXIT_USAGE
+        # The reference images come from the frames as the pipeline meets them: building them again is
+        # measuring the target again, beside the live light curve, and swapping it in.
+        rebuilt = cmd_reprocess(args, config)
+        if rebuilt != EXIT_OK:
+            return rebuilt
     rows = [row for row in reference_images(connect(config.state_dir), args.target)
             if args.filter is None or row["filter"] == args.filter]  # fmt: skip
     if not rows and config.targets[args.target].method != "difference":
@@ -485,10 +494,16 @@ def _add_rebuild_commands(
 
     reference = _add_command(
         commands, "reference", parents=[common],
-        help="a difference target's reference images (to change them: reference_before/after, then reprocess)",
+        help="a difference target's reference images (to change them: reference_before/after, then --rebuild)",
     )  # fmt: skip
     reference.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     reference.add_argument("--filter", help="only this filter")
+    reference.add_argument(
+        "--rebuild", action="store_true",
+        help="build them again under the current config (reference_before/after, subtraction.reference_frames) "
+        "and measure the target's points against them again, swapped in at once as reprocess does",
+    )  # fmt: skip
+    _add_cluster_options(reference)
     reference.set_defaults(handler=cmd_reference, writes_table=True)
 
 

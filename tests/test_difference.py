@@ -94,6 +94,41 @@ class TestVariableStarOnBlankSky:
         assert reference.mjd_mid >= second_night - 0.2
 
 
+class TestRebuildingTheReference:
+    """``lcowatch reference TARGET --rebuild`` builds the reference image again under the config of now (a
+    window set since) and measures every point against it again."""
+
+    def test_a_window_set_later_moves_the_reference(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        import yaml
+
+        folder, truth = variable_star
+        before = _process(tmp_path, folder / "frames", method="difference")
+        assert {row["reference"] for row in before} == {before[0]["file"]}  # the first frame, without a window
+        second_night = sorted(t.mjd_mid for t in truth.values())[4]
+        config = tmp_path / "config.yaml"
+        document = yaml.safe_load(config.read_text())
+        document["targets"]["DIFF1"]["reference_after"] = Time(second_night - 0.2, format="mjd").isot
+        config.write_text(yaml.safe_dump(document))
+        assert main(["reference", "--config", str(config), "DIFF1", "--rebuild"]) == 0
+        after = _points(tmp_path)
+        assert len(after) == len(before)
+        reference = {row["reference"] for row in after}
+        assert len(reference) == 1 and truth[reference.pop()].mjd_mid >= second_night - 0.2
+        assert after[0]["flux"] != before[0]["flux"]  # measured against the new reference
+        capsys.readouterr()
+        assert main(["reference", "--config", str(config), "DIFF1"]) == 0
+        assert after[0]["reference"] in capsys.readouterr().out
+
+    def test_an_aperture_target_has_no_reference_to_rebuild(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, _ = variable_star
+        _process(tmp_path, folder / "frames")
+        assert main(["reference", "--config", str(tmp_path / "config.yaml"), "DIFF1", "--rebuild"]) == 2
+
+
 class TestDiagnostics:
     """With ``diagnostics: true``, a new reference image and every frame whose subtraction leaves residuals
     above ``subtraction.max_residual`` (flag ``bad_subtraction``) get a PNG of their cutouts."""
