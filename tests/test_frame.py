@@ -77,6 +77,27 @@ class TestReadRealSbigFrame:
         assert np.array_equal(pre.mask & flagged, flagged)
 
 
+class TestCentralSquare:
+    """``read_frame(central=N)`` (a batch's survey) reads the central N x N pixels of SCI and BPM alone: the
+    same values as the whole read there; the header side is the whole frame's."""
+
+    @pytest.mark.parametrize("compress", ["fz", None])
+    def test_same_pixels_as_the_whole_frame(self, tmp_path: Path, compress: str | None) -> None:
+        from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
+
+        field = make_field("SQ", 80.0, 5.0, nstars=300, radius_arcmin=3.0, seed=2)
+        path = tmp_path / f"sq.fits{'.fz' if compress else ''}"
+        write_frame(path, field, FrameSpec(shape=(300, 260), seed=3, bad_columns=(40, 150)), compress=compress)
+        content, sha = read_content(path)
+        whole = read_frame(path, content, sha, CONFIG)
+        square = read_frame(path, content, sha, CONFIG, central=128)
+        assert square.meta.shape == whole.meta.shape == (300, 260)
+        window = (slice(86, 214), slice(66, 194))
+        np.testing.assert_array_equal(square.data, whole.data[window])
+        assert whole.bpm is not None and square.bpm is not None and whole.bpm[window].any()
+        np.testing.assert_array_equal(square.bpm, whole.bpm[window])
+
+
 class TestBarycentricTime:
     """BJD_TDB is the mid-exposure instant moved to the barycentre, computed offline."""
 

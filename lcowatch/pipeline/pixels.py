@@ -130,22 +130,14 @@ def survey_frame(path: Path, config: Config) -> FrameSurvey | None:
 
 
 def _survey(path: Path, config: Config) -> FrameSurvey | None:
-    content, sha256 = read_content(path)
-    frame = read_frame(path, content, sha256, config)
-    meta = frame.meta
+    # No sha256: the survey only ranks frames, and pass 2 hashes each file when it records it.
+    square = read_frame(path, path.read_bytes(), "", config, central=SURVEY_SIZE)
+    meta = square.meta
     if meta.target is None:
         return None
-    ny, nx = frame.data.shape
-    y0, x0 = max(0, (ny - SURVEY_SIZE) // 2), max(0, (nx - SURVEY_SIZE) // 2)
-    window = (slice(y0, y0 + SURVEY_SIZE), slice(x0, x0 + SURVEY_SIZE))
-    square = replace(
-        frame,
-        data=np.ascontiguousarray(frame.data[window]),
-        bpm=None if frame.bpm is None else np.ascontiguousarray(frame.bpm[window]),
-    )
     pre = preprocess(square)
     measured = measure_image_quality(pre, detect_sources(pre, config.quality))
-    measured = replace(measured, nstars=round(measured.nstars * frame.data.size / square.data.size))
+    measured = replace(measured, nstars=round(measured.nstars * meta.shape[0] * meta.shape[1] / square.data.size))
     return FrameSurvey(
         path, meta.target, meta.filter, meta.instrument, meta.pixscale, meta.mjd_mid, meta.wcs_usable, measured
     )

@@ -288,26 +288,31 @@ def _native_float32(array: np.ndarray) -> np.ndarray:
 
 
 def _optional_plane(
-    hdul: fits.HDUList, name: str, shape: tuple[int, int], dtype: type, notes: list[str]
-) -> np.ndarray | None:
+    hdul: fits.HDUList, name: str, shape: tuple[int, int], dtype: type, notes: list[str],
+    window: tuple[slice, slice] | None = None,
+) -> np.ndarray | None:  # fmt: skip
+    """A plane of the SCI image's ``shape`` (its ``window`` only, when given), else None with a note."""
     if name not in hdul:
         return None
+    hdu = hdul[name]
     try:
-        plane = hdul[name].data
+        plane = hdu.data if window is None or tuple(hdu.shape) != shape else hdu.section[window]
     except Exception as exc:  # as for SCI; the frame is usable without this plane
         notes.append(f"{name} unreadable ({exc}); ignored")
         return None
-    if plane is None or plane.shape != shape:
-        got = None if plane is None else plane.shape
+    got = None if plane is None else plane.shape
+    if got is None or (got != shape if window is None else tuple(hdu.shape) != shape):
         notes.append(f"{name} shape {got} does not match SCI {shape}; ignored")
         return None
     return np.ascontiguousarray(plane, dtype=dtype)
 
 
-def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame:
+def read_frame(path: Path, content: bytes, sha256: str, config: Config, *, central: int | None = None) -> Frame:
     """Read a frame from its bytes; raise :class:`Quarantine` for anything that is not a usable image.
 
-    ``Frame.warnings`` collects non-fatal problems (e.g. a BPM of another shape) for the log.
+    ``Frame.warnings`` collects non-fatal problems (e.g. a BPM of another shape) for the log. With
+    ``central``, only the central square of that side (pixels) is read into ``data`` and ``bpm`` (a
+    compressed image decompresses only the tiles it needs); ``meta.shape`` stays the whole image's.
     """
     max_bytes = config.processing.max_pixels * 8 + 64 * FITS_BLOCK
     with open_hdul(content, max_bytes) as hdul:
@@ -323,17 +328,22 @@ def read_frame(path: Path, content: bytes, sha256: str, config: Config) -> Frame
                 f"image of {nx}x{ny} pixels exceeds the limit of {config.processing.max_pixels}",
                 step="read",
             )
+        window = None
+        if central is not None:
+            y0, x0 = max(0, (ny - central) // 2), max(0, (nx - central) // 2)
+            window = (slice(y0, y0 + central), slice(x0, x0 + central))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", AstropyWarning)
-                pixels = hdu.data
+                pixels = hdu.data if window is None else hdu.section[window]
         except Exception as exc:  # truncation, or a decompression error of any library: never readable
             raise Quarantine(f"image data unreadable: {type(exc).__name__}: {exc}", step="read") from None
-        if pixels is None or pixels.shape != (ny, nx):
+        expected = (ny, nx) if window is None else (min(ny, central or ny), min(nx, central or nx))
+        if pixels is None or pixels.shape != expected:
             raise Quarantine("image data missing or truncated", step="read")
         notes: list[str] = []
         data = _native_float32(pixels)
-        bpm = _optional_plane(hdul, "BPM", data.shape, np.uint8, notes)
+        bpm = _optional_plane(hdul, "BPM", (ny, nx), np.uint8, notes, window)
     wcs = celestial_wcs(header)
     return Frame(
         path=path,
