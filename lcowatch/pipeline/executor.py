@@ -119,7 +119,7 @@ class DaskExecutor:
                     silence_logs=logging.WARNING, dashboard_address=":0" if _has_dashboard() else None,
                 )  # fmt: skip
             self.client = Client(self._cluster)
-        self.client.run(warm_up)  # on every worker at once, not in its first frames
+        self.client.run(_warm_worker)  # on every worker at once, not in its first frames
         found = self.client.scheduler_info(n_workers=-1)["workers"].values()
         self.ahead = max(1, len(found))
         # Workers with a load slot read one frame at a time and keep a thread free for the aperture sums of
@@ -172,6 +172,12 @@ class DaskExecutor:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def _warm_worker() -> None:
+    """Run on each worker at start: unpickling this function imports this module, and with it everything a
+    frame's reading and measuring needs (astropy, sep, scipy); then the IERS tables are loaded."""
+    warm_up()
 
 
 def _has_dashboard() -> bool:
