@@ -257,6 +257,37 @@ def _points_of(folder: Path, filter: str) -> list[sqlite3.Row]:
         return conn.execute("SELECT * FROM points WHERE filter = ? ORDER BY sha256, aperture", (filter,)).fetchall()
 
 
+class TestReprocessTwoCameras:
+    """A target seen by a 1 m and a 0.4 m: the 0.4 m's first frame is kept as the template its frames register
+    to, and a reprocess keeps the templates' order, so the reference magnitudes keep their instrument."""
+
+    def test_templates_keep_their_order(self, tmp_path: Path) -> None:
+        sbig = {"site": "coj", "telescope": "0m4-14", "instrument": "kb29", "pixscale": 0.571,
+                "zeropoint_offset": -1.0, "seeing": (2.5, 3.5)}  # fmt: skip
+        common = {"nights": 2, "frames_per_night": 2, "filters": ("rp",), "shape": (384, 384)}
+        simulate_series(FIELD, tmp_path / "frames", seed=7, **common)  # type: ignore[arg-type]
+        simulate_series(FIELD, tmp_path / "frames", seed=8, first_frame_number=200, **sbig, **common)  # type: ignore[arg-type]
+        write_refcat(FIELD, tmp_path / "stars.csv")
+        config = _config(tmp_path, tmp_path)
+        assert main(["process", "--config", str(config), str(tmp_path / "frames")]) == 0
+
+        def templates() -> list[tuple[str, int, str]]:
+            with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+                query = (
+                    "SELECT f.instrument, t.active, t.reason FROM templates t JOIN frames f USING (sha256) "
+                    "ORDER BY t.id"
+                )
+                return [tuple(row) for row in conn.execute(query)]
+
+        before = templates()
+        # The batch's best frame is the template; the other camera's first frame is kept, inactive, after it.
+        assert [active for _, active, _ in before] == [1, 0] and {i for i, *_ in before} == {"fa06", "kb29"}
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            assert conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall() == [("done", 8)]
+        assert main(["reprocess", "--config", str(config), "SCALE"]) == 0
+        assert templates() == before
+
+
 class TestReprocessOneFilter:
     """``reprocess TARGET --filter F`` measures only that filter's frames again, in the same reference frame,
     whether or not F made it: the other filter's measurements stay exactly as they were, and F's come back

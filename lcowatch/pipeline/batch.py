@@ -8,9 +8,9 @@ leaders are measured first, best first, so the best becomes the filter's templat
 of the filter is measured against it; another instrument's leader is the template its frames register to
 (a sparse 0.4 m frame shares only a handful of stars with a 1 m template). A target without a reference
 pixel frame gets its best frame with a solved WCS as that frame. A filter whose stored template is pinned,
-or would be beaten by less than ``template.min_improvement`` by an instrument that has a template, has
-no leader. For a ``difference`` target the leaders also become its reference images, so only frames outside
-the transient's window may lead (see :func:`_may_lead`).
+or would be beaten by less than ``template.min_improvement``, has no leader but the best frame of a camera
+without a template. For a ``difference`` target the leaders also become its reference images, so only
+frames outside the transient's window may lead (see :func:`_may_lead`).
 
 **Pass 2** measures the leaders, then every other file in observation-time order, each through the same
 stages and the same one-transaction write as any frame: the survey only chooses the order. A file the
@@ -43,7 +43,8 @@ Report = Callable[[str, Outcome | None], None]
 def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) -> list[Path]:
     """The files to measure first, target by target (see the module's text)."""
     groups: dict[tuple[str, str, str | None], list[FrameSurvey]] = defaultdict(list)
-    for survey in surveys:
+    # In path order, whatever order a cluster finished them in: ties fall the same way as in serial runs.
+    for survey in sorted(surveys, key=lambda s: str(s.path)):
         if _may_lead(config.targets[survey.target], survey):
             groups[survey.target, survey.filter, survey.instrument].append(survey)
     judged: dict[str, list[tuple[bool, float, FrameSurvey]]] = defaultdict(list)  # (good, score, frame)
@@ -60,8 +61,8 @@ def batch_leaders(config: Config, store: Store, surveys: Iterable[FrameSurvey]) 
         if current is None or new_instrument or score > current.score + config.template.min_improvement:
             leaders[target].append((score, best))
     first: list[Path] = []
-    for target, led in leaders.items():
-        order = [survey.path for _, survey in sorted(led, key=lambda pair: -pair[0])]
+    for target in judged:
+        order = [survey.path for _, survey in sorted(leaders[target], key=lambda pair: -pair[0])]
         solved = [(ok, score, survey) for ok, score, survey in judged[target] if survey.wcs_usable]
         if store.reference(target) is None and solved:
             # The reference pixel frame needs a solved WCS to place the target: the best such frame (a

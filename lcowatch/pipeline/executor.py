@@ -155,7 +155,11 @@ class DaskExecutor:
 
         futures = self.client.map(survey_frame, paths, config=self.config, pure=False, resources=self._load_slot)
         for future in as_completed(futures):
-            yield future.result()
+            try:
+                yield future.result()
+            except Exception as exc:  # a lost worker: the file keeps its place, and pass 2 reads it again
+                self.log.warning("survey_failed", reason=f"{type(exc).__name__}: {exc}")
+                yield None
 
     def _load(self, path: Path) -> Future:
         return self.client.submit(load_pixels, path, self.config, pure=False, resources=self._load_slot)

@@ -140,9 +140,12 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
                 diff_mag += change * (used - previous)
                 diff_err = float(np.hypot(_without(diff_err, change * previous_err[k]), change * used_err))
             now_assumed = bool((c != 0 or change != 0) and not measured)
+            # A stand-in where no term applies is neither flagged nor given an error: measured_colours must
+            # not count it as the target's own.
+            stored_err = used_err if measured or now_assumed else None
             columns = ColourColumns(
                 mag=float(mag0[k] + c * used), mag_err=float(np.hypot(base_err[k], c * used_err)),
-                diff_mag=diff_mag, diff_mag_err=diff_err, color=float(used), color_err=used_err,
+                diff_mag=diff_mag, diff_mag_err=diff_err, color=float(used), color_err=stored_err,
                 flags=row["flags"] & ~assumed | (assumed if now_assumed else 0),
             )  # fmt: skip
             store.set_point_colour(conn, row["sha256"], aperture, columns)
@@ -323,7 +326,9 @@ class Pipeline:
         new_template = work.template_reason is not None or work.instrument_template is not None
         first_image = work.new_reference_image is not None and work.new_reference_image.frames == 1
         if work.new_reference or new_template or first_image:
-            requeued.extend(self.ledger.requeue_waiting(conn, meta.target, unregistered=new_template))
+            requeued.extend(
+                self.ledger.requeue_waiting(conn, meta.target, unregistered_in=meta.filter if new_template else None)
+            )
         if work.template_reason is not None and work.template is not None:
             self.store.write_template(conn, work.template, work.template_reason)
         if work.instrument_template is not None:

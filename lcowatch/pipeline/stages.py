@@ -353,7 +353,8 @@ class Register:
             work.template, work.registration, work.to_frame = place_in_reference(work)
             meta = work.frame.meta
             assert meta.target is not None and work.quality is not None
-            if not work.store.instrument_templates(meta.target, meta.instrument, limit=1):
+            trailed = work.quality.flags & flags.value("elongated")
+            if not trailed and not work.store.instrument_templates(meta.target, meta.instrument, limit=1):
                 # A telescope's frames match its own stars best (pixel scale, depth, field of view): a sparse
                 # 0.4 m frame shares a handful of stars with a 1 m template. The first frame of each instrument
                 # is kept, inactive, as a template its later frames register to.

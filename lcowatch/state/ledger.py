@@ -250,19 +250,20 @@ class Ledger:
         )
 
     @staticmethod
-    def requeue_waiting(conn: sqlite3.Connection, target: str, *, unregistered: bool = False) -> list[Path]:
+    def requeue_waiting(conn: sqlite3.Connection, target: str, *, unregistered_in: str | None = None) -> list[Path]:
         """Make a target's frames rejected for want of a reference frame or a reference image pending again
-        (inside the caller's transaction); with ``unregistered``, those that could not be registered too (a
-        new template may take them).
+        (inside the caller's transaction); with ``unregistered_in`` (a filter that has a new template), its
+        frames that could not be registered too.
 
         Returns their paths; the daemon's reconcile scan, or ``process`` itself, picks them up.
         """
-        steps = ", ".join(f"'{step}'" for step in (Step.TEMPLATE, Step.SUBTRACT, *([Step.REGISTER] * unregistered)))
-        where = f"state = '{State.REJECTED}' AND step IN ({steps}) AND target = ?"
-        paths = [Path(path_text(row[0])) for row in conn.execute(f"SELECT path FROM files WHERE {where}", (target,))]
-        conn.execute(
-            f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", (target,)
+        where = (
+            f"state = '{State.REJECTED}' AND target = :target AND (step IN ('{Step.TEMPLATE}', '{Step.SUBTRACT}') "
+            f"OR (step = '{Step.REGISTER}' AND filter = :filter))"
         )
+        keys = {"target": target, "filter": unregistered_in}
+        paths = [Path(path_text(row[0])) for row in conn.execute(f"SELECT path FROM files WHERE {where}", keys)]
+        conn.execute(f"UPDATE files SET state = 'pending', attempts = 0, error = NULL, step = NULL WHERE {where}", keys)
         return paths
 
     def requeue_ignored(self, matches: Callable[[str], bool]) -> list[Path]:

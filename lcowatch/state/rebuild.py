@@ -133,7 +133,9 @@ def _replace_rows(conn: sqlite3.Connection, target: str) -> None:
         own = OWN_KEYS.get(table, set())
         columns = ", ".join(row[1] for row in conn.execute(f"PRAGMA scratch.table_info({table})") if row[1] not in own)
         conn.execute(
+            # In the scratch's row order: new ids keep which template came first (the reference magnitudes'
+            # instrument is the first template's), whatever index the query walks.
             f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM scratch.{table} "
-            f"WHERE {where.format(db='scratch.')}",
+            f"WHERE {where.format(db='scratch.')} ORDER BY scratch.{table}.rowid",
             {"target": target},
         )

@@ -93,7 +93,7 @@ class ColourColumns(TypedDict):
     diff_mag: float | None
     diff_mag_err: float | None
     color: float
-    color_err: float
+    color_err: float | None
     flags: int
 
 
@@ -188,7 +188,7 @@ class Store(ReferenceRecords):
         """The target's colours measured in the same visit, over the points in ``band``."""
         rows = self.conn.execute(
             "SELECT color FROM points WHERE target = ? AND band IS ? AND aperture = 0 AND color IS NOT NULL "
-            "AND mag IS NOT NULL AND flags & ? = 0",
+            "AND color_err IS NOT NULL AND mag IS NOT NULL AND flags & ? = 0",
             (target, band, flags.value("color_assumed")),
         ).fetchall()
         return np.array([row[0] for row in rows], dtype=float)
