@@ -28,10 +28,11 @@ from lcowatch.pipeline.batch import MEASURE, SURVEY, run_batch
 from lcowatch.pipeline.executor import Executor, make_executor
 from lcowatch.pipeline.reprocess import ReprocessError, reprocess
 from lcowatch.pipeline.runner import Outcome, Pipeline, pin_template, recalibrate
+from lcowatch.pipeline.subtraction import instrument_class
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import CatalogFileError, FieldCatalogs, read_local_catalog, standard_band
-from lcowatch.state.images import reference_images
-from lcowatch.state.ledger import Ledger, connect, path_text
+from lcowatch.state.images import pin_reference, reference_images, target_pins, unpin_references
+from lcowatch.state.ledger import Ledger, connect, path_text, transaction
 from lcowatch.state.store import FRAME_COLUMNS, Store
 from lcowatch.states import LEDGER_STATES, State
 
@@ -187,14 +188,14 @@ def cmd_process(args: argparse.Namespace, config: Config) -> int:
         executor.close()
 
 
-def cmd_reprocess(args: argparse.Namespace, config: Config) -> int:
+def cmd_reprocess(args: argparse.Namespace, config: Config, *, first: Sequence[Path] = ()) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
     executor = _executor(args, config)
     if executor is None:
         return EXIT_FAILURE
     try:
-        rebuilt = reprocess(config, args.target, executor, args.filter)
+        rebuilt = reprocess(config, args.target, executor, args.filter, first=first)
     except ReprocessError as exc:
         get_logger().error("reprocess_failed", target=args.target, reason=str(exc))
         return EXIT_FAILURE
@@ -364,13 +365,13 @@ def cmd_template(args: argparse.Namespace, config: Config) -> int:
 def cmd_reference(args: argparse.Namespace, config: Config) -> int:
     if not _known_target(config, args.target):
         return EXIT_USAGE
-    if args.rebuild:
+    if args.rebuild or args.set:
         if config.targets[args.target].method != "difference":
             print(f"lcowatch: {args.target} has method: aperture; it uses no reference image", file=sys.stderr)
             return EXIT_USAGE
         # The reference images come from the frames as the pipeline meets them: building them again is
         # measuring the target again, beside the live light curve, and swapping it in.
-        rebuilt = cmd_reprocess(args, config)
+        rebuilt = _set_reference(args, config) if args.set else _rebuild_reference(args, config)
         if rebuilt != EXIT_OK:
             return rebuilt
     rows = [row for row in reference_images(connect(config.state_dir), args.target)
@@ -381,6 +382,41 @@ def cmd_reference(args: argparse.Namespace, config: Config) -> int:
     columns = ["filter", "instrument_class", "file", "mjd", "frames", "fwhm_pix", "nx", "ny", "reason"]
     write_table(rows, columns, "table", sys.stdout)
     return EXIT_OK
+
+
+def _rebuild_reference(args: argparse.Namespace, config: Config) -> int:
+    """The rules choose the reference images again (pins set by hand are dropped), and the target is
+    measured against them."""
+    conn = connect(config.state_dir)
+    with transaction(conn):
+        unpin_references(conn, args.target, args.filter)
+    return cmd_reprocess(args, config)
+
+
+def _set_reference(args: argparse.Namespace, config: Config) -> int:
+    """The frames named become the reference image of their filter and camera (the first the base, the
+    others averaged in), and the target's points of that filter are measured against it."""
+    conn = connect(config.state_dir)
+    store = Store(conn)
+    try:
+        frames = [store.processed_frame(name, args.target) for name in args.set]
+    except (LookupError, ValueError) as exc:
+        print(f"lcowatch: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    kinds = {(frame["filter"], instrument_class(frame["instrument"])) for frame in frames}
+    if len(kinds) > 1 or (args.filter is not None and args.filter not in {filter for filter, _ in kinds}):
+        print("lcowatch: the frames of a reference image must share one filter and camera", file=sys.stderr)
+        return EXIT_USAGE
+    ((filter, camera),) = kinds
+    previous = target_pins(conn, args.target).get((filter, camera), [])
+    with transaction(conn):
+        pin_reference(conn, args.target, filter, camera, [frame["sha256"] for frame in frames])
+    args.filter = filter
+    code = cmd_reprocess(args, config, first=[Path(path_text(frame["path"])) for frame in frames])
+    if code != EXIT_OK:  # the light curve was not rebuilt: the reference stays as it was
+        with transaction(conn):
+            pin_reference(conn, args.target, filter, camera, previous)
+    return code
 
 
 def cmd_recalibrate(args: argparse.Namespace, config: Config) -> int:
@@ -498,10 +534,17 @@ def _add_rebuild_commands(
     )  # fmt: skip
     reference.add_argument("target", metavar="TARGET", help=TARGET_HELP)
     reference.add_argument("--filter", help="only this filter")
-    reference.add_argument(
+    changes = reference.add_mutually_exclusive_group()
+    changes.add_argument(
+        "--set", nargs="+", metavar="FILE",
+        help="make these processed frames (names or sha256; one filter and camera) the reference image, the "
+        "first as its base, and measure the target's points of that filter against it again",
+    )  # fmt: skip
+    changes.add_argument(
         "--rebuild", action="store_true",
-        help="build them again under the current config (reference_before/after, subtraction.reference_frames) "
-        "and measure the target's points against them again, swapped in at once as reprocess does",
+        help="let the rules choose them again under the current config (reference_before/after, "
+        "subtraction.reference_frames; frames set by hand are dropped) and measure the target's points "
+        "against them again, swapped in at once as reprocess does",
     )  # fmt: skip
     _add_cluster_options(reference)
     reference.set_defaults(handler=cmd_reference, writes_table=True)

@@ -121,6 +121,28 @@ class TestRebuildingTheReference:
         assert main(["reference", "--config", str(config), "DIFF1"]) == 0
         assert after[0]["reference"] in capsys.readouterr().out
 
+    def test_a_reference_set_by_hand_stays_until_rebuilt(
+        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        folder, _ = variable_star
+        before = _process(tmp_path, folder / "frames", method="difference")
+        config = str(tmp_path / "config.yaml")
+        chosen = before[5]["file"]
+        assert main(["reference", "--config", config, "DIFF1", "--set", "no-such-frame.fits.fz"]) == 2
+        assert main(["reference", "--config", config, "DIFF1", "--set", chosen]) == 0
+        after = _points(tmp_path)
+        assert {row["reference"] for row in after} == {chosen}
+        mine = next(row for row in after if row["file"] == chosen)
+        assert mine["flags"] & flags.value("is_reference") and mine["flux"] == 0.0
+        capsys.readouterr()
+        assert main(["reference", "--config", config, "DIFF1"]) == 0
+        assert "set by hand" in capsys.readouterr().out
+        # The frames are met again (a later run): the pinned reference stays.
+        assert main(["process", "--config", config, str(folder / "frames")]) == 0
+        assert {row["reference"] for row in _points(tmp_path)} == {chosen}
+        assert main(["reference", "--config", config, "DIFF1", "--rebuild"]) == 0
+        assert {row["reference"] for row in _points(tmp_path)} == {before[0]["file"]}
+
     def test_an_aperture_target_has_no_reference_to_rebuild(
         self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
     ) -> None:

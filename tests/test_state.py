@@ -64,7 +64,7 @@ class TestSchemaVersion:
         connect(tmp_path).close()
         assert "diff_color_term" in columns(tmp_path / LEDGER_NAME, "points")
         with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
     def test_version_2_gains_reference_images(self, tmp_path: Path) -> None:
         connect(tmp_path).close()
@@ -75,6 +75,14 @@ class TestSchemaVersion:
         connect(tmp_path).close()
         assert "reference" in columns(tmp_path / LEDGER_NAME, "points")
         assert "image" in columns(tmp_path / LEDGER_NAME, "reference_images")
+
+    def test_version_3_gains_reference_pins(self, tmp_path: Path) -> None:
+        connect(tmp_path).close()
+        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
+            conn.execute("DROP TABLE reference_pins")
+            conn.execute("PRAGMA user_version = 3")
+        connect(tmp_path).close()
+        assert "position" in columns(tmp_path / LEDGER_NAME, "reference_pins")
 
     def test_a_new_database_starts_at_the_current_version(self, tmp_path: Path) -> None:
         connect(tmp_path).close()

@@ -102,14 +102,16 @@ def _batch_history(group: list[FrameSurvey], instrument: str | None) -> Instrume
 
 
 def run_batch(
-    pipeline: Pipeline, files: Sequence[tuple[Path, Verdict | None]], *, report: Report | None = None
-) -> list[Outcome]:
+    pipeline: Pipeline, files: Sequence[tuple[Path, Verdict | None]], *, report: Report | None = None,
+    first: Sequence[Path] = (),
+) -> list[Outcome]:  # fmt: skip
     """Survey the readable ``files`` (in observation-time order, each with its readiness verdict, as
     :meth:`Pipeline.unseen` gives them), then process every file, leaders first; frames that waited for a
     template get their turn at the end. Returns the outcomes of pass 2.
 
     ``report(pass, outcome)`` is called after each file of each pass (``"survey"`` with None, ``"measure"``
-    with the file's outcome).
+    with the file's outcome). Files in ``first`` (a reference image's frames set by hand) go before the
+    leaders.
     """
     note = report or (lambda _pass, _outcome: None)
     readable = [path for path, verdict in files if verdict is not None and verdict.kind == "ready"]
@@ -119,8 +121,9 @@ def run_batch(
             if survey is not None:
                 surveys.append(survey)
             note(SURVEY, None)
-    leaders = batch_leaders(pipeline.config, pipeline.store, surveys)
     verdicts = dict(files)
+    chosen = [path for path in first if path in verdicts] + batch_leaders(pipeline.config, pipeline.store, surveys)
+    leaders = list(dict.fromkeys(chosen))
     ordered = [(path, verdicts[path]) for path in leaders] + [(p, v) for p, v in files if p not in set(leaders)]
     readable = [path for path, verdict in ordered if verdict is not None and verdict.kind == "ready"]
     outcomes = []

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
 
 from lcowatch.config import Config
 from lcowatch.intake.quarantine import QUARANTINE_DIR
@@ -15,7 +17,8 @@ from lcowatch.pipeline.batch import run_batch
 from lcowatch.pipeline.executor import Executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.science.refcat import CACHE_DIR
-from lcowatch.state.ledger import LEDGER_NAME, connect
+from lcowatch.state.images import pin_reference, target_pins
+from lcowatch.state.ledger import LEDGER_NAME, connect, transaction
 from lcowatch.state.rebuild import TargetFile, measured_files, seed, swap_in
 
 #: Under ``state_dir``: one scratch folder per target being rebuilt.
@@ -28,10 +31,13 @@ class ReprocessError(Exception):
     """The rebuild cannot be done; the live light curve is unchanged."""
 
 
-def reprocess(config: Config, target: str, executor: Executor, filter: str | None = None) -> dict[str, int]:
+def reprocess(
+    config: Config, target: str, executor: Executor, filter: str | None = None, *, first: Sequence[Path] = ()
+) -> dict[str, int]:
     """Measure ``target``'s frames (of ``filter`` only, keeping the other filters' points and the target's
     reference frame and comparison stars) again into a scratch state and swap the result in; returns how many
-    files ended in each state.
+    files ended in each state. The files ``first`` (the frames of a reference image set by hand) are
+    measured before all others; the target's pinned reference frames are honoured.
 
     Raises
     ------
@@ -52,10 +58,14 @@ def reprocess(config: Config, target: str, executor: Executor, filter: str | Non
     pipeline = Pipeline(scratch, connect(scratch_dir), executor=executor)
     if filter is not None:
         seed(live, scratch_dir / LEDGER_NAME, target, filter)
+    with transaction(pipeline.store.conn):
+        for (pinned_filter, camera), shas in target_pins(live, target).items():
+            pin_reference(pipeline.store.conn, target, pinned_filter, camera, shas)
     outcomes: Counter[str] = Counter()
     todo = measured_files(live, target, filter)
     for _ in range(MAX_ROUNDS):
-        _measure(pipeline, todo, outcomes)
+        _measure(pipeline, todo, outcomes, first)
+        first = ()
         log.info("reprocess_measured", files=len(todo))
         arrived = set(swap_in(live, scratch_dir / LEDGER_NAME, target))
         if not arrived:
@@ -68,9 +78,9 @@ def reprocess(config: Config, target: str, executor: Executor, filter: str | Non
     return dict(outcomes)
 
 
-def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str]) -> None:
+def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str], first: Sequence[Path]) -> None:
     gone = [str(f.path) for f in files if not f.path.is_file()]
     if gone:
         raise ReprocessError(f"{len(gone)} image(s) are no longer where they were seen, e.g. {gone[0]}")
-    for outcome in run_batch(pipeline, pipeline.unseen(f.path for f in files)):
+    for outcome in run_batch(pipeline, pipeline.unseen(f.path for f in files), first=first):
         outcomes[outcome.state] += 1

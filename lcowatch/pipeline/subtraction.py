@@ -25,7 +25,7 @@ from lcowatch.pipeline.pixels import Pixels
 from lcowatch.science.calibrate import instrumental_mag
 from lcowatch.science.register import Affine, apply_affine, compose, invert
 from lcowatch.science.subtract import Difference, forced_photometry, resample_reference, subtract
-from lcowatch.state.images import ReferenceImage, reference_image
+from lcowatch.state.images import ReferenceImage, reference_image, reference_pins
 from lcowatch.states import Step
 
 if TYPE_CHECKING:
@@ -95,8 +95,13 @@ class SubtractReference:
 
     @staticmethod
     def _may_be_reference(work: FrameWork) -> bool:
+        """Whether the frame may be, or be averaged into, the reference image: one set by hand
+        (``lcowatch reference --set``) takes its frames only; else a good frame outside the window."""
         meta, quality = work.frame.meta, work.quality
         assert meta.target is not None and quality is not None
+        pins = reference_pins(work.store.conn, meta.target, meta.filter, instrument_class(meta.instrument))
+        if pins:
+            return work.frame.sha256 in pins
         window = work.config.targets[meta.target].reference_window()
         inside = window is None or not window[0] <= meta.mjd_mid <= window[1]
         return inside and quality.flags == 0
@@ -109,6 +114,8 @@ class SubtractReference:
         image, variance, origin = work.pixels.run(_cutout, target_xy, 2 * work.config.subtraction.cutout)
         window = work.config.targets[meta.target].reference_window()
         reason = "first good frame" + ("" if window is None else " outside the transient's window")
+        if reference_pins(work.store.conn, meta.target, meta.filter, klass):
+            reason = "set by hand"
         return ReferenceImage(
             meta.target, meta.filter, klass, work.frame.sha256, work.frame.name, meta.mjd_mid, quality.fwhm_pix,
             origin, to_frame, image, variance, 1, reason,

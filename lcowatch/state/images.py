@@ -81,3 +81,42 @@ def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, ob
         (target,),
     )
     return [dict(row) for row in rows]
+
+
+def reference_pins(conn: sqlite3.Connection, target: str, filter: str, instrument_class: str) -> list[str]:
+    """The sha256 of the frames a user set as the reference image of a target, filter and instrument class,
+    in their order (the first is the base, the others are averaged in); empty when the rules choose."""
+    rows = conn.execute(
+        "SELECT sha256 FROM reference_pins WHERE target = ? AND filter = ? AND instrument_class = ? ORDER BY position",
+        (target, filter, instrument_class),
+    )
+    return [row[0] for row in rows]
+
+
+def pin_reference(conn: sqlite3.Connection, target: str, filter: str, instrument_class: str, shas: list[str]) -> None:
+    """Make ``shas`` the frames of that reference image (the caller's transaction)."""
+    conn.execute(
+        "DELETE FROM reference_pins WHERE target = ? AND filter = ? AND instrument_class = ?",
+        (target, filter, instrument_class),
+    )
+    conn.executemany(
+        "INSERT INTO reference_pins (target, filter, instrument_class, sha256, position) VALUES (?, ?, ?, ?, ?)",
+        [(target, filter, instrument_class, sha, k) for k, sha in enumerate(shas)],
+    )
+
+
+def unpin_references(conn: sqlite3.Connection, target: str, filter: str | None) -> None:
+    """Let the rules choose a target's reference images again (of one filter, or all; the caller's
+    transaction)."""
+    conn.execute("DELETE FROM reference_pins WHERE target = ? AND (? IS NULL OR filter = ?)", (target, filter, filter))
+
+
+def target_pins(conn: sqlite3.Connection, target: str) -> dict[tuple[str, str], list[str]]:
+    """A target's pins by (filter, instrument class), each in its order."""
+    pins: dict[tuple[str, str], list[str]] = {}
+    rows = conn.execute(
+        "SELECT filter, instrument_class, sha256 FROM reference_pins WHERE target = ? ORDER BY position", (target,)
+    )
+    for filter, instrument_class, sha256 in rows:
+        pins.setdefault((filter, instrument_class), []).append(sha256)
+    return pins

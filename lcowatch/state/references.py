@@ -101,18 +101,24 @@ class ReferenceRecords:
             ),
         )  # fmt: skip
 
-    def processed_frame_as_template(self, name_or_sha: str, target: str) -> Template:
-        """A processed frame of ``target`` (by file name or sha256) as a pinned template, not yet placed in the
-        reference frame; raises ``LookupError`` or ``ValueError`` with the reason when there is none."""
+    def processed_frame(self, name_or_sha: str, target: str) -> sqlite3.Row:
+        """A processed frame of ``target`` (by file name or sha256): its frames row and its ledger path; raises
+        ``LookupError`` or ``ValueError`` with the reason when there is none."""
         row = self.conn.execute(
-            "SELECT sha256, file, target, filter, nx, ny, wcs_header, template_score FROM frames "
-            "WHERE sha256 = ? OR file = ? ORDER BY mjd DESC",
+            "SELECT f.sha256, f.file, f.target, f.filter, f.instrument, f.nx, f.ny, f.wcs_header, f.template_score, "
+            "files.path FROM frames f JOIN files USING (sha256) WHERE f.sha256 = ? OR f.file = ? ORDER BY f.mjd DESC",
             (name_or_sha, Path(name_or_sha).name),
         ).fetchone()
         if row is None:
             raise LookupError(f"{name_or_sha}: no such processed frame")
         if row["target"] != target:
             raise ValueError(f"{row['file']} belongs to {row['target']}, not {target}")
+        return row
+
+    def processed_frame_as_template(self, name_or_sha: str, target: str) -> Template:
+        """A processed frame of ``target`` (by file name or sha256) as a pinned template, not yet placed in the
+        reference frame; raises ``LookupError`` or ``ValueError`` with the reason when there is none."""
+        row = self.processed_frame(name_or_sha, target)
         return Template(
             id=None, target=row["target"], filter=row["filter"], sha256=row["sha256"], file=row["file"],
             score=row["template_score"] if row["template_score"] is not None else float("-inf"), pinned=True,

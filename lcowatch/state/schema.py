@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lcowatch.errors import Stop
 
 #: Version of the tables below; one more for each entry of :data:`MIGRATIONS`.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 LEDGER_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -219,13 +219,21 @@ CREATE TABLE IF NOT EXISTS reference_images (
     created REAL NOT NULL,
     PRIMARY KEY (target, filter, instrument_class)
 );
+CREATE TABLE IF NOT EXISTS reference_pins (
+    target TEXT NOT NULL,
+    filter TEXT NOT NULL,
+    instrument_class TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (target, filter, instrument_class, sha256)
+);
 """
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Add the nullable columns a table lacks: release 0.1 (no version yet) grew its tables by columns
     only, version 2 added ``points.diff_color_term`` and ``points.color_err``, version 3 ``points.reference``
-    (and the ``reference_images`` table)."""
+    (and the ``reference_images`` table), version 4 the ``reference_pins`` table."""
     for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", STORE_TABLES, re.S):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for line in body.strip().splitlines():
@@ -236,7 +244,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 #: ``MIGRATIONS[v]`` brings a database from version ``v`` to ``v + 1`` (after the tables of the current
 #: schema that it lacks entirely have been created).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns] * 3
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns] * 4
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
