@@ -31,7 +31,7 @@ from lcowatch.pipeline.runner import Outcome, Pipeline, pin_template, recalibrat
 from lcowatch.pipeline.subtraction import instrument_class
 from lcowatch.science.frame import read_content
 from lcowatch.science.refcat import CatalogFileError, FieldCatalogs, read_local_catalog, standard_band
-from lcowatch.state.images import pin_reference, reference_images, target_pins, unpin_references
+from lcowatch.state.images import pin_reference, reference_images, target_pins
 from lcowatch.state.ledger import Ledger, connect, path_text, transaction
 from lcowatch.state.store import FRAME_COLUMNS, Store
 from lcowatch.states import LEDGER_STATES, State
@@ -387,35 +387,54 @@ def cmd_reference(args: argparse.Namespace, config: Config) -> int:
 def _rebuild_reference(args: argparse.Namespace, config: Config) -> int:
     """The rules choose the reference images again (pins set by hand are dropped), and the target is
     measured against them."""
-    conn = connect(config.state_dir)
-    with transaction(conn):
-        unpin_references(conn, args.target, args.filter)
-    return cmd_reprocess(args, config)
+    pinned = target_pins(connect(config.state_dir), args.target)
+    return _with_pins(args, config, {key: [] for key in pinned if args.filter in (None, key[0])}, first=[])
 
 
 def _set_reference(args: argparse.Namespace, config: Config) -> int:
     """The frames named become the reference image of their filter and camera (the first the base, the
     others averaged in), and the target's points of that filter are measured against it."""
-    conn = connect(config.state_dir)
-    store = Store(conn)
+    store = Store(connect(config.state_dir))
     try:
-        frames = [store.processed_frame(name, args.target) for name in args.set]
+        frames = list(
+            {row["sha256"]: row for row in (store.processed_frame(n, args.target) for n in args.set)}.values()
+        )
     except (LookupError, ValueError) as exc:
         print(f"lcowatch: {exc}", file=sys.stderr)
         return EXIT_USAGE
     kinds = {(frame["filter"], instrument_class(frame["instrument"])) for frame in frames}
-    if len(kinds) > 1 or (args.filter is not None and args.filter not in {filter for filter, _ in kinds}):
+    if len(kinds) > 1:
         print("lcowatch: the frames of a reference image must share one filter and camera", file=sys.stderr)
         return EXIT_USAGE
     ((filter, camera),) = kinds
-    previous = target_pins(conn, args.target).get((filter, camera), [])
-    with transaction(conn):
-        pin_reference(conn, args.target, filter, camera, [frame["sha256"] for frame in frames])
+    if args.filter is not None and args.filter != filter:
+        print(f"lcowatch: the frames named are of filter {filter}, not {args.filter}", file=sys.stderr)
+        return EXIT_USAGE
     args.filter = filter
-    code = cmd_reprocess(args, config, first=[Path(path_text(frame["path"])) for frame in frames])
-    if code != EXIT_OK:  # the light curve was not rebuilt: the reference stays as it was
+    pins = {(filter, camera): [frame["sha256"] for frame in frames]}
+    return _with_pins(args, config, pins, first=[Path(path_text(frame["path"])) for frame in frames])
+
+
+def _with_pins(
+    args: argparse.Namespace, config: Config, pins: dict[tuple[str, str], list[str]], *, first: list[Path]
+) -> int:  # fmt: skip
+    """Reprocess the target (``args.filter``) with the reference pins of each (filter, camera) in ``pins``
+    replaced (an empty list: the rules choose); the old pins come back unless the light curve was rebuilt."""
+    conn = connect(config.state_dir)
+    before = target_pins(conn, args.target)
+
+    def set_pins(wanted: dict[tuple[str, str], list[str]]) -> None:
         with transaction(conn):
-            pin_reference(conn, args.target, filter, camera, previous)
+            for (filter, camera), shas in wanted.items():
+                pin_reference(conn, args.target, filter, camera, shas)
+
+    set_pins(pins)
+    code = EXIT_FAILURE
+    try:
+        code = cmd_reprocess(args, config, first=first)
+    finally:
+        if code != EXIT_OK:  # the light curve was not rebuilt: the references stay as they were
+            set_pins({key: before.get(key, []) for key in pins})
     return code
 
 

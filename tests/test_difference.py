@@ -3,6 +3,7 @@ pipeline (``lcowatch process``), against the simulator's truth."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -125,11 +126,14 @@ class TestRebuildingTheReference:
         self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         folder, _ = variable_star
-        before = _process(tmp_path, folder / "frames", method="difference")
+        frames = tmp_path / "frames"
+        shutil.copytree(folder / "frames", frames)
+        shutil.copy(folder / "stars.csv", tmp_path / "stars.csv")
+        before = _process(tmp_path, frames, method="difference")
         config = str(tmp_path / "config.yaml")
         chosen = before[5]["file"]
         assert main(["reference", "--config", config, "DIFF1", "--set", "no-such-frame.fits.fz"]) == 2
-        assert main(["reference", "--config", config, "DIFF1", "--set", chosen]) == 0
+        assert main(["reference", "--config", config, "DIFF1", "--set", chosen, chosen]) == 0  # named twice: once
         after = _points(tmp_path)
         assert {row["reference"] for row in after} == {chosen}
         mine = next(row for row in after if row["file"] == chosen)
@@ -138,10 +142,17 @@ class TestRebuildingTheReference:
         assert main(["reference", "--config", config, "DIFF1"]) == 0
         assert "set by hand" in capsys.readouterr().out
         # The frames are met again (a later run): the pinned reference stays.
-        assert main(["process", "--config", config, str(folder / "frames")]) == 0
+        assert main(["process", "--config", config, str(frames)]) == 0
         assert {row["reference"] for row in _points(tmp_path)} == {chosen}
         assert main(["reference", "--config", config, "DIFF1", "--rebuild"]) == 0
         assert {row["reference"] for row in _points(tmp_path)} == {before[0]["file"]}
+        # A reference that cannot be made (an image gone) changes nothing: neither the points nor the pins.
+        (frames / before[6]["file"]).unlink()
+        assert main(["reference", "--config", config, "DIFF1", "--set", before[3]["file"]]) == 1
+        assert {row["reference"] for row in _points(tmp_path)} == {before[0]["file"]}
+        capsys.readouterr()
+        assert main(["reference", "--config", config, "DIFF1"]) == 0
+        assert "set by hand" not in capsys.readouterr().out
 
     def test_an_aperture_target_has_no_reference_to_rebuild(
         self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path

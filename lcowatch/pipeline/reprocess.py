@@ -17,7 +17,7 @@ from lcowatch.pipeline.batch import run_batch
 from lcowatch.pipeline.executor import Executor
 from lcowatch.pipeline.runner import Pipeline
 from lcowatch.science.refcat import CACHE_DIR
-from lcowatch.state.images import pin_reference, target_pins
+from lcowatch.state.images import pin_reference, reference_image, target_pins
 from lcowatch.state.ledger import LEDGER_NAME, connect, transaction
 from lcowatch.state.rebuild import TargetFile, measured_files, seed, swap_in
 
@@ -66,6 +66,7 @@ def reprocess(
     for _ in range(MAX_ROUNDS):
         _measure(pipeline, todo, outcomes, first)
         first = ()
+        _check_pinned_references(pipeline, target)
         log.info("reprocess_measured", files=len(todo))
         arrived = set(swap_in(live, scratch_dir / LEDGER_NAME, target))
         if not arrived:
@@ -76,6 +77,18 @@ def reprocess(
     shutil.rmtree(scratch_dir, ignore_errors=True)
     log.info("reprocess_swapped", files=sum(outcomes.values()), **outcomes)
     return dict(outcomes)
+
+
+def _check_pinned_references(pipeline: Pipeline, target: str) -> None:
+    """A reference image set by hand must have been made from its frames: without it every other frame of
+    its filter and camera would be rejected, and the swap would empty that part of the light curve."""
+    conn = pipeline.store.conn
+    for filter, camera in target_pins(conn, target):
+        if reference_image(conn, target, filter, camera) is None:
+            raise ReprocessError(
+                f"the frames set as the {filter} reference image of {target} ({camera}) could not be measured; "
+                "see the log for why"
+            )
 
 
 def _measure(pipeline: Pipeline, files: list[TargetFile], outcomes: Counter[str], first: Sequence[Path]) -> None:

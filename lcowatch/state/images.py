@@ -105,12 +105,6 @@ def pin_reference(conn: sqlite3.Connection, target: str, filter: str, instrument
     )
 
 
-def unpin_references(conn: sqlite3.Connection, target: str, filter: str | None) -> None:
-    """Let the rules choose a target's reference images again (of one filter, or all; the caller's
-    transaction)."""
-    conn.execute("DELETE FROM reference_pins WHERE target = ? AND (? IS NULL OR filter = ?)", (target, filter, filter))
-
-
 def target_pins(conn: sqlite3.Connection, target: str) -> dict[tuple[str, str], list[str]]:
     """A target's pins by (filter, instrument class), each in its order."""
     pins: dict[tuple[str, str], list[str]] = {}

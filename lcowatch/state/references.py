@@ -106,7 +106,8 @@ class ReferenceRecords:
         ``LookupError`` or ``ValueError`` with the reason when there is none."""
         row = self.conn.execute(
             "SELECT f.sha256, f.file, f.target, f.filter, f.instrument, f.nx, f.ny, f.wcs_header, f.template_score, "
-            "files.path FROM frames f JOIN files USING (sha256) WHERE f.sha256 = ? OR f.file = ? ORDER BY f.mjd DESC",
+            "files.path FROM frames f JOIN files USING (sha256) WHERE f.sha256 = ? OR f.file = ? "
+            "ORDER BY files.state = 'ignored', f.mjd DESC",  # not the part of a file rewritten since
             (name_or_sha, Path(name_or_sha).name),
         ).fetchone()
         if row is None:
