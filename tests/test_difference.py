@@ -95,71 +95,58 @@ class TestVariableStarOnBlankSky:
         assert reference.mjd_mid >= second_night - 0.2
 
 
-class TestRebuildingTheReference:
-    """``lcowatch reference TARGET --rebuild`` builds the reference image again under the config of now (a
-    window set since) and measures every point against it again."""
+class TestChangingTheReference:
+    """``lcowatch reference TARGET --set FILE...`` makes the frames named the reference image, until
+    ``--rebuild`` lets the rules choose again under the config of now (a window set since); either measures
+    every point against the new reference, and one that cannot be made changes nothing."""
 
-    def test_a_window_set_later_moves_the_reference(
+    def test_set_then_rebuild_under_a_window(
         self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         import yaml
 
         folder, truth = variable_star
-        before = _process(tmp_path, folder / "frames", method="difference")
-        assert {row["reference"] for row in before} == {before[0]["file"]}  # the first frame, without a window
-        second_night = sorted(t.mjd_mid for t in truth.values())[4]
-        config = tmp_path / "config.yaml"
-        document = yaml.safe_load(config.read_text())
-        document["targets"]["DIFF1"]["reference_after"] = Time(second_night - 0.2, format="mjd").isot
-        config.write_text(yaml.safe_dump(document))
-        assert main(["reference", "--config", str(config), "DIFF1", "--rebuild"]) == 0
-        after = _points(tmp_path)
-        assert len(after) == len(before)
-        reference = {row["reference"] for row in after}
-        assert len(reference) == 1 and truth[reference.pop()].mjd_mid >= second_night - 0.2
-        assert after[0]["flux"] != before[0]["flux"]  # measured against the new reference
-        capsys.readouterr()
-        assert main(["reference", "--config", str(config), "DIFF1"]) == 0
-        assert after[0]["reference"] in capsys.readouterr().out
-
-    def test_a_reference_set_by_hand_stays_until_rebuilt(
-        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-    ) -> None:
-        folder, _ = variable_star
         frames = tmp_path / "frames"
         shutil.copytree(folder / "frames", frames)
         shutil.copy(folder / "stars.csv", tmp_path / "stars.csv")
         before = _process(tmp_path, frames, method="difference")
-        config = str(tmp_path / "config.yaml")
+        assert {row["reference"] for row in before} == {before[0]["file"]}  # the first frame, without a window
+        config = tmp_path / "config.yaml"
         chosen = before[5]["file"]
-        assert main(["reference", "--config", config, "DIFF1", "--set", "no-such-frame.fits.fz"]) == 2
-        assert main(["reference", "--config", config, "DIFF1", "--set", chosen, chosen]) == 0  # named twice: once
-        after = _points(tmp_path)
-        assert {row["reference"] for row in after} == {chosen}
-        mine = next(row for row in after if row["file"] == chosen)
+        assert main(["reference", "--config", str(config), "DIFF1", "--set", "no-such-frame.fits.fz"]) == 2
+        assert main(["reference", "--config", str(config), "DIFF1", "--set", chosen, chosen]) == 0  # once
+        pinned = _points(tmp_path)
+        assert {row["reference"] for row in pinned} == {chosen}
+        mine = next(row for row in pinned if row["file"] == chosen)
         assert mine["flags"] & flags.value("is_reference") and mine["flux"] == 0.0
         capsys.readouterr()
-        assert main(["reference", "--config", config, "DIFF1"]) == 0
+        assert main(["reference", "--config", str(config), "DIFF1"]) == 0
         assert "set by hand" in capsys.readouterr().out
-        # The frames are met again (a later run): the pinned reference stays.
-        assert main(["process", "--config", config, str(frames)]) == 0
-        assert {row["reference"] for row in _points(tmp_path)} == {chosen}
-        assert main(["reference", "--config", config, "DIFF1", "--rebuild"]) == 0
-        assert {row["reference"] for row in _points(tmp_path)} == {before[0]["file"]}
+
+        second_night = sorted(t.mjd_mid for t in truth.values())[4]
+        document = yaml.safe_load(config.read_text())
+        document["targets"]["DIFF1"]["reference_after"] = Time(second_night - 0.2, format="mjd").isot
+        config.write_text(yaml.safe_dump(document))
+        assert main(["reference", "--config", str(config), "DIFF1", "--rebuild"]) == 0
+        rebuilt = _points(tmp_path)
+        reference = {row["reference"] for row in rebuilt}
+        assert len(rebuilt) == len(before) and len(reference) == 1
+        assert truth[reference.pop()].mjd_mid >= second_night - 0.2
+        assert rebuilt[0]["flux"] != before[0]["flux"]  # measured against the new reference
+
         # A reference that cannot be made (an image gone) changes nothing: neither the points nor the pins.
         (frames / before[6]["file"]).unlink()
-        assert main(["reference", "--config", config, "DIFF1", "--set", before[3]["file"]]) == 1
-        assert {row["reference"] for row in _points(tmp_path)} == {before[0]["file"]}
+        assert main(["reference", "--config", str(config), "DIFF1", "--set", before[3]["file"]]) == 1
+        assert [row["reference"] for row in _points(tmp_path)] == [row["reference"] for row in rebuilt]
         capsys.readouterr()
-        assert main(["reference", "--config", config, "DIFF1"]) == 0
-        assert "set by hand" not in capsys.readouterr().out
+        assert main(["reference", "--config", str(config), "DIFF1"]) == 0
+        shown = capsys.readouterr().out
+        assert rebuilt[0]["reference"] in shown and "set by hand" not in shown
 
-    def test_an_aperture_target_has_no_reference_to_rebuild(
-        self, variable_star: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
-    ) -> None:
-        folder, _ = variable_star
-        _process(tmp_path, folder / "frames")
-        assert main(["reference", "--config", str(tmp_path / "config.yaml"), "DIFF1", "--rebuild"]) == 2
+    def test_an_aperture_target_has_no_reference_to_change(self, tmp_path: Path) -> None:
+        config = str(write_config(tmp_path, {"DIFF1": {"ra": FIELD.ra, "dec": FIELD.dec}}))
+        assert main(["reference", "--config", config, "DIFF1", "--rebuild"]) == 2
+        assert main(["reference", "--config", config, "DIFF1", "--set", "any.fits.fz"]) == 2
 
 
 class TestDiagnostics:
