@@ -812,12 +812,14 @@ def test_sim_frames_pass_quality(factory: FrameFactory, tmp_path: Path) -> None:
     assert TARGET in config.targets
 
 
+@pytest.mark.parametrize("note_written", [True, False])
 def test_a_crash_between_quarantine_move_and_ledger_write_is_settled_at_start(
-    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon]
+    tmp_path: Path, factory: FrameFactory, daemons: Callable[..., Daemon], note_written: bool
 ) -> None:
     """A file moved into quarantine under its hash-prefixed name (its own name was taken) whose ledger row
-    was still pending when the daemon died is recorded as quarantined, with the reason of its note."""
-    from lcowatch.intake.quarantine import quarantine_file
+    was still pending when the daemon died is recorded as quarantined, with the reason of its note; a crash
+    before the note was written gets one that says so."""
+    from lcowatch.intake.quarantine import quarantine_file, reason_file
     from lcowatch.state.ledger import Ledger, connect
 
     config = factory.config(tmp_path)
@@ -832,12 +834,17 @@ def test_a_crash_between_quarantine_move_and_ledger_write_is_settled_at_start(
     conn.close()
     moved = quarantine_file(path, state, sha256=sha256, reason="bad header", step="read")
     assert moved.name != frame.name  # the crash came before the ledger heard of the move
+    if not note_written:
+        reason_file(moved).unlink()
+    reason, step = ("bad header", "read") if note_written else ("quarantined (settled after a crash)", None)
 
     daemon = daemons(config).start()
     daemon.wait_event("recovered_quarantine", sha256=sha256)
     assert LedgerView(state).file(sha256) == {
-        "state": "quarantined", "attempts": 0, "step": "read", "error": "bad header", "path": str(path)
+        "state": "quarantined", "attempts": 0, "step": step, "error": reason, "path": str(path)
     }  # fmt: skip
+    note = json.loads(reason_file(moved).read_text())
+    assert note["reason"] == reason and note["sha256"] == sha256 and note["original_path"] == str(path)
     assert daemon.stop() == 0
 
 

@@ -29,6 +29,18 @@ def rows(path: Path, table: str, names: list[str] | None = None) -> list[tuple[o
         return [tuple(r) for r in conn.execute(f"SELECT {selected} FROM {table} ORDER BY 1, 2")]
 
 
+#: Per schema version, how to turn a current database back into one of that version, and the columns
+#: (table, column) its migration must bring back.
+OLDER_VERSIONS = {
+    1: (("ALTER TABLE points DROP COLUMN diff_color_term",), (("points", "diff_color_term"),)),
+    2: (
+        ("ALTER TABLE points DROP COLUMN reference", "DROP TABLE reference_images"),
+        (("points", "reference"), ("reference_images", "image")),
+    ),
+    3: (("DROP TABLE reference_pins",), (("reference_pins", "position"),)),
+}
+
+
 class TestSchemaVersion:
     """A database of an earlier release opens under this code with every row kept; a newer one is refused."""
 
@@ -56,33 +68,20 @@ class TestSchemaVersion:
         lines = capsys.readouterr().out.strip().splitlines()
         assert len(lines) == 1 + len(rows(RELEASE_0_1, "points"))  # a header and every stored point
 
-    def test_version_1_gains_the_cross_instrument_colour_term(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("version", sorted(OLDER_VERSIONS))
+    def test_an_older_version_gains_what_it_lacks(self, tmp_path: Path, version: int) -> None:
+        assert max(OLDER_VERSIONS) == SCHEMA_VERSION - 1  # a new version needs its case here
+        undo, wanted = OLDER_VERSIONS[version]
         connect(tmp_path).close()
         with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            conn.execute("ALTER TABLE points DROP COLUMN diff_color_term")
-            conn.execute("PRAGMA user_version = 1")
+            for statement in undo:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
         connect(tmp_path).close()
-        assert "diff_color_term" in columns(tmp_path / LEDGER_NAME, "points")
+        for table, column in wanted:
+            assert column in columns(tmp_path / LEDGER_NAME, table)
         with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
-
-    def test_version_2_gains_reference_images(self, tmp_path: Path) -> None:
-        connect(tmp_path).close()
-        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            conn.execute("ALTER TABLE points DROP COLUMN reference")
-            conn.execute("DROP TABLE reference_images")
-            conn.execute("PRAGMA user_version = 2")
-        connect(tmp_path).close()
-        assert "reference" in columns(tmp_path / LEDGER_NAME, "points")
-        assert "image" in columns(tmp_path / LEDGER_NAME, "reference_images")
-
-    def test_version_3_gains_reference_pins(self, tmp_path: Path) -> None:
-        connect(tmp_path).close()
-        with sqlite3.connect(tmp_path / LEDGER_NAME) as conn:
-            conn.execute("DROP TABLE reference_pins")
-            conn.execute("PRAGMA user_version = 3")
-        connect(tmp_path).close()
-        assert "position" in columns(tmp_path / LEDGER_NAME, "reference_pins")
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
     def test_a_new_database_starts_at_the_current_version(self, tmp_path: Path) -> None:
         connect(tmp_path).close()

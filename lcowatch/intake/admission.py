@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lcowatch.config import Config
-from lcowatch.intake.quarantine import quarantine_file, quarantined_names
+from lcowatch.intake.quarantine import quarantine_file, quarantined_names, reason_file, write_reason
 from lcowatch.intake.queue import QueueItem, WorkQueue, queue_key
 from lcowatch.intake.readiness import Result, Tracker, is_wanted
 from lcowatch.intake.watcher import PathSink
@@ -270,11 +270,13 @@ class Admission:
             name = path.name
             for candidate in quarantined_names(name, record.sha256, self.config.state_dir):
                 if candidate.is_file() and sha256_of(candidate) == record.sha256:
-                    note = candidate.with_name(candidate.name + ".reason.json")
                     reason, step = "quarantined (settled after a crash)", record.step
-                    with contextlib.suppress(OSError, ValueError):
-                        details = json.loads(note.read_text())
+                    try:
+                        details = json.loads(reason_file(candidate).read_text())
                         reason, step = details.get("reason") or reason, details.get("step") or step
+                    except (OSError, ValueError):  # the crash came between the move and the note: write it
+                        with contextlib.suppress(OSError):
+                            write_reason(candidate, path, sha256=record.sha256, reason=reason, step=step)
                     self.ledger.finish(record.sha256, State.QUARANTINED, step=step, error=reason)
                     self.log.warning("recovered_quarantine", file=name, sha256=record.sha256, reason=reason)
                     break

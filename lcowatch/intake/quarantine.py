@@ -42,20 +42,30 @@ def quarantine_file(path: Path, state_dir: Path, *, sha256: str | None, reason: 
     folder = state_dir / QUARANTINE_DIR
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     destination = _claim(path, folder, path.name, sha256)
+    write_reason(destination, path, sha256=sha256, reason=reason, step=step)
+    return destination
+
+
+def reason_file(quarantined: Path) -> Path:
+    """The ``<name>.reason.json`` beside a quarantined file."""
+    return quarantined.with_name(quarantined.name + REASON_SUFFIX)
+
+
+def write_reason(quarantined: Path, original: Path, *, sha256: str | None, reason: str, step: str | None) -> None:
+    """Write (atomically) why ``quarantined``, moved from ``original``, was quarantined."""
     note = {
-        "file": path.name,
-        "original_path": str(path.absolute()),
+        "file": original.name,
+        "original_path": str(original.absolute()),
         "sha256": sha256,
         "reason": reason,
         "step": step,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
     }
-    reason_path = destination.with_name(destination.name + REASON_SUFFIX)
+    reason_path = reason_file(quarantined)
     tmp = reason_path.with_name(reason_path.name + ".tmp")
     tmp.write_text(json.dumps(note, indent=2) + "\n")
     os.replace(tmp, reason_path)
-    return destination
 
 
 def find_quarantined(name_or_path: str, state_dir: Path) -> Path | None:
@@ -63,7 +73,7 @@ def find_quarantined(name_or_path: str, state_dir: Path) -> Path | None:
     folder = state_dir / QUARANTINE_DIR
     candidate = Path(name_or_path)
     for path in (candidate, folder / candidate.name):
-        if path.is_file() and path.parent.resolve() == folder.resolve() and not path.name.endswith(".reason.json"):
+        if path.is_file() and path.parent.resolve() == folder.resolve() and not path.name.endswith(REASON_SUFFIX):
             return path
     matches = sorted(folder.glob(f"*-{candidate.name}")) if folder.is_dir() else []
     return matches[-1] if matches else None
@@ -127,7 +137,7 @@ def release(quarantined: Path, fallback_folder: Path) -> tuple[Path, str | None]
 
     Returns the new path and the content hash recorded when it was quarantined.
     """
-    reason_path = quarantined.with_name(quarantined.name + ".reason.json")
+    reason_path = reason_file(quarantined)
     note = json.loads(reason_path.read_text()) if reason_path.exists() else {}
     original = Path(note.get("original_path") or fallback_folder / quarantined.name)
     destination = original if original.parent.is_dir() else fallback_folder / original.name

@@ -359,13 +359,12 @@ class Tracker:
     def add(self, path: Path, *, after: float = 0.0) -> None:
         """Start tracking ``path``, or look at it again if it is tracked already: soon, or ``after`` seconds."""
         now = self._clock()
+        next_check = now + after if after else 0.0
         track = self._tracks.get(path)
         if track is not None:
-            track.next_check = now + after if after else 0.0
+            track.next_check = next_check
             return
-        self._tracks[path] = _Track(
-            first_seen=now, size=-1, mtime_ns=-1, quiet_since=now, next_check=now + after if after else 0.0
-        )
+        self._tracks[path] = _Track(first_seen=now, size=-1, mtime_ns=-1, quiet_since=now, next_check=next_check)
 
     def poll(self, *, tick: Callable[[], None] | None = None, budget: float | None = None) -> list[Result]:
         """Look at the files that are due; return (and stop tracking) those decided.

@@ -86,19 +86,16 @@ def _judge(config: Config, survey: FrameSurvey, group: list[FrameSurvey]) -> tup
     """Whether quality control would pass the frame, and its template score. It is judged against the
     frames of the same filter and instrument in the batch, not the store's (which a ``reprocess --filter``
     lacks): the same frames lead either way."""
-    quality = judge_quality(
-        survey.image_quality, survey.pixscale, config.quality, _batch_history(group, survey.instrument)
-    )
+    quality = judge_quality(survey.image_quality, survey.pixscale, config.quality, _batch_history(group))
     score = template_score(quality, config.template)
     return quality.flags == 0 and math.isfinite(score), score
 
 
-def _batch_history(group: list[FrameSurvey], instrument: str | None) -> InstrumentHistory:
-    own = [s for s in group if s.instrument == instrument]
-    fwhm = [s.image_quality.fwhm_pix * s.pixscale for s in own]
-    return InstrumentHistory(
-        float(np.nanmedian(fwhm)), float(np.median([s.image_quality.nstars for s in own])), len(own)
-    )
+def _batch_history(group: list[FrameSurvey]) -> InstrumentHistory:
+    """The medians of a group of one instrument's frames, as its stored history would give them."""
+    fwhm = [s.image_quality.fwhm_pix * s.pixscale for s in group]
+    nstars = [s.image_quality.nstars for s in group]
+    return InstrumentHistory(float(np.nanmedian(fwhm)), float(np.median(nstars)), len(group))
 
 
 def run_batch(
@@ -123,8 +120,8 @@ def run_batch(
             note(SURVEY, None)
     verdicts = dict(files)
     chosen = [path for path in first if path in verdicts] + batch_leaders(pipeline.config, pipeline.store, surveys)
-    leaders = list(dict.fromkeys(chosen))
-    ordered = [(path, verdicts[path]) for path in leaders] + [(p, v) for p, v in files if p not in set(leaders)]
+    leaders = dict.fromkeys(chosen)
+    ordered = [(path, verdicts[path]) for path in leaders] + [(p, v) for p, v in files if p not in leaders]
     readable = [path for path, verdict in ordered if verdict is not None and verdict.kind == "ready"]
     outcomes = []
     readable_done = 0
