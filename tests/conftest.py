@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,20 @@ REAL_TARGETS: dict[str, dict[str, Any]] = {
     "ROME02": {"ra": "17:58:32.7", "dec": "-27:58:18", "object_names": ["ROME-FIELD-02"]},
     "NY65": {"ra": 195.78, "dec": 36.23, "object_names": ["2010 NY65"]},
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def code_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's own cache of compiled code (``XDG_CACHE_HOME``, which the daemons it starts inherit):
+    sfft compiles once per configuration for the whole suite, and never from a user's stale cache."""
+    folder = tmp_path_factory.mktemp("xdg-cache")
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
 
 
 class NetworkAccessError(RuntimeError):

@@ -9,6 +9,8 @@ science cutout by ``resample_reference``.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,14 @@ from photutils.aperture import CircularAnnulus
 from scipy import ndimage
 from scipy.special import erf
 
-from lcowatch.science.subtract import Difference, forced_photometry, limiting_flux, resample_reference, subtract
+from lcowatch.science.subtract import (
+    Difference,
+    compiled_code_cache,
+    forced_photometry,
+    limiting_flux,
+    resample_reference,
+    subtract,
+)
 from lcowatch.simulation.simulate import render_galaxy
 
 N = 256
@@ -206,3 +215,22 @@ class TestResidualRms:
         assert good.nstars >= 10
         assert 0.8 < good.residual_rms < 1.4
         assert bad.residual_rms > 4.0
+
+
+class TestCompiledCode:
+    """sfft's compiled code is kept on disk, a folder per image and kernel size: a new process (a restarted
+    daemon) loads it instead of compiling for 5-15 s, and never takes code compiled for another size."""
+
+    def test_a_new_process_loads_it(self) -> None:
+        _observe(_scene(5.0, 3.5, 1e4), 5, 5.0, 3.5)  # kernel half-width 2 FWHM: 10 px
+        (folder,) = compiled_code_cache().glob(f"{N}x{N}-hw10-*")
+        assert any(folder.rglob("*.nbi"))
+        script = (
+            "from lcowatch.science.subtract import _sfft_config\n"
+            f"compiled = _sfft_config({N}, {N}, 10, 1)[1].values()\n"
+            "print(sum(sum(f.stats.cache_hits.values()) for f in compiled),"
+            " sum(sum(f.stats.cache_misses.values()) for f in compiled))"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        hits, misses = map(int, result.stdout.split())
+        assert hits > 10 and misses == 0, result.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -40,6 +41,21 @@ class TestUnit:
         result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False)
         problems = [line for line in (result.stdout + result.stderr).splitlines() if UNIT.name in line]
         assert result.returncode == 0 and not problems, result.stdout + result.stderr
+
+    def test_its_memory_rules_let_compiled_code_run(self) -> None:
+        """Image subtraction runs code numba compiles at run time: under ``MemoryDenyWriteExecute=`` (applied
+        here as systemd applies it on Linux >= 6.3, ``prctl(PR_SET_MDWE)``) ``import numba`` fails."""
+        deny = any(value.lower() in {"yes", "true", "on", "1"} for value in _settings("MemoryDenyWriteExecute"))
+        script = (
+            "import ctypes, sys\n"
+            f"if {deny} and ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0: sys.exit(3)\n"
+            "import numba\n"
+            "assert numba.njit(lambda x: x + 1)(1) == 2\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+        if result.returncode == 3:
+            pytest.skip("this kernel cannot deny write-execute memory (PR_SET_MDWE)")
+        assert result.returncode == 0, result.stderr
 
     def test_watched_folders_may_be_missing(self) -> None:
         (paths,) = _settings("ReadWritePaths")

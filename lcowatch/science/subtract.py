@@ -39,6 +39,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -219,29 +220,53 @@ def _select_stars(
     return x[keep][order], y[keep][order]
 
 
-@functools.cache
-def _private_numba_cache() -> None:
-    """Give numba a cache folder of this process's own, before sfft is imported.
+def compiled_code_cache() -> Path:
+    """Where sfft's compiled kernels are kept between runs: systemd's ``CacheDirectory=``, else
+    ``$XDG_CACHE_HOME`` (default ``~/.cache``), in a folder ``lcowatch``."""
+    systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
+    root = Path(systemd) if systemd else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lcowatch"
+    return root / "numba"
 
-    sfft compiles closures per image and kernel size with numba's on-disk cache, which by default lives in
-    sfft's installed ``__pycache__``: read-only under the systemd unit, and shared by every process. Entries
-    written by other processes with other sizes were seen to be taken for this one's (``RuntimeError: In
-    'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every later frame). A private folder costs one
-    compilation (about 15 s) per process and can hold nothing stale.
-    """
+
+@functools.cache
+def _private_cache_root() -> Path:
     folder = tempfile.mkdtemp(prefix="lcowatch-numba-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ["NUMBA_CACHE_DIR"] = folder
-    if "numba" in sys.modules:
-        from numba.core import config
+    return Path(folder)
 
-        config.reload_config()
+
+def _use_numba_cache(*key: object) -> None:
+    """Point numba's on-disk cache at a folder of its own for one sfft configuration, before sfft compiles it.
+
+    sfft compiles closures over the image and kernel sizes, and numba names a closure's cache files by its
+    source line alone: processes that compiled other sizes into one folder were seen to load each other's
+    code (``RuntimeError: In 'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every later frame). A folder
+    per configuration, library versions and Python holds only code for that configuration, so a restart
+    loads it in a fraction of a second instead of compiling for 5-15 s. Where the cache cannot be written,
+    a folder of this process's own is used.
+    """
+    from importlib.metadata import version
+
+    from numba.core import config
+
+    name = "-".join(map(str, (*key, "sfft", version("sfft"), "numba", version("numba"), sys.implementation.cache_tag)))
+    for root in (compiled_code_cache, _private_cache_root):
+        folder = root() / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            # The environment too: numba re-reads it when it changes, before each compilation.
+            os.environ["NUMBA_CACHE_DIR"] = config.CACHE_DIR = str(folder)
+            return
 
 
 @functools.lru_cache(maxsize=4)
 def _sfft_config(ny: int, nx: int, half_width: int, threads: int) -> tuple[dict, ...]:
-    """sfft's compiled configuration for one image size and kernel size (costly; kept per process)."""
-    _private_numba_cache()
+    """sfft's compiled configuration for one image size and kernel size (costly: kept per process, and
+    its compiled code on disk)."""
+    _use_numba_cache(f"{ny}x{nx}", f"hw{half_width}")
     from sfft.sfftcore.SFFTConfigure import SingleSFFTConfigure
 
     # Kernel and photometric ratio constant on a cutout; a constant background term (ours is fitted later).
