@@ -257,8 +257,8 @@ def _use_numba_cache(*key: object) -> None:
         except OSError:
             continue
         if os.access(folder, os.W_OK):
-            # The environment too: numba re-reads it when it changes, before each compilation.
-            os.environ["NUMBA_CACHE_DIR"] = config.CACHE_DIR = str(folder)
+            os.environ["NUMBA_CACHE_DIR"] = str(folder)
+            config.reload_config()
             return
 
 
