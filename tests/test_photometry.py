@@ -123,3 +123,20 @@ class TestCrowding:
         alone = ~(within & (truth.mag[None, :] < truth.mag[stars][:, None] + 5)).any(axis=1)
         assert close.sum() >= 3 and alone.sum() >= 3
         assert np.all(crowded[close]) and not np.any(crowded[alone])
+
+
+class TestAnnulus:
+    """The stars a target's field list knows but this frame did not detect (a 0.4 m frame, 5.5" seeing, 4x
+    the sky) are kept out of their neighbours' background annuli, as detections are: the annulus medians of
+    the bright stars come closer to the true sky."""
+
+    def test_known_undetected_stars_are_masked(self, tmp_path: Path) -> None:
+        frame, truth = _frame(tmp_path, "sbig.fits", seed=14, **TestCrowding.SBIG)  # type: ignore[arg-type]
+        inside = (truth.x > 80) & (truth.x < 432) & (truth.y > 80) & (truth.y < 432)
+        bright = np.flatnonzero(inside & (truth.mag < 16.0) & ~truth.saturated)
+        undetected = np.flatnonzero((truth.mag > 18.0) & (truth.mag < 20.5))
+        alone = _measure(frame, truth, bright)
+        known = _measure(frame, truth, np.concatenate([bright, undetected]))
+        before = np.median(alone.background - truth.sky)
+        after = np.median(known.background[: len(bright)] - truth.sky)
+        assert len(bright) >= 10 and 0.0 < after < 0.8 * before, (before, after)

@@ -265,17 +265,34 @@ def _cosmic_ray_hits(boxes: _Boxes, noise: np.ndarray) -> np.ndarray:
     return hit
 
 
-def source_mask(pre: Preprocessed, sources: np.ndarray, fwhm_pix: float) -> np.ndarray:
-    """Pixels to leave out of background annuli: masked pixels and every detected source.
+def source_mask(pre: Preprocessed, x: np.ndarray, y: np.ndarray, snr: np.ndarray, fwhm_pix: float) -> np.ndarray:
+    """Pixels to leave out of background annuli: masked pixels and every source at (x, y).
 
-    Each detection is covered to a radius growing with its S/N (1.5 FWHM at S/N 10, 3.5 FWHM at 1e5), so a
+    Each source is covered to a radius growing with its S/N (1.5 FWHM at S/N 10, 3.5 FWHM at 1e5), so a
     neighbour's wings do not raise the annulus median.
     """
     mask = pre.mask.copy()
-    if len(sources):
-        radius = fwhm_pix * (1.0 + 0.5 * np.log10(np.maximum(sources["snr"], 1.0)))
-        sep.mask_ellipse(mask, sources["x"], sources["y"], radius, radius, np.zeros(len(sources)), r=1.0)
+    if len(x):
+        radius = fwhm_pix * (1.0 + 0.5 * np.log10(np.maximum(np.nan_to_num(snr), 1.0)))
+        sep.mask_ellipse(mask, x, y, radius, radius, np.zeros(len(x)), r=1.0)
     return mask
+
+
+def _with_undetected(
+    sources: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.ndarray, fwhm_pix: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (M, 2) and S/N of the frame's detections and of the measured positions none lies near.
+
+    Stars the target's field list knows from a deeper template but this frame did not detect (a smaller
+    telescope, poorer seeing, more sky) still put light into their neighbours' apertures and annuli.
+    """
+    detected = np.column_stack([sources["x"], sources["y"]])
+    inside = np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr > 0)
+    if len(detected):
+        nearest, _ = cKDTree(detected).query(np.column_stack([x, y])[inside])
+        inside[inside] = nearest > max(1.5, 0.5 * fwhm_pix)
+    positions = np.vstack([detected, np.column_stack([x, y])[inside]])
+    return positions, np.concatenate([sources["snr"], snr[inside]])
 
 
 def _neighbours(
@@ -369,12 +386,18 @@ def measure(
 
     # Sums and annuli on the original pixels: the local annulus is the whole background. A background
     # mesh bends up under a bright star's wings, so mesh-subtracted sums would lose flux with brightness.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positions, snr = _with_undetected(
+            frame_sources, px, py, np.where(off_frame, np.nan, first / first_err), fwhm_pix
+        )
     local, local_rms, n_annulus = annulus_background(
-        frame.data, source_mask(pre, frame_sources, fwhm_pix), px, py, r_in, r_out
+        frame.data, source_mask(pre, positions[:, 0], positions[:, 1], snr, fwhm_pix), px, py, r_in, r_out
     )
     flux = np.empty((len(px), len(radii)))
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)
+    # Neighbours' light is judged from detections alone: an undetected star's core sum is mostly the light
+    # of whatever outshone it.
     positions = np.column_stack([frame_sources["x"], frame_sources["y"]])
     neighbours, neighbour_rows = _neighbours(positions, px, py, float(radii.max()) + 4.0 * fwhm_pix, fwhm_pix)
     limit = frame.meta.linearity_limit
