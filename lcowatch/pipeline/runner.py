@@ -98,7 +98,9 @@ def typical_colour(colours: np.ndarray) -> tuple[float, float] | None:
     return median, float(np.std(colours, ddof=1))
 
 
-def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: float) -> None:
+def apply_colours(
+    conn: sqlite3.Connection, store: Store, target: str, mjd: float, *, refresh_stand_ins: bool = True
+) -> None:
     """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that visit.
 
     Where the colour's bands were not both measured in the same visit, the target's median colour over
@@ -107,6 +109,8 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
     than the reference frame's moves with the difference of their colour terms. The colour's error, times
     the term, is in ``mag_err`` and ``diff_mag_err``: the measured colour's from its two magnitudes, an
     assumed one's the spread of the target's own colours (:func:`typical_colour`) or of field stars'.
+    With ``refresh_stand_ins``, the stand-ins of other visits that the target's colours known now change
+    are set again.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
@@ -149,6 +153,32 @@ def apply_colours(conn: sqlite3.Connection, store: Store, target: str, mjd: floa
                 flags=row["flags"] & ~assumed | (assumed if now_assumed else 0),
             )  # fmt: skip
             store.set_point_colour(conn, row["sha256"], aperture, columns)
+    if refresh_stand_ins:
+        for stale in _stale_stand_ins(conn, store, target):
+            apply_colours(conn, store, target, stale, refresh_stand_ins=False)
+
+
+#: A stand-in colour (or its error) this far from the target's typical colour now is set again (mag).
+STAND_IN_TOLERANCE = 0.005
+
+
+def _stale_stand_ins(conn: sqlite3.Connection, store: Store, target: str) -> list[float]:
+    """Times of the target's points whose stand-in colour is no longer its typical colour (set before its
+    colours were measured, or while they were fewer): one per visit."""
+    typical: dict[str | None, tuple[float, float] | None] = {}
+    stale: list[float] = []
+    for row in store.stand_in_colours(conn, target):
+        if row["band"] not in typical:
+            typical[row["band"]] = typical_colour(store.measured_colours(target, row["band"]))
+        now = typical[row["band"]]
+        if now is None or any(abs(stale_mjd - row["mjd"]) <= COLOR_WINDOW_DAYS for stale_mjd in stale):
+            continue
+        if (
+            abs(row["color"] - now[0]) > STAND_IN_TOLERANCE
+            or abs((row["color_err"] or 0.0) - now[1]) > STAND_IN_TOLERANCE
+        ):
+            stale.append(row["mjd"])
+    return stale
 
 
 def _colour_error(row: sqlite3.Row) -> float:

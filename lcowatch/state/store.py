@@ -184,6 +184,15 @@ class Store(ReferenceRecords):
             (target, mjd - days, mjd + days),
         ).fetchall()
 
+    @staticmethod
+    def stand_in_colours(conn: sqlite3.Connection, target: str) -> list[sqlite3.Row]:
+        """Band, time, colour and its error of the target's points whose colour is a stand-in."""
+        return conn.execute(
+            "SELECT p.band, f.mjd, p.color, p.color_err FROM points p JOIN frames f USING (sha256) "
+            "WHERE p.target = ? AND p.aperture = 0 AND p.mag IS NOT NULL AND p.flags & ? != 0",
+            (target, flags.value("color_assumed")),
+        ).fetchall()
+
     def measured_colours(self, target: str, band: str | None) -> np.ndarray:
         """The target's colours measured in the same visit, over the points in ``band``."""
         rows = self.conn.execute(
