@@ -31,13 +31,15 @@ pixel count times the kernel size (half-width 2 FWHM).
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import functools
 import math
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -235,21 +237,15 @@ def _private_cache_root() -> Path:
     return Path(folder)
 
 
-def _use_numba_cache(*key: object) -> None:
-    """Point numba's on-disk cache at a folder of its own for one sfft configuration, before sfft compiles it.
-
-    sfft compiles closures over the image and kernel sizes, and numba names a closure's cache files by its
-    source line alone: processes that compiled other sizes into one folder were seen to load each other's
-    code (``RuntimeError: In 'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every later frame). A folder
-    per configuration, library versions and Python holds only code for that configuration, so a restart
-    loads it in a fraction of a second instead of compiling for 5-15 s. Where the cache cannot be written,
-    a folder of this process's own is used.
-    """
+@functools.cache
+def _numba_cache_folder() -> Path:
+    """Point numba's on-disk cache at lcowatch's folder for these library versions and this Python (else, where
+    that cannot be written, at a folder of this process's own); return it."""
     from importlib.metadata import version
 
     from numba.core import config
 
-    name = "-".join(map(str, (*key, "sfft", version("sfft"), "numba", version("numba"), sys.implementation.cache_tag)))
+    name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}"
     for root in (compiled_code_cache, _private_cache_root):
         folder = root() / name
         try:
@@ -257,32 +253,52 @@ def _use_numba_cache(*key: object) -> None:
         except OSError:
             continue
         if os.access(folder, os.W_OK):
-            os.environ["NUMBA_CACHE_DIR"] = str(folder)
-            config.reload_config()
-            return
+            break
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    config.reload_config()
+    return folder
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=4)
 def _sfft_config(ny: int, nx: int, half_width: int, threads: int) -> tuple[dict, ...]:
     """sfft's compiled configuration for one image size and kernel size (costly: kept per process, and
-    its compiled code on disk)."""
-    _use_numba_cache(f"{ny}x{nx}", f"hw{half_width}")
+    its compiled code on disk).
+
+    sfft compiles closures over the sizes; numba keys their cache entries by the closed-over values but
+    names the data files by a counter, so two processes compiling other sizes at once could each write
+    ``...py311.1.nbc`` for their own and later load the other's code (seen as ``RuntimeError: In
+    'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every frame). One process compiles at a time: a
+    restart loads its code in 0.2 s instead of 15 s, and a new size costs about 6 s (the functions that do
+    not depend on it are shared).
+    """
+    folder = _numba_cache_folder()
     from sfft.sfftcore.SFFTConfigure import SingleSFFTConfigure
 
-    # Kernel and photometric ratio constant on a cutout; a constant background term (ours is fitted later).
-    return tuple(
-        SingleSFFTConfigure.SSC(
-            NX=nx,
-            NY=ny,
-            KerHW=half_width,
-            KerPolyOrder=0,
-            BGPolyOrder=0,
-            ConstPhotRatio=True,
-            BACKEND_4SUBTRACT="Numpy",
-            NUM_CPU_THREADS_4SUBTRACT=threads,
-            VERBOSE_LEVEL=0,
+    with _exclusive(folder / "compiling.lock"):
+        # Kernel and photometric ratio constant on a cutout; a constant background term (ours is fitted later).
+        return tuple(
+            SingleSFFTConfigure.SSC(
+                NX=nx,
+                NY=ny,
+                KerHW=half_width,
+                KerPolyOrder=0,
+                BGPolyOrder=0,
+                ConstPhotRatio=True,
+                BACKEND_4SUBTRACT="Numpy",
+                NUM_CPU_THREADS_4SUBTRACT=threads,
+                VERBOSE_LEVEL=0,
+            )
         )
-    )
 
 
 def _sfft(
