@@ -26,14 +26,10 @@ REAL_TARGETS: dict[str, dict[str, Any]] = {
 def code_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The session's own cache of compiled code (``XDG_CACHE_HOME``, which the daemons it starts inherit):
     sfft compiles once per configuration for the whole suite, and never from a user's stale cache."""
-    folder = tmp_path_factory.mktemp("xdg-cache")
-    before = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        patch.delenv("CACHE_DIRECTORY", raising=False)  # systemd's, which would come first
+        yield Path(os.environ["XDG_CACHE_HOME"])
 
 
 class NetworkAccessError(RuntimeError):

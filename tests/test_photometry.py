@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lcowatch import flags
-from lcowatch.config import parse
+from lcowatch.config import Aperture, parse
 from lcowatch.science.frame import Frame, read_content, read_frame
 from lcowatch.science.photometry import Photometry, measure
 from lcowatch.science.preprocess import preprocess
@@ -29,12 +29,15 @@ def _frame(tmp_path: Path, name: str, **spec: object) -> tuple[Frame, FrameTruth
     return read_frame(path, content, sha, CONFIG), truth
 
 
-def _measure(frame: Frame, truth: FrameTruth, stars: np.ndarray) -> Photometry:
+def _measure(
+    frame: Frame, truth: FrameTruth, stars: np.ndarray, annulus: tuple[Aperture, Aperture] | None = None
+) -> Photometry:
     pre = preprocess(frame)
     sources = detect_sources(pre, CONFIG.quality)
     settings = CONFIG.photometry
     return measure(
-        frame, pre, sources, truth.x[stars], truth.y[stars], settings.apertures, settings.annulus, truth.fwhm_pix,
+        frame, pre, sources, truth.x[stars], truth.y[stars], settings.apertures, annulus or settings.annulus,
+        truth.fwhm_pix,
         recentre_snr=settings.recentre_snr, min_snr=settings.min_snr, max_shift=0.5 * truth.fwhm_pix,
     )  # fmt: skip
 
@@ -140,3 +143,11 @@ class TestAnnulus:
         before = np.median(alone.background - truth.sky)
         after = np.median(known.background[: len(bright)] - truth.sky)
         assert len(bright) >= 10 and 0.0 < after < 0.8 * before, (before, after)
+
+    def test_a_bright_star_keeps_its_own_annulus(self, tmp_path: Path) -> None:
+        """However bright a star, its own mask leaves its annulus alone, even a narrow one (2.5-4 FWHM)."""
+        frame, truth = _frame(tmp_path, "sbig.fits", seed=14, **TestCrowding.SBIG)  # type: ignore[arg-type]
+        inside = (truth.x > 80) & (truth.x < 432) & (truth.y > 80) & (truth.y < 432) & ~truth.saturated
+        brightest = np.flatnonzero(inside)[np.argsort(truth.mag[inside])[:3]]
+        phot = _measure(frame, truth, brightest, annulus=(Aperture(2.5, "fwhm"), Aperture(4.0, "fwhm")))
+        assert not np.any(phot.flags[:, 0] & flags.value("bad_background")) and np.all(np.isfinite(phot.flux))

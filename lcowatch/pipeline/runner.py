@@ -98,8 +98,18 @@ def typical_colour(colours: np.ndarray) -> tuple[float, float] | None:
     return median, float(np.std(colours, ddof=1))
 
 
+#: The target's typical colour and its error per band (mag), as :func:`typical_colour` gives them.
+Typicals = dict[str | None, tuple[float, float] | None]
+
+
 def apply_colours(
-    conn: sqlite3.Connection, store: Store, target: str, mjd: float, *, refresh_stand_ins: bool = True
+    conn: sqlite3.Connection,
+    store: Store,
+    target: str,
+    mjd: float,
+    *,
+    refresh_stand_ins: bool = True,
+    typical: Typicals | None = None,
 ) -> None:
     """Apply the colour terms of the target's calibrated points near ``mjd`` with its colour that visit.
 
@@ -109,12 +119,14 @@ def apply_colours(
     than the reference frame's moves with the difference of their colour terms. The colour's error, times
     the term, is in ``mag_err`` and ``diff_mag_err``: the measured colour's from its two magnitudes, an
     assumed one's the spread of the target's own colours (:func:`typical_colour`) or of field stars'.
-    With ``refresh_stand_ins``, the stand-ins of other visits that the target's colours known now change
-    are set again.
+    Where a colour was measured and ``refresh_stand_ins``, the stand-ins of other visits that the target's
+    typical colour has moved away from are set again (:func:`_refresh_stand_ins`). ``typical`` is the
+    typical colour per band when the caller knows it already.
     """
     rows = store.calibrated_points_near(conn, target, mjd, 2 * COLOR_WINDOW_DAYS)
     assumed = flags.value("color_assumed")
-    typical: dict[str | None, tuple[float, float] | None] = {}
+    typical = {} if typical is None else typical
+    any_measured = False
     for aperture in {row["aperture"] for row in rows}:
         group = [row for row in rows if row["aperture"] == aperture]
         term = np.array([row["color_term"] or 0.0 for row in group])
@@ -135,6 +147,7 @@ def apply_colours(
             if row["band"] not in typical:
                 typical[row["band"]] = typical_colour(store.measured_colours(target, row["band"]))
             measured = bool(np.isfinite(colour[k]))
+            any_measured |= measured
             stand_in = typical[row["band"]] or (field_color, ASSUMED_COLOR_SPREAD)
             used, used_err = (float(colour[k]), float(colour_err[k])) if measured else stand_in
             diff_mag, diff_err = row["diff_mag"], row["diff_mag_err"]
@@ -153,32 +166,32 @@ def apply_colours(
                 flags=row["flags"] & ~assumed | (assumed if now_assumed else 0),
             )  # fmt: skip
             store.set_point_colour(conn, row["sha256"], aperture, columns)
-    if refresh_stand_ins:
-        for stale in _stale_stand_ins(conn, store, target):
-            apply_colours(conn, store, target, stale, refresh_stand_ins=False)
+    if refresh_stand_ins and any_measured:
+        _refresh_stand_ins(conn, store, target)
 
 
 #: A stand-in colour (or its error) this far from the target's typical colour now is set again (mag).
 STAND_IN_TOLERANCE = 0.005
 
 
-def _stale_stand_ins(conn: sqlite3.Connection, store: Store, target: str) -> list[float]:
-    """Times of the target's points whose stand-in colour is no longer its typical colour (set before its
-    colours were measured, or while they were fewer): one per visit."""
-    typical: dict[str | None, tuple[float, float] | None] = {}
-    stale: list[float] = []
-    for row in store.stand_in_colours(conn, target):
+def _refresh_stand_ins(conn: sqlite3.Connection, store: Store, target: str) -> None:
+    """Set again the target's stand-in colours that are no longer its typical colour (set before its colours
+    were measured, or while they were fewer): the visit of each such point at aperture 0, every filter and
+    aperture of it, once per visit."""
+    typical: Typicals = {}
+    last_mjd = -np.inf
+    for row in store.stand_in_colours(conn, target):  # in time order
         if row["band"] not in typical:
             typical[row["band"]] = typical_colour(store.measured_colours(target, row["band"]))
         now = typical[row["band"]]
-        if now is None or any(abs(stale_mjd - row["mjd"]) <= COLOR_WINDOW_DAYS for stale_mjd in stale):
+        if now is None or row["mjd"] - last_mjd <= COLOR_WINDOW_DAYS:
             continue
         if (
             abs(row["color"] - now[0]) > STAND_IN_TOLERANCE
             or abs((row["color_err"] or 0.0) - now[1]) > STAND_IN_TOLERANCE
         ):
-            stale.append(row["mjd"])
-    return stale
+            apply_colours(conn, store, target, row["mjd"], refresh_stand_ins=False, typical=typical)
+            last_mjd = row["mjd"]
 
 
 def _colour_error(row: sqlite3.Row) -> float:
@@ -606,7 +619,8 @@ def recalibrate(config: Config, conn: sqlite3.Connection, target: str) -> tuple[
             )  # fmt: skip
             calibrated += any(c is not None for c in calibrations)
         for frame in frames:
-            apply_colours(conn, store, target, frame["mjd"])
+            apply_colours(conn, store, target, frame["mjd"], refresh_stand_ins=False)
+        _refresh_stand_ins(conn, store, target)
     return len(frames), calibrated
 
 

@@ -265,35 +265,46 @@ def _cosmic_ray_hits(boxes: _Boxes, noise: np.ndarray) -> np.ndarray:
     return hit
 
 
-def source_mask(pre: Preprocessed, x: np.ndarray, y: np.ndarray, snr: np.ndarray, fwhm_pix: float) -> np.ndarray:
-    """Pixels to leave out of background annuli: masked pixels and every source at (x, y).
+def source_mask(
+    pre: Preprocessed, x: np.ndarray, y: np.ndarray, snr: np.ndarray, fwhm_pix: float, max_radius: float
+) -> np.ndarray:
+    """Pixels to leave out of background annuli: masked pixels and every source at (x, y) (0-based pixels).
 
     Each source is covered to a radius growing with its S/N (2.25 FWHM at S/N 10, 5.25 FWHM at 1e5), so a
     neighbour's wings do not raise the annulus median: on 0.4 m frames (6" seeing, 3x the sky), radii of two
-    thirds of these left the backgrounds of 13-14.5 mag stars 1.3 % of their flux high (now 1.0 %).
+    thirds of these left the backgrounds of 13-14.5 mag stars 1.3 % of their flux high (now 1.0 %). No
+    radius exceeds ``max_radius`` (pixels; the annulus' inner radius), so no star's own mask reaches into
+    its own annulus.
     """
     mask = pre.mask.copy()
     if len(x):
         radius = 1.5 * fwhm_pix * (1.0 + 0.5 * np.log10(np.maximum(np.nan_to_num(snr), 1.0)))
+        radius = np.minimum(radius, max_radius)
         sep.mask_ellipse(mask, x, y, radius, radius, np.zeros(len(x)), r=1.0)
     return mask
+
+
+#: An undetected star's aperture sum beside a bright one is mostly that one's light: its mask is sized for
+#: a S/N of at most this.
+UNDETECTED_MAX_SNR = 10.0
 
 
 def _with_undetected(
     sources: np.ndarray, x: np.ndarray, y: np.ndarray, snr: np.ndarray, fwhm_pix: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (M, 2) and S/N of the frame's detections and of the measured positions none lies near.
+    """Positions (M, 2; 0-based pixels) and S/N of the frame's detections and of the measured positions
+    (x, y) no detection lies near.
 
     Stars the target's field list knows from a deeper template but this frame did not detect (a smaller
     telescope, poorer seeing, more sky) still put light into their neighbours' apertures and annuli.
     """
     detected = np.column_stack([sources["x"], sources["y"]])
-    inside = np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr > 0)
+    undetected = np.isfinite(x) & np.isfinite(y) & np.isfinite(snr) & (snr > 0)
     if len(detected):
-        nearest, _ = cKDTree(detected).query(np.column_stack([x, y])[inside])
-        inside[inside] = nearest > max(1.5, 0.5 * fwhm_pix)
-    positions = np.vstack([detected, np.column_stack([x, y])[inside]])
-    return positions, np.concatenate([sources["snr"], snr[inside]])
+        nearest, _ = cKDTree(detected).query(np.column_stack([x, y])[undetected])
+        undetected[undetected] = nearest > max(1.5, 0.5 * fwhm_pix)
+    positions = np.vstack([detected, np.column_stack([x, y])[undetected]])
+    return positions, np.concatenate([sources["snr"], np.minimum(snr[undetected], UNDETECTED_MAX_SNR)])
 
 
 def _neighbours(
@@ -388,12 +399,11 @@ def measure(
     # Sums and annuli on the original pixels: the local annulus is the whole background. A background
     # mesh bends up under a bright star's wings, so mesh-subtracted sums would lose flux with brightness.
     with np.errstate(divide="ignore", invalid="ignore"):
-        positions, snr = _with_undetected(
+        masked, masked_snr = _with_undetected(
             frame_sources, px, py, np.where(off_frame, np.nan, first / first_err), fwhm_pix
         )
-    local, local_rms, n_annulus = annulus_background(
-        frame.data, source_mask(pre, positions[:, 0], positions[:, 1], snr, fwhm_pix), px, py, r_in, r_out
-    )
+    sky_mask = source_mask(pre, masked[:, 0], masked[:, 1], masked_snr, fwhm_pix, r_in)
+    local, local_rms, n_annulus = annulus_background(frame.data, sky_mask, px, py, r_in, r_out)
     flux = np.empty((len(px), len(radii)))
     flux_err = np.empty_like(flux)
     star_flags = np.zeros(flux.shape, dtype=np.int64)

@@ -223,8 +223,8 @@ def _select_stars(
 
 
 def compiled_code_cache() -> Path:
-    """Where sfft's compiled kernels are kept between runs: systemd's ``CacheDirectory=``, else
-    ``$XDG_CACHE_HOME`` (default ``~/.cache``), in a folder ``lcowatch``."""
+    """Where sfft's compiled kernels are kept between runs: ``numba/`` in systemd's ``CacheDirectory=``, else
+    in ``$XDG_CACHE_HOME/lcowatch`` (default ``~/.cache/lcowatch``)."""
     systemd = os.environ.get("CACHE_DIRECTORY", "").split(":")[0]
     root = Path(systemd) if systemd else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lcowatch"
     return root / "numba"
@@ -232,37 +232,44 @@ def compiled_code_cache() -> Path:
 
 @functools.cache
 def _private_cache_root() -> Path:
+    """A cache folder of this process's own, removed when it exits."""
     folder = tempfile.mkdtemp(prefix="lcowatch-numba-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return Path(folder)
 
 
-@functools.cache
-def _numba_cache_folder() -> Path:
-    """Point numba's on-disk cache at lcowatch's folder for these library versions and this Python (else, where
-    that cannot be written, at a folder of this process's own); return it."""
-    from importlib.metadata import version
-
+def _use_numba_cache(folder: Path) -> None:
     from numba.core import config
 
-    name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}"
-    for root in (compiled_code_cache, _private_cache_root):
-        folder = root() / name
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        if os.access(folder, os.W_OK):
-            break
-    os.environ["NUMBA_CACHE_DIR"] = str(folder)
-    config.reload_config()
-    return folder
+    if os.environ.get("NUMBA_CACHE_DIR") != str(folder):
+        os.environ["NUMBA_CACHE_DIR"] = str(folder)
+        config.reload_config()
 
 
 @contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def _compiling_alone() -> Iterator[None]:
+    """Point numba's on-disk cache at lcowatch's folder for these library versions and this Python, and hold
+    its lock while compiling; where that folder cannot be written or locked (a read-only home, a file system
+    without locks), use a folder of this process's own."""
+    from importlib.metadata import version
+
+    name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}"
+    folder = compiled_code_cache() / name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # again each time: it may have been deleted meanwhile
+        handle = open(folder / "compiling.lock", "a")  # noqa: SIM115 - closed below
+    except OSError:
+        _use_numba_cache(_private_cache_root() / name)
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            _use_numba_cache(_private_cache_root() / name)
+            yield
+            return
+        _use_numba_cache(folder)
         try:
             yield
         finally:
@@ -278,13 +285,12 @@ def _sfft_config(ny: int, nx: int, half_width: int, threads: int) -> tuple[dict,
     names the data files by a counter, so two processes compiling other sizes at once could each write
     ``...py311.1.nbc`` for their own and later load the other's code (seen as ``RuntimeError: In
     'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every frame). One process compiles at a time: a
-    restart loads its code in 0.2 s instead of 15 s, and a new size costs about 6 s (the functions that do
+    restart loads its code in 0.1 s instead of 15 s, and a new size costs about 6 s (the functions that do
     not depend on it are shared).
     """
-    folder = _numba_cache_folder()
     from sfft.sfftcore.SFFTConfigure import SingleSFFTConfigure
 
-    with _exclusive(folder / "compiling.lock"):
+    with _compiling_alone():
         # Kernel and photometric ratio constant on a cutout; a constant background term (ours is fitted later).
         return tuple(
             SingleSFFTConfigure.SSC(

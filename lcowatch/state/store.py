@@ -186,10 +186,11 @@ class Store(ReferenceRecords):
 
     @staticmethod
     def stand_in_colours(conn: sqlite3.Connection, target: str) -> list[sqlite3.Row]:
-        """Band, time, colour and its error of the target's points whose colour is a stand-in."""
+        """Band, time (MJD), colour and its error (mag) of the target's points at aperture 0 whose colour is a
+        stand-in, in time order."""
         return conn.execute(
             "SELECT p.band, f.mjd, p.color, p.color_err FROM points p JOIN frames f USING (sha256) "
-            "WHERE p.target = ? AND p.aperture = 0 AND p.mag IS NOT NULL AND p.flags & ? != 0",
+            "WHERE p.target = ? AND p.aperture = 0 AND p.mag IS NOT NULL AND p.flags & ? != 0 ORDER BY f.mjd",
             (target, flags.value("color_assumed")),
         ).fetchall()
 
