@@ -138,6 +138,9 @@ class TestAnnulus:
         inside = (truth.x > 80) & (truth.x < 432) & (truth.y > 80) & (truth.y < 432)
         bright = np.flatnonzero(inside & (truth.mag < 16.0) & ~truth.saturated)
         undetected = np.flatnonzero((truth.mag > 18.0) & (truth.mag < 20.5))
+        sources = detect_sources(preprocess(frame), CONFIG.quality)
+        nearest = np.hypot(truth.x[undetected, None] - sources["x"], truth.y[undetected, None] - sources["y"])
+        assert np.mean(nearest.min(axis=1) > 0.5 * truth.fwhm_pix) > 0.9  # the frame really misses them
         alone = _measure(frame, truth, bright)
         known = _measure(frame, truth, np.concatenate([bright, undetected]))
         before = np.median(alone.background - truth.sky)

@@ -255,25 +255,15 @@ def _compiling_alone() -> Iterator[None]:
 
     name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}"
     folder = compiled_code_cache() / name
-    try:
-        folder.mkdir(parents=True, exist_ok=True)  # again each time: it may have been deleted meanwhile
-        handle = open(folder / "compiling.lock", "a")  # noqa: SIM115 - closed below
-    except OSError:
-        _use_numba_cache(_private_cache_root() / name)
-        yield
-        return
-    with handle:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            folder.mkdir(parents=True, exist_ok=True)  # again each time: it may have been deleted meanwhile
+            lock = held.enter_context(open(folder / "compiling.lock", "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         except OSError:
-            _use_numba_cache(_private_cache_root() / name)
-            yield
-            return
+            folder = _private_cache_root() / name
         _use_numba_cache(folder)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
 
 
 @functools.lru_cache(maxsize=4)
