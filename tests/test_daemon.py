@@ -1,7 +1,7 @@
 """The daemon as a real subprocess: real folders, real SQLite, real signals, simulated LCO frames.
 
 Every wait polls a condition with a generous timeout; quiet periods are short (0.3 s).
-The kill -9 loop runs ``LCOWATCH_KILL_LOOPS`` (default 40; raise it for a longer soak) restarts over
+The kill -9 loop runs ``LCOWATCH_KILL_LOOPS`` (default 30; raise it for a longer soak) restarts over
 ``LCOWATCH_KILL_FRAMES`` (default 40) frames, from the seed ``LCOWATCH_KILL_SEED``.
 """
 
@@ -660,7 +660,7 @@ def test_kill_9_at_random_moments_while_frames_arrive(
     """kill -9 at random moments (start-up, scanning, processing, quarantine) while frames arrive every way
     :func:`_deliver` knows, among files that are not FITS: every exposure ends with exactly one set of rows,
     every file is accounted for (in its folder, or in quarantine with its reason), nothing stays pending."""
-    loops = int(os.environ.get("LCOWATCH_KILL_LOOPS", "40"))
+    loops = int(os.environ.get("LCOWATCH_KILL_LOOPS", "30"))
     count = int(os.environ.get("LCOWATCH_KILL_FRAMES", "40"))
     seed = int(os.environ.get("LCOWATCH_KILL_SEED", "20260113"))
     rng = random.Random(seed)

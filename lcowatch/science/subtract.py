@@ -403,7 +403,8 @@ def subtract(
     mask : numpy.ndarray of bool, optional
         True at pixels to ignore (saturated, bad, cosmic rays) in either image.
     fwhm_science, fwhm_reference : float
-        PSF FWHM of each image, pixels. The kernel half-width is twice the larger (sfft's default).
+        PSF FWHM of each image, pixels. The kernel half-width is twice the larger (sfft's default), rounded
+        up to an even number of pixels.
     exclude_xy : sequence of (x, y)
         Positions (the target) whose neighbourhood, ``EXCLUDE_RADIUS_FWHM`` FWHM, stays out of the fit.
     threads : int
@@ -422,7 +423,9 @@ def subtract(
     if mask is not None:
         valid &= ~mask
     fwhm = max(fwhm_science, fwhm_reference)
-    half_width = math.ceil(2.0 * fwhm)
+    # Twice the FWHM, rounded up to an even number: sfft compiles code for each size (6 s each), and a
+    # night's seeing would otherwise ask for several.
+    half_width = 2 * math.ceil(fwhm)
     science_fit = np.where(valid, science - _sky(science, valid), 0.0)
     xs, ys, sources = _select_stars(science_fit, science_var, valid, fwhm, exclude_xy, half_width + math.ceil(fwhm))
     if xs.size < MIN_STARS:
