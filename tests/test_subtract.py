@@ -23,7 +23,9 @@ from scipy.signal import fftconvolve
 from scipy.special import erf
 
 from lcowatch.science.subtract import (
+    MIN_SKY_PIXELS,
     Difference,
+    _sky_pixels,
     compiled_code_cache,
     forced_photometry,
     limiting_flux,
@@ -228,9 +230,10 @@ def _moffat_image(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np
 
 
 class TestHostUnderMoffatWings:
-    """Stars and host with Moffat (beta = 3) wings, the science broader: the kernel keeps the flux scale and
-    the host leaves nothing at an empty place on it. The stamps' sky was once each star's annulus median,
-    which rose with the wings: the scale came out 2.4 % low, and 1,080 e- of the host (6 sigma) was left in 7 px."""
+    """Stars and host with Moffat (beta = 3) wings, the science broader: the kernel keeps the flux scale (1 %
+    low, the light beyond its 2.5 FWHM stamps) and the host leaves nothing at an empty place on it. The
+    stamps' sky was once each star's annulus median, which rose with the wings: the scale came out 2.4 %
+    low, and 1,080 e- of the host (6 sigma) was left in 7 px."""
 
     def test_no_host_light_left_and_the_scale_holds(self) -> None:
         rng = np.random.default_rng(7)
@@ -260,6 +263,29 @@ class TestHostUnderMoffatWings:
         assert np.mean(scales) == pytest.approx(0.25, rel=0.016)
         mean_error = np.mean(errors, axis=0) / math.sqrt(len(fluxes))
         assert np.all(np.abs(np.mean(fluxes, axis=0)) < 3.0 * mean_error), (np.mean(fluxes, axis=0), mean_error)
+
+
+class TestSkyPixels:
+    """The stamps' sky keeps 2 FWHM clear of every detected source, narrows that rather than run short of
+    pixels, and gives up (ValueError) when sources fill the cutout."""
+
+    @staticmethod
+    def _rows(every: int) -> np.ndarray:
+        sources = np.zeros((100, 100), dtype=bool)
+        sources[::every, :] = True
+        return sources
+
+    def test_clearance_narrows_as_needed(self) -> None:
+        allowed = np.ones((100, 100), dtype=bool)
+        for every, clearance in ((20, 8.0), (10, 4.0), (6, 2.0)):  # FWHM 4: 2, 1 and 0.5 FWHM
+            sources = self._rows(every)
+            sky = _sky_pixels(allowed, sources, 4.0)
+            assert np.count_nonzero(sky) >= MIN_SKY_PIXELS
+            assert ndimage.distance_transform_edt(~sources)[sky].min() > clearance
+
+    def test_a_cutout_full_of_sources_raises(self) -> None:
+        with pytest.raises(ValueError, match="sky pixels"):
+            _sky_pixels(np.ones((100, 100), dtype=bool), self._rows(2), 4.0)
 
 
 class TestResidualRms:

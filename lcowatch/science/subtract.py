@@ -15,7 +15,7 @@ deeper reference of FWHM 3.5 px on a 1% coarser, shifted grid; 2 cores, shared w
 ========================  ==============================  =====================  ====================
 library                   point-source flux (r = 5 px)    residual RMS at stars  s per subtraction
 ========================  ==============================  =====================  ====================
-sfft 1.7.3 (NumPy)        -0.97 sigma (err 297 e-)        1.00                   1.6-3.3 (1 thread),
+sfft 1.7.3 (NumPy)        -1.03 sigma (err 297 e-)        1.00                   1.2-3.3 (1 thread),
                                                                                  2.5 (2 threads)
 properimage 0.7.2 (ZOGY)  not calibrated (D in S/N units) 6.3                    42
 ========================  ==============================  =====================  ====================
@@ -25,7 +25,7 @@ difference on the science flux scale with a known kernel, so aperture photometry
 directly. properimage (ZOGY) leaves large residuals at stars here (its PSF model is a fitted Gaussian
 per image) and needs a build workaround (its dependency tinynpydb only builds with
 ``--no-build-isolation`` and ``wheel``). On 256x256 sfft takes about 0.3-0.6 s; its time grows with the
-pixel count times the kernel size (half-width 2 FWHM).
+pixel count times the kernel size (half-width 2 FWHM, rounded up to even pixels).
 """
 
 from __future__ import annotations
@@ -77,7 +77,10 @@ EXCLUDE_RADIUS_FWHM = 4.0
 STAMP_RADIUS_FWHM = 2.5
 #: Sky pixels (for the stamps' sky) are at least this far from every detected source, in units of the FWHM.
 SKY_CLEARANCE_FWHM = 2.0
+#: Fewer sky pixels than this (after narrowing the clearance) and :func:`subtract` raises ValueError.
 MIN_SKY_PIXELS = 1000
+#: A plane (the stamps' sky, the difference's sky) is fitted to at most about this many pixels.
+MAX_PLANE_PIXELS = 20_000
 
 
 @dataclass(frozen=True)
@@ -355,9 +358,30 @@ def _psf_stamp(sky_subtracted: np.ndarray, x: np.ndarray, y: np.ndarray, half: i
     return np.asarray(psf / psf.sum())
 
 
+def _sky_pixels(allowed: np.ndarray, sources: np.ndarray, fwhm: float) -> np.ndarray:
+    """Allowed pixels clear of every detected source by SKY_CLEARANCE_FWHM, or by half as much, or a quarter,
+    as needed for MIN_SKY_PIXELS of them (the wings below the detection isophote are what the clearance
+    leaves out).
+
+    Raises
+    ------
+    ValueError
+        Fewer than MIN_SKY_PIXELS even then (a cutout that sources fill).
+    """
+    distance = ndimage.distance_transform_edt(~sources)
+    for clearance in (SKY_CLEARANCE_FWHM, SKY_CLEARANCE_FWHM / 2, SKY_CLEARANCE_FWHM / 4):
+        sky = allowed & (distance > clearance * fwhm)
+        if np.count_nonzero(sky) >= MIN_SKY_PIXELS:
+            return sky
+    raise ValueError(f"{np.count_nonzero(sky)} sky pixels on the cutout, {MIN_SKY_PIXELS} needed")
+
+
 def _background_plane(image: np.ndarray, sky: np.ndarray) -> np.ndarray:
     """A plane fitted to an image's pixels where ``sky``, with 3-sigma clipping (a sky, or the sky difference)."""
     rows, cols = np.nonzero(sky & np.isfinite(image))
+    # An evenly spread subset is plenty for three parameters, and the clipped fit costs in proportion.
+    step = max(1, rows.size // MAX_PLANE_PIXELS)
+    rows, cols = rows[::step], cols[::step]
     values = image[rows, cols]
     design = np.column_stack([np.ones(values.size), cols, rows]).astype(float)
     keep = np.ones(values.size, dtype=bool)
@@ -403,8 +427,8 @@ def subtract(
     mask : numpy.ndarray of bool, optional
         True at pixels to ignore (saturated, bad, cosmic rays) in either image.
     fwhm_science, fwhm_reference : float
-        PSF FWHM of each image, pixels. The kernel half-width is twice the larger (sfft's default), rounded
-        up to an even number of pixels.
+        PSF FWHM of each image, pixels. The kernel half-width is twice the larger (as in sfft's examples),
+        rounded up to an even number of pixels.
     exclude_xy : sequence of (x, y)
         Positions (the target) whose neighbourhood, ``EXCLUDE_RADIUS_FWHM`` FWHM, stays out of the fit.
     threads : int
@@ -417,7 +441,8 @@ def subtract(
     Raises
     ------
     ValueError
-        Fewer than :data:`MIN_STARS` bright, isolated, unsaturated stars on the cutout.
+        Fewer than :data:`MIN_STARS` bright, isolated, unsaturated stars on the cutout, or fewer than
+        :data:`MIN_SKY_PIXELS` pixels clear of sources.
     """
     valid = np.isfinite(science) & np.isfinite(science_var) & np.isfinite(reference) & np.isfinite(reference_var)
     if mask is not None:
@@ -437,9 +462,7 @@ def subtract(
     # in both images. Each star's own annulus median was not: it rises with the star's wings, its
     # neighbours' light and the noise, more in the broader image, and made the kernel's sum up to 5 % low
     # under Moffat wings, which left 2 % of a host's light in the difference.
-    sky = valid & ~target & (ndimage.distance_transform_edt(~sources) > SKY_CLEARANCE_FWHM * fwhm)
-    if np.count_nonzero(sky) < MIN_SKY_PIXELS:  # a crowded cutout: whatever no source covers
-        sky = valid & ~target & ~sources
+    sky = _sky_pixels(valid & ~target, sources, fwhm)
     stamps = valid & _disks(valid.shape, xs, ys, STAMP_RADIUS_FWHM * fwhm)
     science_stamps = np.where(stamps, science - _background_plane(science, sky), 0.0)
     reference_stamps = np.where(stamps, reference - _background_plane(reference, sky), 0.0)
@@ -465,7 +488,8 @@ def subtract(
     image[undefined] = np.nan
     variance[undefined] = np.nan
     # The sky difference is fitted on every defined pixel but the target's: the sources are subtracted
-    # already, and choosing 'sky' pixels by thresholding the noisy images would bias the plane low.
+    # already, and choosing 'sky' pixels by thresholding the noisy difference would bias the plane low (the
+    # stamps' sky pixels are chosen by the detections, not by their own values).
     image -= _background_plane(image, ~target)
     psf_science = _psf_stamp(science_fit, xs, ys, half_width + math.ceil(2.0 * fwhm))
     psf_difference = _convolve(psf_science, kernel) if conv_science else psf_science
