@@ -390,7 +390,7 @@ def _background_plane(image: np.ndarray, sky: np.ndarray) -> np.ndarray:
         residual = values - design @ coeffs
         spread = 1.4826 * np.median(np.abs(residual[keep]))
         keep_new = np.abs(residual) < 3.0 * spread
-        if np.array_equal(keep_new, keep):
+        if np.array_equal(keep_new, keep) or np.count_nonzero(keep_new) < 3:  # a plane needs three pixels
             break
         keep = keep_new
     ny, nx = image.shape
