@@ -297,3 +297,19 @@ class TestCompiledCode:
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         hits, misses = map(int, result.stdout.split())
         assert hits > 10 and misses == 0, result.stdout
+
+    def test_processes_name_their_code_apart(self) -> None:
+        """Code compiled by two processes (two kernel sizes) can be loaded by a third side by side: numba names
+        compiled functions by a count, and each process starts it at a random number of its own. Counts from
+        1 in every process gave two sizes the same names, and the third process failed on every frame."""
+        script = (
+            "from numba.core.bytecode import FunctionIdentity\n"
+            "from lcowatch.science.subtract import _compiling_alone\n"
+            "with _compiling_alone():\n"
+            "    print(next(FunctionIdentity._unique_ids))\n"
+        )
+        starts = {
+            int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+            for _ in range(2)
+        }
+        assert len(starts) == 2 and min(starts) > 1

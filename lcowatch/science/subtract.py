@@ -15,17 +15,17 @@ deeper reference of FWHM 3.5 px on a 1% coarser, shifted grid; 2 cores, shared w
 ========================  ==============================  =====================  ====================
 library                   point-source flux (r = 5 px)    residual RMS at stars  s per subtraction
 ========================  ==============================  =====================  ====================
-sfft 1.7.3 (NumPy)        -1.03 sigma (err 297 e-)        1.00                   1.2-3.3 (1 thread),
-                                                                                 2.5 (2 threads)
+sfft 1.7.3 (NumPy)        -1.04 sigma (err 297 e-)        1.00                   0.24 (1 thread),
+                                                                                 0.28 (2 threads)
 properimage 0.7.2 (ZOGY)  not calibrated (D in S/N units) 6.3                    42
 ========================  ==============================  =====================  ====================
 
-sfft is chosen: 15-25 times faster, a flexible kernel that also absorbs a uniform misalignment, and a
+sfft is chosen: 150 times faster, a flexible kernel that also absorbs a uniform misalignment, and a
 difference on the science flux scale with a known kernel, so aperture photometry and its errors follow
 directly. properimage (ZOGY) leaves large residuals at stars here (its PSF model is a fitted Gaussian
 per image) and needs a build workaround (its dependency tinynpydb only builds with
-``--no-build-isolation`` and ``wheel``). On 256x256 sfft takes about 0.3-0.6 s; its time grows with the
-pixel count times the kernel size (half-width 2 FWHM, rounded up to even pixels).
+``--no-build-isolation`` and ``wheel``). On 256x256 sfft's fit takes about 0.1 s (half-widths 10-14 px);
+its time grows with the pixel count times the kernel size (half-width 2 FWHM, rounded up to even pixels).
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import itertools
 import math
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -66,6 +68,8 @@ def _convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return fftconvolve(image, kernel, mode="same")
 
 
+#: A pixel the kernel brings this much of a contaminated (invalid) pixel to is undefined in the difference.
+CONTAMINATION_SPREAD = 0.001
 #: Fewer fitting stars than this and the kernel is not constrained: :func:`subtract` raises ValueError.
 MIN_STARS = 5
 #: Fitting stars: detected at least this many sigma above the sky (flux S/N), at most this many used.
@@ -262,7 +266,7 @@ def _compiling_alone() -> Iterator[None]:
     without locks), use a folder of this process's own."""
     from importlib.metadata import version
 
-    name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}"
+    name = f"sfft-{version('sfft')}-numba-{version('numba')}-{sys.implementation.cache_tag}-{CACHE_LAYOUT}"
     folder = compiled_code_cache() / name
     with contextlib.ExitStack() as held:
         try:
@@ -272,7 +276,27 @@ def _compiling_alone() -> Iterator[None]:
         except OSError:
             folder = _private_cache_root() / name
         _use_numba_cache(folder)
+        _number_functions_uniquely()
         yield
+
+
+#: Part of the cache folder's name: folders of earlier layouts hold code compiled with clashing names (see
+#: :func:`_number_functions_uniquely`) and are left alone.
+CACHE_LAYOUT = "u2"
+
+
+@functools.cache
+def _number_functions_uniquely() -> None:
+    """Start numba's count of compiled functions at a random number in this process.
+
+    numba names each function it compiles with a per-process count, from 1, and cached code keeps the name
+    of the process that compiled it. Two kernel sizes compiled first in two processes both had ``$1`` in
+    their names, and one process loading both failed on every frame from then on (``RuntimeError: In
+    'NRT_adapt_ndarray_to_python', 'descr' is NULL``): the names of their run-time environments clashed.
+    """
+    from numba.core.bytecode import FunctionIdentity
+
+    FunctionIdentity._unique_ids = itertools.count(1 + secrets.randbelow(2**48))
 
 
 @functools.lru_cache(maxsize=4)
@@ -319,29 +343,34 @@ def _sfft(
 
     Returns the difference (without the constant ``b``), the kernel ``[row, col]`` (its sum is the flux
     ratio direct / convolved) and the pixels the kernel carried a contaminated pixel to.
+
+    Only sfft's solution is asked for. Its ``GSS`` would also build the whole difference and the spread of
+    the contamination mask, each an FFT pass of its own (two thirds of its time), with a periodic
+    convolution that wraps the cutout's edges into each other; both come from the kernel here instead.
     """
-    from sfft.sfftcore.SFFTSubtract import GeneralSFFTSubtract
+    from sfft.sfftcore.SFFTSubtract import ElementalSFFTSubtract
     from sfft.utils.SFFTSolutionReader import Realize_MatchingKernel
 
     config = _sfft_config(*convolved.shape, half_width, threads)
     # sfft indexes images [x, y] (FITS data transposed).
-    solution, _, contam_out = GeneralSFFTSubtract.GSS(
-        PixA_I=np.ascontiguousarray(convolved.T),
-        PixA_J=np.ascontiguousarray(direct.T),
-        PixA_mI=np.ascontiguousarray(convolved_fit.T),
-        PixA_mJ=np.ascontiguousarray(direct_fit.T),
+    solution = ElementalSFFTSubtract.ESS(
+        PixA_I=np.ascontiguousarray(convolved_fit.T),
+        PixA_J=np.ascontiguousarray(direct_fit.T),
         SFFTConfig=config,
-        ContamMask_I=np.ascontiguousarray(contaminated.T),
+        SFFTSolution=None,
+        Subtract=False,
         BACKEND_4SUBTRACT="Numpy",
         NUM_CPU_THREADS_4SUBTRACT=threads,
         VERBOSE_LEVEL=0,
-    )
+    )[0]
     p = config[0]
     centre = np.array([[convolved.shape[1] / 2.0, convolved.shape[0] / 2.0]])
     kernel = Realize_MatchingKernel(centre).FromArray(solution, p["N0"], p["N1"], p["L0"], p["L1"], p["DK"], p["Fpq"])
     kernel = np.asarray(kernel[0]).T
     difference = direct - _convolve(convolved, kernel)
-    return difference, kernel, np.asarray(contam_out).T.astype(bool)
+    # sfft's own rule: a pixel is contaminated where the kernel brings it more than 0.001 of a bad pixel.
+    spread = _convolve(contaminated.astype(float), kernel) > CONTAMINATION_SPREAD
+    return difference, kernel, spread
 
 
 def _psf_stamp(sky_subtracted: np.ndarray, x: np.ndarray, y: np.ndarray, half: int) -> np.ndarray:
