@@ -30,13 +30,15 @@ def _frame(tmp_path: Path, name: str, **spec: object) -> tuple[Frame, FrameTruth
 
 
 def _measure(
-    frame: Frame, truth: FrameTruth, stars: np.ndarray, annulus: tuple[Aperture, Aperture] | None = None
-) -> Photometry:
+    frame: Frame, truth: FrameTruth, stars: np.ndarray, annulus: tuple[Aperture, Aperture] | None = None,
+    offset: float = 0.0,
+) -> Photometry:  # fmt: skip
     pre = preprocess(frame)
     sources = detect_sources(pre, CONFIG.quality)
     settings = CONFIG.photometry
+    x, y = truth.x[stars] + offset, truth.y[stars] + offset
     return measure(
-        frame, pre, sources, truth.x[stars], truth.y[stars], settings.apertures, annulus or settings.annulus,
+        frame, pre, sources, x, y, settings.apertures, annulus or settings.annulus,
         truth.fwhm_pix,
         recentre_snr=settings.recentre_snr, min_snr=settings.min_snr, max_shift=0.5 * truth.fwhm_pix,
     )  # fmt: skip
@@ -95,6 +97,16 @@ class TestRepairedApertures:
         frame, truth = _frame(tmp_path, "frame.fits", seed=seed, fwhm_arcsec=fwhm)
         before = frame.data.copy()
         phot = _measure(frame, truth, _bright_isolated(truth, 15))
+        assert not np.any(phot.flags & flags.value("repaired"))
+        assert np.array_equal(before, frame.data)
+
+    @pytest.mark.parametrize(("fwhm", "seed"), [(1.5, 8), (2.0, 9)])
+    def test_nor_when_the_position_is_off_by_half_a_pixel(self, tmp_path: Path, fwhm: float, seed: int) -> None:
+        """Positions come from the registration, which through another telescope's frame can be half a
+        pixel out: a sharp core's pixels then differ from their mirror images by up to half, like a hit's."""
+        frame, truth = _frame(tmp_path, "frame.fits", seed=seed, fwhm_arcsec=fwhm)
+        before = frame.data.copy()
+        phot = _measure(frame, truth, _bright_isolated(truth, 15), offset=0.35)
         assert not np.any(phot.flags & flags.value("repaired"))
         assert np.array_equal(before, frame.data)
 
