@@ -46,6 +46,7 @@ from lcowatch.science.register import (
 )
 from lcowatch.science.template import (
     SOLVED_WCS_ERROR_ARCSEC,
+    TARGET_CENTROID_SNR,
     Reference,
     Template,
     choose_field_stars,
@@ -368,9 +369,6 @@ class Register:
 
 #: A field with this many comparison stars is not grown from later templates.
 ENOUGH_FIELD_STARS = 50
-
-#: The target's centroid joins its reference position from epochs at least this bright.
-TARGET_CENTROID_SNR = 30.0
 
 
 class MeasurePhotometry:

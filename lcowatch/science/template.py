@@ -131,6 +131,8 @@ class Reference:
 
 #: the largest error of a solved BANZAI WCS at any point of the frame, with some margin (arcsec)
 SOLVED_WCS_ERROR_ARCSEC = 8.0
+#: The target's centroid joins its reference position from epochs at least this bright.
+TARGET_CENTROID_SNR = 30.0
 MATCH_ARCSEC = 2.0  # catalog-to-star pairs once the common shift is known
 
 

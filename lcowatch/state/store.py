@@ -309,6 +309,16 @@ class Store(ReferenceRecords):
         ).fetchone()
         return row is not None
 
+    def detected_before(self, target: str, mjd: float, snr: float) -> bool:
+        """Whether a frame of the target (any filter) from before ``mjd`` shows it at ``snr`` sigmas or more in
+        the first aperture: for a ``difference`` target, a change against its reference."""
+        row = self.conn.execute(
+            "SELECT 1 FROM points p JOIN frames f USING (sha256) "
+            "WHERE p.target = ? AND p.aperture = 0 AND f.mjd < ? AND ABS(p.snr) >= ? LIMIT 1",
+            (target, mjd, snr),
+        ).fetchone()
+        return row is not None
+
     def point_rows(self, sha256: str) -> list[sqlite3.Row]:
         """A frame's stored points, by aperture."""
         return self.conn.execute("SELECT * FROM points WHERE sha256 = ? ORDER BY aperture", (sha256,)).fetchall()
