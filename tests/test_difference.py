@@ -211,7 +211,7 @@ class TestSupernovaOnHost:
         snr = np.array([row["snr"] for row in points], dtype=float)
         bright, measured = snr > 20, np.isfinite(mag) & (snr > 5)
         assert bright.sum() >= 5 and measured.sum() >= bright.sum()
-        # Issue 12 asks 0.02: this scene gives 0.026 (0.012-0.026 over three seeds), of which about 0.009 is
+        # Issue 12 asks 0.02: this scene gives 0.027 (0.016-0.027 over three seeds), of which about 0.009 is
         # the frames' zero point (its field stars read as much too bright).
         assert np.median(np.abs(mag - true_mag)[bright]) <= 0.035
         chi2 = np.mean(((mag - true_mag) / err)[measured] ** 2)
