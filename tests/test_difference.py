@@ -15,6 +15,7 @@ from conftest import write_config
 from lcowatch import flags
 from lcowatch.cli import main
 from lcowatch.simulation.simulate import FrameTruth, make_field, make_supernova_field, simulate_series, write_refcat
+from lcowatch.state.store import Store
 
 FIELD = make_field("DIFF1", 150.0, 2.0, nstars=1200, radius_arcmin=4.0, seed=3)
 
@@ -23,7 +24,7 @@ def _points(folder: Path) -> list[sqlite3.Row]:
     with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
         conn.row_factory = sqlite3.Row
         query = (
-            "SELECT f.file, f.exptime, p.* FROM points p JOIN frames f USING (sha256) WHERE p.aperture = 0 "
+            "SELECT f.file, f.exptime, f.mjd, p.* FROM points p JOIN frames f USING (sha256) WHERE p.aperture = 0 "
             "ORDER BY f.mjd"
         )
         return conn.execute(query).fetchall()
@@ -257,7 +258,7 @@ class TestSupernovaFromTwoTelescopes:
         assert len(points) == len(truth)
         true_mag = np.array([truth[row["file"]].mag[0] for row in points])
         snr = np.array([row["snr"] for row in points], dtype=float)
-        assert np.all(snr[np.isinf(true_mag)] < 3.0), "nothing is there before the explosion"
+        assert np.all(np.abs(snr[np.isinf(true_mag)]) < 3.0), "nothing is there before the explosion"
         mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in points], dtype=float)
         err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in points], dtype=float)
         one_metre = np.array(["fa06" in row["file"] for row in points])
@@ -270,3 +271,10 @@ class TestSupernovaFromTwoTelescopes:
         weights = 1.0 / err[small] ** 2
         bias = np.sum(weights * (mag - true_mag)[small]) / np.sum(weights)
         assert small.sum() >= 3 and abs(bias) < 0.12, bias
+        # The first change (an unflagged point of 3 sigmas) is what closes the references to later frames.
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            doubtful = flags.value("bad_subtraction", *flags.FRAME_FLAGS)
+            first_change = min(row["mjd"] for row in points if abs(row["snr"]) >= 3.0 and not row["flags"] & doubtful)
+            store = Store(conn)
+            assert store.changed_before("SN2026sim", first_change + 1e-6, 3.0)
+            assert not store.changed_before("SN2026sim", first_change, 3.0)

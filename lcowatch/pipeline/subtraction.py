@@ -3,9 +3,10 @@ flux is measured on the frame minus its reference image, so the host's light, wh
 would add to every point, cancels.
 
 One reference image per target, filter and instrument class (:mod:`lcowatch.state.images`): the first good
-frame of that filter and class inside the target's reference window (``reference_before`` /
-``reference_after``; any frame without them). Frames that come before a reference exists and cannot be one
-wait, and are processed again once it is made. The difference flux replaces the target's aperture flux
+frame of that filter and class outside the transient's window (``reference_before`` / ``reference_after``;
+any frame without them), deepened by later ones while the target shows nothing new (without a window, until
+it first changes in any filter). Frames that come before a reference exists and cannot be one wait, and are
+processed again once it is made. The difference flux replaces the target's aperture flux
 before the differential and calibration stages, whose zero points come from the unsubtracted comparison
 stars in the same apertures (as lcogtsnpipe does), so ``diff_mag``, ``mag`` and ``limit_mag`` follow
 unchanged. A point is relative to the reference: the reference frame's own point has flux 0 by definition
@@ -84,6 +85,7 @@ class SubtractReference:
                 reference.frames < config.subtraction.reference_frames
                 and self._may_be_reference(work)
                 and work.replaces is None  # its earlier version may be averaged in already
+                and not self._transient_seen(work)
             )
             flux, flux_err, residual, work.new_reference_image, views, centroid = work.pixels.run(
                 _difference_flux, reference, _cutout_map(reference, _from_reference_frame(work, reference)),
@@ -103,21 +105,27 @@ class SubtractReference:
     @staticmethod
     def _may_be_reference(work: FrameWork) -> bool:
         """Whether the frame may be, or be averaged into, the reference image: one set by hand
-        (``lcowatch reference --set``) takes its frames only; else a good frame outside the window, or without
-        one, from before the target was first detected."""
+        (``lcowatch reference --set``) takes its frames only; else a good frame outside the window."""
         meta, quality = work.frame.meta, work.quality
         assert meta.target is not None and quality is not None
         pins = reference_pins(work.store.conn, meta.target, meta.filter, instrument_class(meta.instrument))
         if pins:
             return work.frame.sha256 in pins
         window = work.config.targets[meta.target].reference_window()
-        if window is None:
-            # The transient's first detection ends "before": later frames hold its light even where it is too
-            # faint to show (a 0.4 m frame at S/N 2.6, averaged in, made every later point of it 17 % faint).
-            clear = not work.store.detected_before(meta.target, meta.mjd_mid, work.config.photometry.detection_snr)
-        else:
-            clear = not window[0] <= meta.mjd_mid <= window[1]
-        return clear and quality.flags == 0
+        outside = window is None or not window[0] <= meta.mjd_mid <= window[1]
+        return outside and quality.flags == 0
+
+    @staticmethod
+    def _transient_seen(work: FrameWork) -> bool:
+        """Without a window, whether the target changed against its references before this frame: its light
+        is then in this frame too, even where too faint to show (a 0.4 m frame holding a supernova at S/N 2.6,
+        averaged into its reference, made every later 0.4 m point 17 % faint). A new camera's first frame
+        still founds its reference: without one its frames would wait for good."""
+        meta = work.frame.meta
+        assert meta.target is not None
+        if work.config.targets[meta.target].reference_window() is not None:
+            return False
+        return work.store.changed_before(meta.target, meta.mjd_mid, work.config.photometry.detection_snr)
 
     @staticmethod
     def _new_reference(work: FrameWork, target_xy: np.ndarray, klass: str) -> ReferenceImage:
@@ -167,7 +175,8 @@ def _from_reference_frame(work: FrameWork, reference: ReferenceImage) -> Affine:
     max_rms = max(MAX_RMS, 0.15 * work.quality.fwhm_pix)  # as for a frame against its template
     try:
         return register(work.store.sources(reference.sha256), work.sources, guess=chained, max_rms=max_rms).matrix
-    except Reject:
+    except Reject as exc:
+        work.log.warning("reference_mapped_through_chain", reference=reference.file, reason=str(exc))
         return chained
 
 
@@ -251,6 +260,8 @@ def _centroid(
     difference: Difference, at: tuple[float, float], origin: tuple[int, int], fwhm_pix: float, flux: np.ndarray,
     flux_err: np.ndarray,
 ) -> tuple[float, float] | None:  # fmt: skip
+    """The transient's windowed centroid on the difference (frame pixels), where it is at least
+    :data:`TARGET_CENTROID_SNR` in the first aperture and within half a FWHM of ``at`` (cutout pixels)."""
     if not flux[0] >= TARGET_CENTROID_SNR * flux_err[0]:
         return None
     image = np.nan_to_num(difference.image)

@@ -270,13 +270,14 @@ def _compiling_alone() -> Iterator[None]:
     folder = compiled_code_cache() / name
     with contextlib.ExitStack() as held:
         try:
+            if not _number_functions_uniquely():
+                raise OSError("numba's function count is out of reach: cached code could clash")
             folder.mkdir(parents=True, exist_ok=True)  # again each time: it may have been deleted meanwhile
             lock = held.enter_context(open(folder / "compiling.lock", "a"))
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
         except OSError:
             folder = _private_cache_root() / name
         _use_numba_cache(folder)
-        _number_functions_uniquely()
         yield
 
 
@@ -286,7 +287,7 @@ CACHE_LAYOUT = "u2"
 
 
 @functools.cache
-def _number_functions_uniquely() -> None:
+def _number_functions_uniquely() -> bool:
     """Start numba's count of compiled functions at a random number in this process.
 
     numba names each function it compiles with a per-process count, from 1, and cached code keeps the name
@@ -296,7 +297,10 @@ def _number_functions_uniquely() -> None:
     """
     from numba.core.bytecode import FunctionIdentity
 
+    if not isinstance(getattr(FunctionIdentity, "_unique_ids", None), itertools.count):
+        return False  # another numba: then this process keeps its compiled code to itself
     FunctionIdentity._unique_ids = itertools.count(1 + secrets.randbelow(2**48))
+    return True
 
 
 @functools.lru_cache(maxsize=4)
@@ -306,10 +310,11 @@ def _sfft_config(ny: int, nx: int, half_width: int, threads: int) -> tuple[dict,
 
     sfft compiles closures over the sizes; numba keys their cache entries by the closed-over values but
     names the data files by a counter, so two processes compiling other sizes at once could each write
-    ``...py311.1.nbc`` for their own and later load the other's code (seen as ``RuntimeError: In
-    'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every frame). One process compiles at a time: a
-    restart loads its code in 0.1 s instead of 15 s, and a new size costs about 6 s (the functions that do
-    not depend on it are shared).
+    ``...py311.1.nbc`` for their own and later load the other's code; and code of two sizes compiled by two
+    processes could carry the same function names (see :func:`_number_functions_uniquely`). Either was seen
+    as ``RuntimeError: In 'NRT_adapt_ndarray_to_python', 'descr' is NULL`` on every frame. One process
+    compiles at a time: a restart loads its code in 0.1 s instead of 15 s, and a new size costs about 6 s
+    (the functions that do not depend on it are shared).
     """
     from sfft.sfftcore.SFFTConfigure import SingleSFFTConfigure
 

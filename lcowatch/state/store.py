@@ -309,13 +309,14 @@ class Store(ReferenceRecords):
         ).fetchone()
         return row is not None
 
-    def detected_before(self, target: str, mjd: float, snr: float) -> bool:
-        """Whether a frame of the target (any filter) from before ``mjd`` shows it at ``snr`` sigmas or more in
-        the first aperture: for a ``difference`` target, a change against its reference."""
+    def changed_before(self, target: str, mjd: float, snr: float) -> bool:
+        """Whether a difference point of the target (any filter) from before ``mjd`` differs from its reference
+        by ``snr`` sigmas or more in the first aperture; points of doubtful frames or subtractions do not count."""
+        doubtful = flags.value("bad_subtraction", *flags.FRAME_FLAGS)
         row = self.conn.execute(
-            "SELECT 1 FROM points p JOIN frames f USING (sha256) "
-            "WHERE p.target = ? AND p.aperture = 0 AND f.mjd < ? AND ABS(p.snr) >= ? LIMIT 1",
-            (target, mjd, snr),
+            "SELECT 1 FROM points p JOIN frames f USING (sha256) WHERE p.target = ? AND p.aperture = 0 "
+            "AND p.reference IS NOT NULL AND f.mjd < ? AND ABS(p.snr) >= ? AND p.flags & ? = 0 LIMIT 1",
+            (target, mjd, snr, doubtful),
         ).fetchone()
         return row is not None
 
