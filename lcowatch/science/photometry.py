@@ -10,6 +10,7 @@ neighbours. Errors follow the CCD equation (background RMS map and shot noise). 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,9 +260,14 @@ def _light_centres(
     difference image. The median takes out a cosmic-ray track or a bad column's remains, which would pull
     a plain centroid.
     """
-    smooth = np.clip(median_3x3(values), 0.0, None)
+    # Only the core matters: a box cropped to its middle, where the position lies (the box is cut around it).
+    size = values.shape[1]
+    lo = max(size // 2 - math.ceil(fwhm_pix + MAX_CENTRE_SHIFT) - 2, 0)
+    core = values[:, lo : size - lo, lo : size - lo]
+    smooth = np.clip(median_3x3(core), 0.0, None)
     sigma = max(fwhm_pix / 2.3548, 0.5)
-    grid = np.arange(values.shape[1], dtype=float)
+    grid = np.arange(core.shape[1], dtype=float)
+    cx, cy = cx - lo, cy - lo
     x, y = cx.astype(float).copy(), cy.astype(float).copy()
     for _ in range(CENTROID_ITERATIONS):
         dx, dy = grid[None, None, :] - x[:, None, None], grid[None, :, None] - y[:, None, None]
@@ -274,7 +280,7 @@ def _light_centres(
             np.clip(x, cx - MAX_CENTRE_SHIFT, cx + MAX_CENTRE_SHIFT),
             np.clip(y, cy - MAX_CENTRE_SHIFT, cy + MAX_CENTRE_SHIFT),
         )
-    return x, y
+    return x + lo, y + lo
 
 
 def _cosmic_ray_hits(boxes: _Boxes, noise: np.ndarray) -> np.ndarray:
