@@ -285,12 +285,12 @@ class TestCompiledCode:
     for 6-15 s."""
 
     def test_a_new_process_loads_it(self) -> None:
-        _observe(_scene(5.0, 3.5, 1e4), 5, 5.0, 3.5)  # kernel half-width 2 FWHM: 10 px
+        _observe(_scene(5.0, 3.5, 1e4), 5, 5.0, 3.5)  # kernel half-width 1.5 FWHM, to even pixels: 8 px
         (folder,) = compiled_code_cache().glob("sfft-*")
         assert any(folder.rglob("*.nbi"))
         script = (
             "from lcowatch.science.subtract import _sfft_config\n"
-            f"compiled = _sfft_config({N}, {N}, 10, 1)[1].values()\n"
+            f"compiled = _sfft_config({N}, {N}, 8, 1)[1].values()\n"
             "print(sum(sum(f.stats.cache_hits.values()) for f in compiled),"
             " sum(sum(f.stats.cache_misses.values()) for f in compiled))"
         )
