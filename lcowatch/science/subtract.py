@@ -15,8 +15,7 @@ deeper reference of FWHM 3.5 px on a 1% coarser, shifted grid; 2 cores, shared w
 ========================  ==============================  =====================  ====================
 library                   point-source flux (r = 5 px)    residual RMS at stars  s per subtraction
 ========================  ==============================  =====================  ====================
-sfft 1.7.3 (NumPy)        -1.04 sigma (err 297 e-)        1.00                   0.24 (1 thread),
-                                                                                 0.28 (2 threads)
+sfft 1.7.3 (NumPy)        -0.96 sigma (err 297 e-)        1.00                   0.27 (1 thread)
 properimage 0.7.2 (ZOGY)  not calibrated (D in S/N units) 6.3                    42
 ========================  ==============================  =====================  ====================
 
