@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ import pytest
 from lcowatch import flags
 from lcowatch.config import Aperture, parse
 from lcowatch.science.frame import Frame, read_content, read_frame
-from lcowatch.science.photometry import Photometry, measure
+from lcowatch.science.photometry import Photometry, annulus_background, measure
 from lcowatch.science.preprocess import preprocess
 from lcowatch.science.quality import detect_sources
 from lcowatch.simulation.simulate import FrameSpec, FrameTruth, make_field, write_frame
@@ -166,3 +167,45 @@ class TestAnnulus:
         brightest = np.flatnonzero(inside)[np.argsort(truth.mag[inside])[:3]]
         phot = _measure(frame, truth, brightest, annulus=(Aperture(2.5, "fwhm"), Aperture(4.0, "fwhm")))
         assert not np.any(phot.flags[:, 0] & flags.value("bad_background")) and np.all(np.isfinite(phot.flux))
+
+
+class TestClippedAnnulusMedian:
+    """The annulus statistics are the 3-pass, 3-sigma clipped median and RMS that ``np.nanmedian`` gives, with
+    masked and off-frame pixels left out, whatever the number of pixels left (odd, even, too few, none)."""
+
+    @staticmethod
+    def _by_nanmedian(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = values.copy()
+        for _ in range(3):
+            median = np.nanmedian(values, axis=1, keepdims=True)
+            spread = 1.4826 * np.nanmedian(np.abs(values - median), axis=1, keepdims=True)
+            values[np.abs(values - median) > 3 * np.maximum(spread, 1e-9)] = np.nan
+        return np.nanmedian(values, axis=1), np.nanstd(values, axis=1), np.isfinite(values).sum(axis=1)
+
+    def test_equals_the_nan_median_clipping(self) -> None:
+        rng = np.random.default_rng(5)
+        image = rng.normal(400.0, 20.0, (200, 200)).astype(np.float32)
+        image[rng.integers(0, 200, 300), rng.integers(0, 200, 300)] += rng.uniform(100, 5000, 300).astype(np.float32)
+        bad = np.zeros(image.shape, dtype=bool)
+        bad[:, 60:63] = True
+        bad[150:, 150:] = True  # a star there has no annulus at all
+        x = np.append(rng.uniform(-5.0, 205.0, 60), 180.0)
+        y = np.append(rng.uniform(-5.0, 205.0, 60), 180.0)
+        median, rms, used = annulus_background(image, bad, x, y, 4.0, 9.0)
+        # The same pixels, gathered independently: every pixel whose centre lies in the ring.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the star without an annulus: an all-NaN row
+            rows = []
+            for cx, cy in zip(np.rint(x), np.rint(y), strict=True):
+                yy, xx = np.mgrid[0:200, 0:200]
+                distance = np.hypot(xx - cx, yy - cy)
+                ring = (distance >= 4.0) & (distance <= 9.0) & ~bad
+                rows.append(np.pad(image[ring], (0, 300 - ring.sum()), constant_values=np.nan))
+            expected = self._by_nanmedian(np.array(rows))
+        assert used[-1] == 0 and np.isnan(median[-1])
+        assert len(set((used % 2).tolist())) == 2  # odd and even counts both met
+        np.testing.assert_array_equal(used, expected[2])
+        few = used < 20
+        np.testing.assert_array_equal(median[~few], expected[0][~few])
+        np.testing.assert_allclose(rms[~few], expected[1][~few], rtol=1e-5)
+        assert np.all(np.isnan(median[few]))
