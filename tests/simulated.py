@@ -12,6 +12,7 @@ import numpy as np
 from conftest import write_config
 from lcowatch.cli import main
 from lcowatch.simulation.simulate import (
+    DEFAULT_SEEING,
     Field,
     FrameSpec,
     FrameTruth,
@@ -127,8 +128,9 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
     - V2, a variable in rp and ip from the 1 m, where every ip frame's WCS failed (WCSERR=4);
     - V3, a bright red variable (r = 13, g - r = 1.0) in rp from both telescopes and in gp from the 1 m:
       the colour terms put the 0.4 m's magnitudes on the 1 m's scale, or the other way round.
-    Seeing varies from night to night, and the nights are processed one after the other, so templates
-    change in every filter. Cosmic rays hit every frame and no mask marks them.
+    Seeing varies from night to night, the middle night is clearly the best of each series (the 1 m's frames
+    of V2 and V3, low in the sky, are otherwise all at the 3" clip), and the nights are processed one after
+    the other, so templates change in every filter. Cosmic rays hit every frame and no mask marks them.
     """
     fields = {
         "SN2026H": make_field(
@@ -158,9 +160,10 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
     series = []
     for number, (name, filter, telescope, terms, extra) in enumerate(plan):
         # One series per filter and telescope, so that each carries its own colour term and file names.
+        best_night = {nights // 2: 0.8 * telescope.get("seeing", DEFAULT_SEEING)[0]}
         series += simulate_series(
             fields[name], incoming, filters=(filter,), seed=41 + number, first_frame_number=100 * (number + 1),
-            color_term=terms[filter], **telescope, **extra, **common,
+            color_term=terms[filter], seeing_of_night=best_night, **telescope, **extra, **common,
         )  # fmt: skip
     truth = {path.name: (spec, frame_truth) for path, spec, frame_truth in series}
     targets: dict[str, dict[str, object]] = {}

@@ -29,6 +29,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "ALL_BANDS",
     "BAND_OF_FILTER",
     "COLOUR_OF_BAND",
+    "DEFAULT_SEEING",
     "SITES",
     "Field",
     "FrameSpec",
@@ -1568,6 +1570,10 @@ def _airmass(mjd: np.ndarray, ra: float, dec: float, lat: float, lon: float) -> 
     return np.minimum(x, 3.0)
 
 
+#: Nightly median seeing of a 1 m telescope, arcsec (low, high).
+DEFAULT_SEEING = (1.6, 2.5)
+
+
 def simulate_series(
     field: Field,
     out_dir: str | Path,
@@ -1578,7 +1584,8 @@ def simulate_series(
     shape: tuple[int, int] = (512, 512),
     seed: int = 0,
     compress: str | None = "fz",
-    seeing: tuple[float, float] = (1.6, 2.5),
+    seeing: tuple[float, float] = DEFAULT_SEEING,
+    seeing_of_night: Mapping[int, float] | None = None,
     wcs_jitter: tuple[float, float] | None = None,
     sky_scale: float = 1.0,
     zeropoint_offset: float = 0.0,
@@ -1617,6 +1624,9 @@ def simulate_series(
         ``(low, high)`` range of the nightly median seeing, arcsec (a 0.4 m telescope: 2.5-5). Each frame's
         FWHM (the median times ``airmass**0.6``, plus noise) is clipped to 1.5-3" at the default range, to
         ``0.9 * low`` - ``1.2 * high`` otherwise.
+    seeing_of_night : mapping of int to float, optional
+        Median seeing (arcsec) of the given nights (0-based), in place of the drawn ones: a night clearly
+        better than the others makes a template change. The other nights stay as without it.
     wcs_jitter : tuple of float, optional
         ``(low, high)``: each frame's ``wcs_jitter_arcsec`` is drawn uniformly in it (e.g. 0.5-5" like
         real BANZAI solutions). Drawn apart from the other conditions, which stay as without it.
@@ -1657,7 +1667,7 @@ def simulate_series(
     # Drawn apart from rng, so that a series without jitter is the same as it always was.
     jitter_rng = np.random.default_rng([seed, 3])
     # The default range keeps its historical clip, so that default series are unchanged.
-    fwhm_range = (1.5, 3.0) if tuple(seeing) == (1.6, 2.5) else (0.9 * seeing[0], 1.2 * seeing[1])
+    fwhm_range = (1.5, 3.0) if tuple(seeing) == DEFAULT_SEEING else (0.9 * seeing[0], 1.2 * seeing[1])
     for night in range(nights):
         midnight = _local_midnight(base_mjd + night + 0.5, lon)
         grid = midnight + np.linspace(-0.17, 0.17, 205)
@@ -1669,6 +1679,8 @@ def simulate_series(
             best = float(grid[np.argmax(alt)])
             first, last = best - 0.04, best + 0.04
         night_seeing = rng.uniform(*seeing)
+        if seeing_of_night and night in seeing_of_night:
+            night_seeing = seeing_of_night[night]
         night_sky = rng.uniform(0.8, 1.6)
         reqnum = int(rng.integers(1_000_000, 4_000_000))
         visits = np.linspace(first, last, frames_per_night) + rng.uniform(-0.004, 0.004, frames_per_night)
