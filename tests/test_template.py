@@ -12,6 +12,8 @@ import pytest
 
 from conftest import write_config
 from lcowatch.cli import main
+from lcowatch.science.quality import SOURCE_DTYPE
+from lcowatch.science.template import choose_field_stars
 from lcowatch.simulation.simulate import FrameSpec, FrameTruth, lco_filename, make_field, write_frame
 from lcowatch.state.ledger import Ledger, connect
 from lcowatch.states import State
@@ -66,7 +68,9 @@ class TestTemplateChange:
         before, after = delta[:6], delta[7:]
         step = after.mean() - before.mean()
         combined = np.hypot(before.std(ddof=1) / np.sqrt(6), after.std(ddof=1) / np.sqrt(6))
-        assert abs(step) < max(3 * combined, 0.003), f"shift {step:.4f} mag"
+        # Two sigma, on fixed seeds: with references weighted by photometric errors alone, the sharp frame
+        # pulled them its way, by -0.004 here and by -0.010 (2.7 sigma) with a detection of fainter stars.
+        assert abs(step) < max(2 * combined, 0.002), f"shift {step:.4f} mag, sigma {combined:.4f}"
         # 11 comparison stars in 2.8" seeing on a 400 px frame: the ensemble's own error is ~0.01 (see issue 10).
         assert np.median(error) < 0.012
 
@@ -117,3 +121,18 @@ class TestPinning:
         sharpest = _series(tmp_path / "latest", [1.2], first_number=300)
         assert main(["process", "--config", str(config), str(tmp_path / "latest")]) == 0
         assert _points(tmp_path)[-1]["template"] == next(iter(sharpest))
+
+
+class TestFieldStars:
+    """Field stars are the brightest isolated ones: a neighbour within 4 FWHM with 5 % of a star's flux or
+    more rules it out, a fainter one does not (faint detections lie near most stars)."""
+
+    def test_only_comparable_neighbours_rule_a_star_out(self) -> None:
+        #            star  its 3 % neighbour  star  its 20 % neighbour  star, alone
+        x = np.array([100.0, 120.0, 300.0, 320.0, 200.0])
+        y = np.array([100.0, 100.0, 300.0, 300.0, 200.0])
+        flux = np.array([1e5, 3e3, 1e5, 2e4, 5e4])
+        sources = np.zeros(len(x), dtype=SOURCE_DTYPE)
+        sources["x"], sources["y"], sources["flux"], sources["snr"], sources["peak"] = x, y, flux, 100.0, 1e3
+        chosen = choose_field_stars(sources, np.array([10.0, 10.0]), (400, 400), 6.0, 10, None)
+        assert sorted(chosen.tolist()) == [0, 4]

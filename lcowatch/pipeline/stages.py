@@ -445,7 +445,9 @@ class DifferentialPhotometry:
         if first_in_filter:
             # The first frame measured in a filter (its template) sets the reference magnitudes.
             unset = np.full(len(star_ids) - 1, np.nan)
-            refs = work.new_refs = self._refs_for_new_stars(phot.inst_mag[1:], phot, star_ids, unset, 0.0, 0.0)
+            refs = work.new_refs = self._refs_for_new_stars(
+                phot.inst_mag[1:], phot, star_ids, unset, 0.0, 0.0, phot.inst_err[1:, 0]
+            )  # fmt: skip
         ref_mag = np.array([refs.get(int(star), (np.nan, np.nan))[0] for star in star_ids[1:]])
         ref_err = np.array([refs.get(int(star), (np.nan, np.nan))[1] for star in star_ids[1:]])
         reference_instrument = meta.instrument if first_in_filter else work.store.reference_instrument(*filter_key)
@@ -490,12 +492,18 @@ class DifferentialPhotometry:
             if not detected:
                 point_flags |= flags.value("nondetection")
             if k == 0 and n_used >= MIN_COMPARISONS and point_flags & FRAME_DOUBT == 0:
-                work.new_refs |= self._refs_for_new_stars(field_inst, phot, star_ids, ref_mag, offset, offset_err)
+                # A star measured here strays from its reference by its noise and by the frame's scatter beyond
+                # noise (neighbours' light changing with the seeing). Weighted by its noise alone, the sharpest
+                # frame (a new template) pulled the references its way: the template-change test stepped by
+                # -0.004, and by -0.010 with a detection of fainter stars.
+                star_err = np.hypot(phot.inst_err[1:, 0], np.nan_to_num(scatter))
+                work.new_refs |= self._refs_for_new_stars(
+                    field_inst, phot, star_ids, ref_mag, offset, offset_err, star_err
+                )  # fmt: skip
                 if not first_in_filter:  # its own measurements set the references: nothing to average
                     used = np.flatnonzero(comparison)[ensemble.used]
                     work.new_refs |= self._refined_refs(
-                        star_ids[1:][used], ref_mag[used], ref_err[used], field_inst[used, 0] + offset,
-                        phot.inst_err[1:, 0][used],
+                        star_ids[1:][used], ref_mag[used], ref_err[used], field_inst[used, 0] + offset, star_err[used]
                     )  # fmt: skip
             # The comparison stars' scatter beyond their errors (ensemble_scatter) is exported, not added: one
             # frame's estimate follows its few worst stars (blends) and made constant stars' chi2/dof 0.75.
@@ -548,12 +556,13 @@ class DifferentialPhotometry:
         ref_mag: np.ndarray,
         offset: float,
         offset_err: float,
+        star_err: np.ndarray,
     ) -> dict[int, tuple[float, float]]:
         """Reference magnitudes of comparison stars added since the filter's first template, put on the
         existing scale through this frame's ensemble offset (``field_inst``: the field stars' magnitudes on
-        the reference frame's system)."""
+        the reference frame's system; ``star_err``: their errors in the first aperture)."""
         new = comparison_stars(phot, 0) & ~np.isfinite(ref_mag)
-        mags, errors = field_inst[:, 0][new], phot.inst_err[1:, 0][new]
+        mags, errors = field_inst[:, 0][new], star_err[new]
         return {
             int(star): (float(mag + offset), float(np.hypot(err, offset_err)))
             for star, mag, err in zip(star_ids[1:][new], mags, errors, strict=True)
