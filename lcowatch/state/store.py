@@ -175,12 +175,16 @@ class Store(ReferenceRecords):
 
     @staticmethod
     def calibrated_points_near(conn: sqlite3.Connection, target: str, mjd: float, days: float) -> list[sqlite3.Row]:
-        """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture."""
+        """The target's calibrated, detected points within ``days`` of ``mjd``, every filter and aperture.
+
+        The frames are found first, on the (target, filter, mjd) index: left to itself, SQLite read every
+        point of the target (30 ms per frame once its light curve held 10,000 frames, against 1 ms).
+        """
         return conn.execute(
             "SELECT p.sha256, p.aperture, p.filter, p.band, p.mag, p.mag_err, p.color, p.color_term, "
             "p.comparison_color, p.color_err, p.diff_mag, p.diff_mag_err, p.diff_color_term, p.flags, f.mjd "
-            "FROM points p JOIN frames f USING (sha256) "
-            "WHERE p.target = ? AND p.mag IS NOT NULL AND f.mjd BETWEEN ? AND ?",
+            "FROM frames f CROSS JOIN points p ON p.sha256 = f.sha256 "
+            "WHERE f.target = ? AND f.mjd BETWEEN ? AND ? AND p.mag IS NOT NULL",
             (target, mjd - days, mjd + days),
         ).fetchall()
 
