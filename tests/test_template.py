@@ -129,9 +129,14 @@ class TestFieldStars:
 
     def test_only_comparable_neighbours_rule_a_star_out(self) -> None:
         #            star  its 3 % neighbour  star  its 20 % neighbour  star, alone
-        x = np.array([100.0, 120.0, 300.0, 320.0, 200.0])
-        y = np.array([100.0, 100.0, 300.0, 300.0, 200.0])
-        flux = np.array([1e5, 3e3, 1e5, 2e4, 5e4])
+        x = [100.0, 120.0, 300.0, 320.0, 200.0]
+        y = [100.0, 100.0, 300.0, 300.0, 200.0]
+        flux = [1e5, 3e3, 1e5, 2e4, 5e4]
+        # A star with nine faint detections close by and a bright one further off, still within 4 FWHM.
+        angles = np.linspace(0.0, 2 * np.pi, 9, endpoint=False)
+        x += [100.0, *(100.0 + 8.0 * np.cos(angles)), 120.0]
+        y += [300.0, *(300.0 + 8.0 * np.sin(angles)), 300.0]
+        flux += [1e5, *[1e3] * 9, 5e4]
         sources = np.zeros(len(x), dtype=SOURCE_DTYPE)
         sources["x"], sources["y"], sources["flux"], sources["snr"], sources["peak"] = x, y, flux, 100.0, 1e3
         chosen = choose_field_stars(sources, np.array([10.0, 10.0]), (400, 400), 6.0, 10, None)

@@ -96,11 +96,15 @@ def _clipped_median(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     """Per row of ``values`` (NaN = no pixel): median and RMS after 3 passes of 3-sigma clipping about the
     median (sigma from the median absolute deviation), and the number of values kept.
 
-    Each row is sorted once: clipping about the median keeps a contiguous run of the sorted values, so a
-    pass only moves the run's ends. The result equals ``np.nanmedian`` with NaN-ing of clipped values, at
-    a third of its cost (seven ``nanmedian`` calls over 1,500 stars took 0.18 s per 4k frame).
+    Clipping about the median keeps a contiguous run of the sorted values, so each row is sorted once and a
+    pass only sorts the run's deviations and moves its ends. Median and count equal those of NaN-ing the
+    clipped values and taking ``np.nanmedian``, the RMS (float64) to 1e-7; 0.16 s against 0.44 s for 1,500
+    annuli of 1,500 pixels.
     """
-    ordered = np.sort(values, axis=1)
+    if values.shape[1] == 0:
+        nothing = np.full(len(values), np.nan)
+        return nothing.astype(values.dtype), nothing, np.zeros(len(values), dtype=np.intp)
+    ordered = np.sort(np.where(np.isfinite(values), values, np.nan), axis=1)
     columns = np.arange(ordered.shape[1])[None, :]
     low = np.zeros(len(ordered), dtype=np.intp)
     high = np.isfinite(ordered).sum(axis=1)

@@ -141,7 +141,6 @@ MATCH_ARCSEC = 2.0  # catalog-to-star pairs once the common shift is known
 #: of S/N 300 whose nearest neighbour had 2.6 % of its flux. Each frame's crowding test
 #: (``photometry.CROWDING_LIMIT``) still flags a star whose neighbours' modelled light passes 0.5 %.
 ISOLATION_FLUX_RATIO = 0.05
-ISOLATION_NEIGHBOURS = 8
 
 
 def choose_field_stars(
@@ -174,10 +173,9 @@ def choose_field_stars(
     if len(xy) > 1:
         # Isolated from any neighbour that could move its flux with the seeing: much fainter ones (a faint
         # detection 3 FWHM off a bright star) leave it a good comparison star.
-        _, index = cKDTree(xy).query(xy, k=min(len(xy), ISOLATION_NEIGHBOURS + 1), distance_upper_bound=4 * fwhm_pix)
-        flux = np.append(np.maximum(sources["flux"], 0.0), 0.0)  # index len(xy): no neighbour
-        bright_neighbour = flux[index[:, 1:]] > ISOLATION_FLUX_RATIO * flux[:-1, None]
-        good &= ~bright_neighbour.any(axis=1)
+        flux = np.maximum(sources["flux"], 0.0)
+        for star, near in enumerate(cKDTree(xy).query_ball_point(xy, 4 * fwhm_pix)):
+            good[star] &= not any(flux[other] >= ISOLATION_FLUX_RATIO * flux[star] for other in near if other != star)
     index = np.flatnonzero(good)
     return index[np.argsort(-sources["flux"][index])][:limit]
 

@@ -1626,7 +1626,8 @@ def simulate_series(
         ``0.9 * low`` - ``1.2 * high`` otherwise.
     seeing_of_night : mapping of int to float, optional
         Median seeing (arcsec) of the given nights (0-based), in place of the drawn ones: a night clearly
-        better than the others makes a template change. The other nights stay as without it.
+        better than the others makes a template change. Frames are still clipped as above; the other nights
+        stay as without it.
     wcs_jitter : tuple of float, optional
         ``(low, high)``: each frame's ``wcs_jitter_arcsec`` is drawn uniformly in it (e.g. 0.5-5" like
         real BANZAI solutions). Drawn apart from the other conditions, which stay as without it.
