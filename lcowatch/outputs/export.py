@@ -59,19 +59,20 @@ LIGHTCURVE_COLUMNS: dict[str, tuple[str, u.UnitBase | None, str]] = {
 def lightcurve_table(store: Store, target: str, filter: str | None = None) -> Table:
     """The target's light curve, one row per frame and aperture, in time order, with units."""
     rows = store.lightcurve(target, filter)
+    names = {bits: flags.describe(bits) for bits in {int(row["flags"]) for row in rows}}  # type: ignore[call-overload]
     for row in rows:
-        row["flag_names"] = flags.describe(int(row["flags"]))  # type: ignore[call-overload]
+        row["flag_names"] = names[int(row["flags"])]  # type: ignore[call-overload]
     table = Table()
     for name, (dtype, unit, description) in LIGHTCURVE_COLUMNS.items():
         values = [row.get(name) for row in rows]
         missing = [v is None for v in values]
+        # Arrays, not lists: from a list, numpy.ma looks at every element for a mask (seconds at 30,000 rows).
         if dtype == "str":
-            table[name] = MaskedColumn(
-                ["" if v is None else str(v) for v in values], dtype=str, description=description
-            )
+            text = np.array(["" if v is None else str(v) for v in values], dtype=str)
+            table[name] = MaskedColumn(text, description=description)
         else:
-            filled = [0 if v is None else v for v in values]
-            table[name] = MaskedColumn(filled, dtype=dtype, mask=missing, unit=unit, description=description)
+            filled = np.array([0 if v is None else v for v in values], dtype=dtype)
+            table[name] = MaskedColumn(filled, mask=np.array(missing, dtype=bool), unit=unit, description=description)
     table.meta.update(
         {
             "target": target,
