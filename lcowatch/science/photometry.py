@@ -127,9 +127,10 @@ def _clipped_median(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _run_median(ordered: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Median of each row's ``ordered[low:high]`` (rows sorted); NaN where the run is empty."""
+    """Median of each row's ``ordered[low:high]`` (rows sorted, at least one column); NaN where the run is
+    empty."""
     count = high - low
-    last = max(ordered.shape[1] - 1, 0)
+    last = ordered.shape[1] - 1
     below = np.take_along_axis(ordered, np.clip(low + (count - 1) // 2, 0, last)[:, None], axis=1)[:, 0]
     above = np.take_along_axis(ordered, np.clip(low + count // 2, 0, last)[:, None], axis=1)[:, 0]
     return np.where(count > 0, (below + above) / 2, np.nan).astype(ordered.dtype)
