@@ -11,6 +11,7 @@ import numpy as np
 
 from conftest import write_config
 from lcowatch.cli import main
+from lcowatch.pipeline.stages import ENSEMBLE_MAX_ERROR
 from lcowatch.simulation.simulate import (
     DEFAULT_SEEING,
     Field,
@@ -181,7 +182,7 @@ def build_hazard_campaign(folder: Path, *, nights: int = 10) -> Campaign:
     return Campaign(folder, config, fields, truth)
 
 
-def build_constant_campaign(folder: Path, *, frames: int = 30) -> Campaign:
+def build_constant_campaign(folder: Path, *, frames: int = 48) -> Campaign:
     """Two constant fields from the 1 m, one under a dark sky and one under 8x the sky (moonlight): every
     star's scatter is noise alone, so it measures how honest the errors are."""
     fields = {
@@ -207,16 +208,17 @@ def build_constant_campaign(folder: Path, *, frames: int = 30) -> Campaign:
 def isolated_star_residuals(
     campaign: Campaign, target: str, *, clear_fwhm: float = 3.0
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per isolated star of a target's field (the target too): its magnitudes on the target's diff_mag
-    scale, frame by frame, and their errors as the target's are made (own error and ensemble offset error).
+    """Per star of a target's field outside the ensemble (the target too): its magnitudes on the target's
+    diff_mag scale, frame by frame, and their errors as the target's are made (own error and ensemble offset
+    error).
 
-    A star counts as isolated when, in the truth of every frame, no other star brighter than 4 mag fainter
-    than it lies within ``clear_fwhm`` FWHM: the light of an unresolved neighbour changes with the seeing.
-    Stars that weigh in the ensemble (own error under twice the offset's) are left out: the offset follows
-    them, so their scatter about it is smaller than their errors.
+    A frame's measurement counts when, in that frame's truth, no other star brighter than 4 mag fainter than
+    it lies within ``clear_fwhm`` FWHM: the light of an unresolved neighbour changes with the seeing. Stars
+    the ensemble may use (measured to ``ENSEMBLE_MAX_ERROR`` in any frame) are left out: the offset follows
+    them, so their scatter about it is smaller than their errors by an amount that depends on the fit.
     """
     per_star: dict[int, list[tuple[float, float]]] = {}
-    blended: set[int] = set()
+    in_ensemble: set[int] = set()
     with campaign.connect() as conn:
         for point in campaign.points(target, "rp"):
             if point["diff_mag"] is None:
@@ -230,18 +232,20 @@ def isolated_star_residuals(
             offset = point["diff_mag"] - target_row["inst_mag"]
             offset_err = np.sqrt(max(point["diff_mag_err"] ** 2 - target_row["inst_err"] ** 2, 0.0))
             for row in rows:
-                if row["inst_mag"] is None or row["flags"]:
+                if row["inst_mag"] is None:
                     continue
+                if row["star_id"] != 0 and row["inst_err"] <= ENSEMBLE_MAX_ERROR:
+                    in_ensemble.add(row["star_id"])
                 distance = np.hypot(truth.x - row["x"], truth.y - row["y"])
                 star = int(np.argmin(distance))
                 crowd = (distance < clear_fwhm * truth.fwhm_pix) & (truth.mag < truth.mag[star] + 4.0)
-                if distance[star] > 1.0 or crowd.sum() > 1 or row["inst_err"] < 2.0 * offset_err:
-                    blended.add(row["star_id"])
+                if row["flags"] or distance[star] > 1.0 or crowd.sum() > 1:
+                    continue
                 per_star.setdefault(row["star_id"], []).append(
                     (row["inst_mag"] + offset, float(np.hypot(row["inst_err"], offset_err)))
                 )
     return [
         (np.array([m for m, _ in values]), np.array([e for _, e in values]))
         for star, values in per_star.items()
-        if star not in blended
+        if star not in in_ensemble and len(values) > 1
     ]

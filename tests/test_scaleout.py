@@ -313,4 +313,7 @@ class TestReprocessOneFilter:
             sha256, *target_xy = conn.execute("SELECT sha256, target_x, target_y FROM reference_frames").fetchone()
         original = serial_rows["reference_frames"][0]  # target, sha256, file, nx, ny, ..., target_x, target_y
         assert sha256 == original[1]
-        assert target_xy == pytest.approx([original[8], original[9]], abs=1e-4)  # the same reference frame
+        # The same reference frame; the target's position may be refined by the reprocessed frames' centroids
+        # (by 0.006-0.03 px): a frame the first pass flagged few_stars against the fixed min_nstars, before
+        # the instrument had a history, is judged against its median now, and its centroid counts.
+        assert target_xy == pytest.approx([original[8], original[9]], abs=0.05)
