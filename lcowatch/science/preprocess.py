@@ -1,7 +1,8 @@
 """Preprocessing: the pixel mask and the background, shared by every later step.
 
 The mask is BPM bits set | pixels at or above the critical value (SATURATE, or MAXLIN when set) |
-non-finite pixels. The background and its RMS come from one sep mesh, honouring the mask.
+non-finite pixels. The background and its RMS come from one sep mesh, honouring the mask, measured on a
+regular sample of the pixels.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from lcowatch.science.frame import Frame
 BPM_SATURATED = 2
 SATURATION_MARGIN = 0.9999
 BACKGROUND_BOX = 64  # pixels; several FWHM wide even at 0.27"/pix, small enough to follow gradients
+#: The background mesh is measured on every BACKGROUND_STEP-th pixel of every BACKGROUND_STEP-th row (a box
+#: still spans BACKGROUND_BOX frame pixels, with 1,024 of its pixels). On a 4k frame: 0.12 s instead of
+#: 0.24 s for mesh, subtraction and RMS map; the map differs from the full one by 0.03 e- in the median and
+#: 0.07 sigma at the 99th percentile. Single pixels, not binned means, so that the RMS is a pixel's whatever
+#: the noise's correlation between neighbours.
+BACKGROUND_STEP = 2
 
 
 @dataclass
@@ -54,14 +61,24 @@ def preprocess(frame: Frame) -> Preprocessed:
     subtracted = data.copy()  # a copy and a fix-up cost a seventh of np.where on a 4k frame
     if not finite.all():
         subtracted[~finite] = 0.0
-    background = sep.Background(subtracted, mask=bad | saturated, bw=BACKGROUND_BOX, bh=BACKGROUND_BOX)
-    background.subfrom(subtracted)
+    step, box = BACKGROUND_STEP, BACKGROUND_BOX // BACKGROUND_STEP
+    sampled = np.ascontiguousarray(subtracted[::step, ::step])
+    sampled_mask = np.ascontiguousarray((bad | saturated)[::step, ::step])
+    background = sep.Background(sampled, mask=sampled_mask, bw=box, bh=box)
+    subtracted -= _upsampled(background.back(), data.shape)
     subtracted[bad] = 0.0
     return Preprocessed(
         bad=bad,
         saturated=saturated,
         subtracted=subtracted,
-        rms=background.rms(),
+        rms=np.ascontiguousarray(_upsampled(background.rms(), data.shape)),
         background_level=float(background.globalback),
         background_rms=float(background.globalrms),
     )
+
+
+def _upsampled(sampled: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A smooth map measured on every BACKGROUND_STEP-th pixel, at full size: each value covers its block."""
+    step = BACKGROUND_STEP
+    blocks = np.broadcast_to(sampled[:, None, :, None], (sampled.shape[0], step, sampled.shape[1], step))
+    return blocks.reshape(step * sampled.shape[0], step * sampled.shape[1])[: shape[0], : shape[1]]
