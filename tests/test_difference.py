@@ -212,9 +212,10 @@ class TestSupernovaOnHost:
         snr = np.array([row["snr"] for row in points], dtype=float)
         bright, measured = snr > 20, np.isfinite(mag) & (snr > 5)
         assert bright.sum() >= 5 and measured.sum() >= bright.sum()
-        # Issue 12 asks 0.02: this scene gives 0.027 (0.016-0.027 over three seeds), of which about 0.009 is
-        # the frames' zero point (its field stars read as much too bright).
-        assert np.median(np.abs(mag - true_mag)[bright]) <= 0.035
+        # Issue 12's bar. Measured 0.014 (0.015, 0.012 at seeds 2 and 3), 0.025 with sep's matched filter for
+        # detection. Four or five points have S/N > 20: the figure moves by ~0.005 with small changes
+        # upstream (0.021, 0.010, 0.008 with the background mesh on every pixel).
+        assert np.median(np.abs(mag - true_mag)[bright]) <= 0.02
         chi2 = np.mean(((mag - true_mag) / err)[measured] ** 2)
         assert 0.4 <= chi2 <= 2.0, chi2
 
