@@ -185,7 +185,9 @@ class QualityConfig(Section):
     max_cloud_loss: float = Field(
         0.5, gt=0, description="mag of light lost against the reference frame before points are flagged cloudy"
     )
-    detect_sigma: float = Field(5.0, gt=0, description="detection threshold over the background RMS")
+    detect_sigma: float = Field(
+        5.0, gt=0, description="detection threshold, in sigmas of the noise of the image smoothed by a 3x3 kernel"
+    )
     min_area: int = Field(5, ge=1, description="pixels")
 
 
