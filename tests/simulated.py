@@ -11,7 +11,8 @@ import numpy as np
 
 from conftest import write_config
 from lcowatch.cli import main
-from lcowatch.pipeline.stages import ENSEMBLE_MAX_ERROR
+from lcowatch.pipeline.stages import ENSEMBLE_MAX_ERROR, ENSEMBLE_PRECISE_STARS
+from lcowatch.science.photometry import comparison_mask
 from lcowatch.simulation.simulate import (
     DEFAULT_SEEING,
     Field,
@@ -215,7 +216,8 @@ def isolated_star_residuals(
     A frame's measurement counts when, in that frame's truth, no other star brighter than 4 mag fainter than
     it lies within ``clear_fwhm`` FWHM: the light of an unresolved neighbour changes with the seeing. Stars
     the ensemble may use (measured to ``ENSEMBLE_MAX_ERROR`` in any frame) are left out: the offset follows
-    them, so their scatter about it is smaller than their errors by an amount that depends on the fit.
+    them, so their scatter about it is smaller than their errors by an amount that depends on the fit. So are
+    frames with fewer than ``ENSEMBLE_PRECISE_STARS`` such stars, whose ensembles take every comparison star.
     """
     per_star: dict[int, list[tuple[float, float]]] = {}
     in_ensemble: set[int] = set()
@@ -228,6 +230,13 @@ def isolated_star_residuals(
                 "SELECT star_id, x, y, inst_mag, inst_err, flags FROM photometry WHERE sha256 = ? AND aperture = 0",
                 (point["sha256"],),
             ).fetchall()
+            field = [r for r in rows if r["star_id"] != 0]
+            mags, errors, star_flags = (
+                np.array([r[c] for r in field], dtype=float) for c in ("inst_mag", "inst_err", "flags")
+            )
+            comparison = comparison_mask(mags, errors, star_flags.astype(np.int64))
+            if np.sum(comparison & (errors <= ENSEMBLE_MAX_ERROR)) < ENSEMBLE_PRECISE_STARS:
+                continue  # the ensemble took every comparison star: which of them weigh in it is not known
             target_row = next(r for r in rows if r["star_id"] == 0)
             offset = point["diff_mag"] - target_row["inst_mag"]
             offset_err = np.sqrt(max(point["diff_mag_err"] ** 2 - target_row["inst_err"] ** 2, 0.0))

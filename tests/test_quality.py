@@ -11,7 +11,7 @@ from lcowatch import flags
 from lcowatch.config import parse
 from lcowatch.science.frame import read_content, read_frame
 from lcowatch.science.preprocess import preprocess
-from lcowatch.science.quality import InstrumentHistory, Quality, detect_sources, measure_quality
+from lcowatch.science.quality import MIN_STAR_SNR, InstrumentHistory, Quality, detect_sources, measure_quality
 from lcowatch.simulation.simulate import FrameSpec, make_field, write_frame
 
 FIELD = make_field("QTEST", 30.0, -10.0, nstars=1000, radius_arcmin=3.0, seed=4)
@@ -40,9 +40,12 @@ class TestSeeing:
         assert quality.fwhm_arcsec == pytest.approx(fwhm, rel=0.10)
         assert quality.fwhm_pix == pytest.approx(fwhm / 0.389, rel=0.10)
 
-    def test_cosmic_rays_are_marked_sharp_not_stars(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("fwhm", [0.8, 2.0, 4.0])
+    def test_cosmic_rays_are_marked_sharp_not_stars(self, tmp_path: Path, fwhm: float) -> None:
+        """Judged by the ring around the peak against the peak: by peak over isophotal flux, half the hits
+        were missed at 0.8" and all at 4" (where they outnumber bright stars)."""
         path = tmp_path / "cr.fits"
-        truth = write_frame(path, FIELD, FrameSpec(shape=(512, 512), n_cosmics=300, seed=5))
+        truth = write_frame(path, FIELD, FrameSpec(shape=(512, 512), n_cosmics=300, seed=5, fwhm_arcsec=fwhm))
         content, sha = read_content(path)
         frame = read_frame(path, content, sha, CONFIG)
         pre = preprocess(frame)
@@ -54,10 +57,11 @@ class TestSeeing:
         )
         to_star = np.min(np.hypot(*(xy[:, None, :] - np.column_stack([truth.x, truth.y])[None]).T), axis=0)
         cosmic = (to_cosmic < 2.5) & (to_star > 10)
-        assert cosmic.sum() >= 10
-        assert sources["sharp"][cosmic].mean() >= 0.8
-        assert sources["sharp"][to_star < 1.5].mean() < 0.05
-        assert quality.fwhm_arcsec == pytest.approx(2.0, rel=0.10)
+        star = (to_star < 1.5) & (to_cosmic > 5) & (sources["snr"] >= MIN_STAR_SNR)
+        assert cosmic.sum() >= 100 and star.sum() >= 30
+        assert sources["sharp"][cosmic].mean() >= 0.9
+        assert sources["sharp"][star].mean() < 0.03
+        assert quality.fwhm_arcsec == pytest.approx(fwhm, rel=0.10)
 
 
 class TestVerdict:
