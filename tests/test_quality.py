@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from lcowatch import flags
 from lcowatch.config import parse
@@ -62,6 +63,31 @@ class TestSeeing:
         assert sources["sharp"][cosmic].mean() >= 0.9
         assert sources["sharp"][star].mean() < 0.03
         assert quality.fwhm_arcsec == pytest.approx(fwhm, rel=0.10)
+
+
+class TestSharpness:
+    """What cannot be judged sharp is not called sharp: a hit on the frame's border row (whose ring lies
+    off the frame) did set the cut for a sparse field and made every star sharp, and stars beside a bad
+    column (zeros in the ring) were called sharp."""
+
+    def test_border_hits_and_bad_columns_spoil_nothing(self, tmp_path: Path) -> None:
+        path = tmp_path / "edges.fits"
+        spec = FrameSpec(shape=(512, 512), n_cosmics=0, seed=5, fwhm_arcsec=0.8, bad_columns=(100, 250, 400))
+        truth = write_frame(path, FIELD, spec)
+        with fits.open(path, mode="update") as hdus:
+            hdus["SCI"].data[0, 200] += 4000.0
+            hdus["SCI"].data[300, 511] += 4000.0
+        content, sha = read_content(path)
+        frame = read_frame(path, content, sha, CONFIG)
+        pre = preprocess(frame)
+        sources = detect_sources(pre, CONFIG.quality)
+        quality = measure_quality(frame, pre, sources, CONFIG.quality)
+        to_star = np.hypot(sources["x"][:, None] - truth.x, sources["y"][:, None] - truth.y).min(axis=1)
+        star = (to_star < 1.5) & (sources["snr"] >= MIN_STAR_SNR)
+        by_column = star & (np.abs(sources["x"][:, None] - np.array([100, 250, 400])).min(axis=1) < 2.5)
+        assert by_column.sum() >= 3 and not sources["sharp"][by_column].any()
+        assert sources["sharp"][star].mean() < 0.03
+        assert quality.fwhm_arcsec == pytest.approx(0.8, rel=0.15)
 
 
 class TestVerdict:

@@ -40,6 +40,8 @@ MAX_FWHM_STARS = 300
 PRECISE_FWHM_SNR = 100.0
 MIN_PRECISE_FWHM_STARS = 10
 SHARP_FRACTION = 0.5  # a ring/peak ratio (_ring_to_peak) under this fraction of bright stars' marks a hit
+#: ...within these bounds: hits of 1-2 pixels stay under about 0.2, stars of FWHM 1.3 px are at 0.19 or more
+SHARP_CUT_RANGE = (0.12, 0.3)
 CENTROID_ITERATIONS = 5
 #: sep's buffer of pixels above the threshold, tried in turn: its default holds a 4k Sinistro field; a
 #: crowded bulge field overflows it and gets ten times as much (which costs 126 MB of peak memory on a
@@ -112,32 +114,43 @@ def detect_sources(pre: Preprocessed, config: QualityConfig) -> np.ndarray:
     sources["snr"] = np.where(noise > 0, objects["flux"] / noise, 0.0)
     sources["saturated"] = pre.saturated[objects["ypeak"], objects["xpeak"]]
     sources["fwhm"] = np.nan
-    ratio = _ring_to_peak(pre.subtracted, objects["x"], objects["y"])
-    bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"]
+    ratio = _ring_to_peak(pre.subtracted, pre.bad, objects["x"], objects["y"])
+    bright = (sources["snr"] >= FWHM_STAR_SNR) & ~sources["saturated"] & np.isfinite(ratio)
     if bright.sum() >= 3:
         # Stars have the highest ratios; cosmic rays can outnumber bright stars, so the reference is a high
-        # percentile rather than the median.
-        sources["sharp"] = ratio < SHARP_FRACTION * np.percentile(ratio[bright], 95)
+        # percentile rather than the median, and the cut is kept between a 1-2 pixel hit's ratio and an
+        # undersampled star's, whatever sets that percentile (blends, galaxies, hits in a cloudy frame).
+        cut = np.clip(SHARP_FRACTION * np.percentile(ratio[bright], 95), *SHARP_CUT_RANGE)
+        sources["sharp"] = ratio < cut  # NaN (undecided) is not sharp
     return sources
 
 
-def _ring_to_peak(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Mean of the 8 pixels around each source's peak over the peak's value; the peak is the brightest pixel
-    of the 3x3 box at the centroid (0-based ``x``, ``y``), not of the isophote, where a faint broad star's
-    brightest pixel can be a noise spike off its centre.
+def _ring_to_peak(image: np.ndarray, bad: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mean of the good pixels around each source's peak over the peak's value; the peak is the brightest
+    good pixel of the 3x3 box at the centroid (0-based ``x``, ``y``), not of the isophote, where a faint broad
+    star's brightest pixel can be a noise spike off its centre.
 
     About 0.4 for a star of FWHM 2 px, nearly 1 for a broad one, below 0.15 for a hit of one or two pixels.
     Unlike peak over isophotal flux, it does not rise for faint stars (whose isophotes hold only their cores:
-    peak/flux called 10 % of the S/N 10-14 stars of a 3" frame sharp), and it needs no FWHM yet.
+    peak/flux called 10 % of the S/N 10-14 stars of a 3" frame sharp), and it needs no FWHM yet. NaN where it
+    cannot be judged: within 2 pixels of the frame's edge, fewer than 4 good ring pixels (a bad column's
+    zeros pulled the ring of the stars beside it down), or a peak not above the background.
     """
     ny, nx = image.shape
     offsets = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    cx, cy = np.clip(np.rint(x).astype(int), 1, nx - 2), np.clip(np.rint(y).astype(int), 1, ny - 2)
-    brightest = np.argmax([image[cy + dy, cx + dx] for dy, dx in offsets], axis=0)
-    px = np.clip(cx + np.array([dx for _, dx in offsets])[brightest], 1, nx - 2)
-    py = np.clip(cy + np.array([dy for dy, _ in offsets])[brightest], 1, ny - 2)
-    ring = sum(image[py + dy, px + dx] for dy, dx in offsets if dy or dx) / 8.0
-    return ring / np.maximum(image[py, px], 1e-9)
+    cx, cy = np.clip(np.rint(x).astype(int), 2, nx - 3), np.clip(np.rint(y).astype(int), 2, ny - 3)
+    inside = (cx == np.rint(x)) & (cy == np.rint(y))
+    box = np.array([np.where(bad[cy + dy, cx + dx], -np.inf, image[cy + dy, cx + dx]) for dy, dx in offsets])
+    brightest = np.argmax(box, axis=0)
+    px = cx + np.array([dx for _, dx in offsets])[brightest]
+    py = cy + np.array([dy for dy, _ in offsets])[brightest]
+    ring = [(image[py + dy, px + dx], ~bad[py + dy, px + dx]) for dy, dx in offsets if dy or dx]
+    good = sum(ok.astype(int) for _, ok in ring)
+    ring_sum = sum(np.where(ok, value, 0.0) for value, ok in ring)
+    peak = np.where(bad[py, px], np.nan, image[py, px])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = ring_sum / np.maximum(good, 1) / peak
+    return np.where(inside & (good >= 4) & (peak > 0), ratio, np.nan)
 
 
 def _log_parabola_peak(cutouts: np.ndarray, centre: int) -> np.ndarray:
