@@ -118,3 +118,37 @@ class TestVanishedFiles:
         assert vanished.error is not None and vanished.error.startswith("vanished before it was finished")
         assert quarantined is not None and quarantined.state == "quarantined" and quarantined.finished
         assert quarantined.error == "not a FITS file"
+
+
+class TestSourceList:
+    """A frame's source list reads back as the pipeline measured it: every column, no FWHM (NaN) as NaN."""
+
+    def test_round_trip(self, tmp_path: Path) -> None:
+        import numpy as np
+
+        from lcowatch.config import load
+        from lcowatch.science.frame import read_content, read_frame
+        from lcowatch.science.preprocess import preprocess
+        from lcowatch.science.quality import detect_sources, measure_quality
+        from lcowatch.simulation.simulate import FrameSpec, make_field
+        from lcowatch.simulation.simulate import write_frame as write_image
+        from lcowatch.state.store import Store
+
+        field = make_field("SRC", 30.0, -10.0, nstars=300, radius_arcmin=3.0, seed=4)
+        config_path = write_config(tmp_path, {"SRC": {"ra": 30.0, "dec": -10.0}})
+        path = tmp_path / "in" / "frame.fits"
+        write_image(path, field, FrameSpec(shape=(256, 256), seed=2))
+        assert main(["process", "--config", str(config_path), str(path)]) == 0
+        config = load(config_path)
+        content, sha = read_content(path)
+        frame = read_frame(path, content, sha, config)
+        pre = preprocess(frame)
+        sources = detect_sources(pre, config.quality)
+        measure_quality(frame, pre, sources, config.quality)  # refines the centroids, sets the FWHM column
+        assert np.isnan(sources["fwhm"]).any() and np.isfinite(sources["fwhm"]).any()
+        conn = connect(tmp_path / "state")
+        back = Store(conn).sources(sha)
+        conn.close()
+        assert back.dtype == sources.dtype
+        for name in sources.dtype.names or ():
+            np.testing.assert_array_equal(back[name], sources[name], err_msg=name)
