@@ -6,12 +6,20 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import write_config
 from lcowatch.cli import main
+from lcowatch.config import load
+from lcowatch.science.frame import read_content, read_frame
+from lcowatch.science.preprocess import preprocess
+from lcowatch.science.quality import detect_sources, measure_quality
+from lcowatch.simulation.simulate import FrameSpec, make_field
+from lcowatch.simulation.simulate import write_frame as write_image
 from lcowatch.state.ledger import LEDGER_NAME, connect
 from lcowatch.state.schema import SCHEMA_VERSION, SchemaTooNew
+from lcowatch.state.store import Store
 
 #: A state folder written by release 0.1 (before schema versions): 4 frames of target V9 processed.
 RELEASE_0_1 = Path(__file__).parent / "data" / "release-0.1" / LEDGER_NAME
@@ -124,16 +132,6 @@ class TestSourceList:
     """A frame's source list reads back as the pipeline measured it: every column, no FWHM (NaN) as NaN."""
 
     def test_round_trip(self, tmp_path: Path) -> None:
-        import numpy as np
-
-        from lcowatch.config import load
-        from lcowatch.science.frame import read_content, read_frame
-        from lcowatch.science.preprocess import preprocess
-        from lcowatch.science.quality import detect_sources, measure_quality
-        from lcowatch.simulation.simulate import FrameSpec, make_field
-        from lcowatch.simulation.simulate import write_frame as write_image
-        from lcowatch.state.store import Store
-
         field = make_field("SRC", 30.0, -10.0, nstars=300, radius_arcmin=3.0, seed=4)
         config_path = write_config(tmp_path, {"SRC": {"ra": 30.0, "dec": -10.0}})
         path = tmp_path / "in" / "frame.fits"
