@@ -379,7 +379,18 @@ def cmd_reference(args: argparse.Namespace, config: Config) -> int:
     if not rows and config.targets[args.target].method != "difference":
         print(f"lcowatch: {args.target} has method: aperture; it uses no reference image", file=sys.stderr)
         return EXIT_USAGE
-    columns = ["filter", "instrument_class", "file", "mjd", "frames", "fwhm_pix", "nx", "ny", "reason"]
+    columns = [
+        "filter",
+        "instrument_class",
+        "file",
+        "mjd",
+        "frames",
+        "fwhm_pix",
+        "nx",
+        "ny",
+        "transient_total",
+        "reason",
+    ]
     write_table(rows, columns, "table", sys.stdout)
     return EXIT_OK
 

@@ -54,12 +54,23 @@ FLAGS: tuple[Flag, ...] = (
         "bad_subtraction",
         "the difference image leaves residuals at bright stars above subtraction.max_residual times the noise",
     ),
-    Flag(21, "is_reference", "this frame is the reference image: its difference flux is 0 by definition"),
+    Flag(
+        21,
+        "is_reference",
+        "this frame is the reference image: its difference flux is 0 by definition, or the transient's light "
+        "in it as another camera's reference measures it",
+    ),
     Flag(
         22,
         "crowded",
         "neighbours' wings put more than 0.5 % of the star's flux into its aperture (by a model of their "
         "measured fluxes), enough to change with the seeing",
+    ),
+    Flag(
+        23,
+        "reference_has_transient",
+        "the reference image holds the transient's light and no other camera's reference free of it could "
+        "measure it: the flux is relative to that light",
     ),
 )
 

@@ -279,3 +279,52 @@ class TestSupernovaFromTwoTelescopes:
             store = Store(conn)
             assert store.changed_before("SN2026sim", first_change + 1e-6, 3.0)
             assert not store.changed_before("SN2026sim", first_change, 3.0)
+
+
+class TestTransientInTheReference:
+    """A 0.4 m telescope that joins after the explosion founds its reference on a frame holding the supernova:
+    that light is measured against the 1 m reference, free of it, and added back, so the 0.4 m light curve
+    follows the truth; without the add-back every 0.4 m point would be short of the reference's flux (near
+    the peak, no detection at all). A filter that starts after the explosion has no reference free of it to
+    measure against: its points are flagged."""
+
+    def test_the_light_in_a_late_reference_is_added_back(
+        self, supernova: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, truth = supernova
+        late = simulate_series(
+            SUPERNOVA, tmp_path / "sbig", nights=9, frames_per_night=1, filters=("rp",), shape=(512, 512),
+            seed=102, exptime=300.0, seeing=(2.5, 3.5), mjd_start=61006.3, site="coj", telescope="0m4-14",
+            instrument="kb29", pixscale=0.571, zeropoint_offset=-2.0, sky_scale=3.0, first_frame_number=600,
+        )  # fmt: skip
+        truth = truth | {path.name: frame_truth for path, _, frame_truth in late}
+        settings = {
+            "ra": SUPERNOVA.ra,
+            "dec": SUPERNOVA.dec,
+            "refcat": str(folder / "stars.csv"),
+            "method": "difference",
+        }
+        config = write_config(tmp_path, {"SN2026sim": settings})
+        assert main(["process", "--config", str(config), str(folder / "frames"), str(tmp_path / "sbig")]) == 0
+        points = _points(tmp_path)
+        assert len(points) == len(truth)
+        small = [row for row in points if "kb29" in row["file"]]
+        founding = small[0]
+        assert founding["flags"] & flags.value("is_reference")
+        assert not any(row["flags"] & flags.value("reference_has_transient") for row in points)
+        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
+            total = conn.execute(
+                "SELECT transient_total FROM reference_images WHERE instrument_class = 'kb'"
+            ).fetchone()
+        assert total[0] > 0
+        true_mag = np.array([truth[row["file"]].mag[0] for row in small])
+        mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in small], dtype=float)
+        err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in small], dtype=float)
+        # The founding frame's own point is its light as the 1 m reference measures it, not 0.
+        assert np.isfinite(mag[0]) and abs(mag[0] - true_mag[0]) < 3 * err[0] + 0.02
+        # Measured 17.35 +- 0.12, 17.08 +- 0.16, 17.55 +- 0.27 against a truth of 17.30, 17.04, 17.37; then limits.
+        measured = np.isfinite(mag)
+        weights = 1.0 / err[measured] ** 2
+        bias = np.sum(weights * (mag - true_mag)[measured]) / np.sum(weights)
+        chi2 = np.mean(((mag - true_mag) / err)[measured] ** 2)
+        assert measured.sum() >= 3 and abs(bias) < 0.1 and chi2 < 2.0, (bias, chi2)

@@ -46,6 +46,13 @@ OLDER_VERSIONS = {
         (("points", "reference"), ("reference_images", "image")),
     ),
     3: (("DROP TABLE reference_pins",), (("reference_pins", "position"),)),
+    4: (
+        (
+            "ALTER TABLE reference_images DROP COLUMN transient_total",
+            "ALTER TABLE reference_images DROP COLUMN transient_total_err",
+        ),
+        (("reference_images", "transient_total"), ("reference_images", "transient_total_err")),
+    ),
 }
 
 

@@ -10,11 +10,15 @@ processed again once it is made. The difference flux replaces the target's apert
 before the differential and calibration stages, whose zero points come from the unsubtracted comparison
 stars in the same apertures (as lcogtsnpipe does), so ``diff_mag``, ``mag`` and ``limit_mag`` follow
 unchanged. A point is relative to the reference: the reference frame's own point has flux 0 by definition
-(flag ``is_reference``), so the reference should hold no transient light.
+(flag ``is_reference``), so the reference should hold no transient light. Where one founded without a
+window does (a camera or filter that joins after the explosion), that light is measured against another
+camera's reference free of it and added back to every point; where nothing can measure it, the points are
+flagged ``reference_has_transient``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -26,9 +30,9 @@ from lcowatch.pipeline.pixels import Pixels
 from lcowatch.science.calibrate import instrumental_mag
 from lcowatch.science.quality import recentre
 from lcowatch.science.register import MAX_RMS, Affine, apply_affine, compose, invert, register
-from lcowatch.science.subtract import Difference, forced_photometry, resample_reference, subtract
+from lcowatch.science.subtract import Difference, encircled_energy, forced_photometry, resample_reference, subtract
 from lcowatch.science.template import TARGET_CENTROID_SNR
-from lcowatch.state.images import ReferenceImage, reference_image, reference_pins
+from lcowatch.state.images import ReferenceImage, reference_image, reference_images_of, reference_pins
 from lcowatch.states import Step
 
 if TYPE_CHECKING:
@@ -45,6 +49,47 @@ class SubtractionViews:
 
     panels: list[tuple[str, np.ndarray]]
     target_xy: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """A frame minus a reference at the target: flux and error (electrons, the frame's flux scale) in each
+    aperture, the residual RMS at bright stars, the frame's flux over the reference's (``scale``), the
+    fraction of a point source's light in each aperture on the frame, the reference with this frame
+    averaged in (or None), the diagnostic cutouts (or None) and the transient's centroid (frame pixels, or
+    None)."""
+
+    flux: np.ndarray
+    flux_err: np.ndarray
+    residual: float
+    scale: float
+    encircled: np.ndarray
+    deeper: ReferenceImage | None
+    views: SubtractionViews | None
+    centroid: tuple[float, float] | None
+
+    def with_light_of(self, reference: ReferenceImage) -> tuple[np.ndarray, np.ndarray]:
+        """Flux and error with the transient's light that ``reference`` holds added back (its error too:
+        one error shared by every point measured against it)."""
+        if reference.transient_total == 0.0 or math.isinf(reference.transient_total):
+            return self.flux, self.flux_err
+        light = self.scale * self.encircled
+        return (
+            self.flux + reference.transient_total * light,
+            np.hypot(self.flux_err, reference.transient_total_err * light),
+        )
+
+
+def _clean_reference(work: FrameWork, instrument_class: str) -> ReferenceImage | None:
+    """Another camera's reference image of the frame's target and filter that holds none of the transient's
+    light, the deepest (most frames) first; None when there is none."""
+    meta = work.frame.meta
+    assert meta.target is not None
+    others = [
+        image for image in reference_images_of(work.store.conn, meta.target, meta.filter)
+        if image.instrument_class != instrument_class and image.transient_total == 0.0
+    ]  # fmt: skip
+    return max(others, key=lambda image: (image.frames, -image.mjd), default=None)
 
 
 def instrument_class(instrument: str | None) -> str:
@@ -77,30 +122,53 @@ class SubtractReference:
             at = (float(target_xy[0] - reference.origin[0]), float(target_xy[1] - reference.origin[1]))
             work.subtraction_views = SubtractionViews([("new reference image", reference.image)], at)
         if is_reference:
-            flux, flux_err, residual = np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
+            flux, flux_err, residual = self._own_light(work, reference, target_xy)
         else:
-            # Measured against the reference as it is; then, while it is shallow and the target shows nothing
-            # new, averaged into it.
+            # Measured against the reference as it is; then, while it is shallow and free of the transient
+            # and the target shows nothing new, averaged into it.
             grow = (
                 reference.frames < config.subtraction.reference_frames
+                and reference.transient_total == 0.0
                 and self._may_be_reference(work)
                 and work.replaces is None  # its earlier version may be averaged in already
                 and not self._transient_seen(work)
             )
-            flux, flux_err, residual, work.new_reference_image, views, centroid = work.pixels.run(
-                _difference_flux, reference, _cutout_map(reference, _from_reference_frame(work, reference)),
-                config.subtraction.cutout,
-                target_xy, work.photometry.radii, work.quality.fwhm_pix,
-                config.photometry.detection_snr if grow else 0.0, config.diagnostics,
-            )  # fmt: skip
-            if views is not None and residual > config.subtraction.max_residual:
-                work.subtraction_views = views
+            measured = self._measure(work, reference, target_xy, config.photometry.detection_snr if grow else 0.0)
+            work.new_reference_image = measured.deeper
+            flux, flux_err, residual = *measured.with_light_of(reference), measured.residual
+            if measured.views is not None and residual > config.subtraction.max_residual:
+                work.subtraction_views = measured.views
+            centroid = measured.centroid
             if centroid is not None and residual <= config.subtraction.max_residual and work.quality.flags == 0:
                 # The transient alone, on the difference: the unsubtracted light's centroid is the host's.
                 at_reference = apply_affine(invert(work.to_frame), np.array([centroid]))[0]
-                work.target_centroid_ref = (at_reference, float(flux[0] / flux_err[0]))
+                work.target_centroid_ref = (at_reference, float(measured.flux[0] / measured.flux_err[0]))
         work.reference_image_file = reference.file
-        self._replace_target(work, target_xy, flux, flux_err, residual, is_reference=is_reference)
+        self._replace_target(work, target_xy, flux, flux_err, residual, reference, is_reference=is_reference)
+
+    @staticmethod
+    def _measure(work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray, quiet_snr: float) -> _Measured:
+        """The frame minus ``reference`` at the target (see :func:`_difference_flux`)."""
+        assert work.quality is not None and work.photometry is not None
+        config = work.config
+        return work.pixels.run(
+            _difference_flux, reference, _cutout_map(reference, _from_reference_frame(work, reference)),
+            config.subtraction.cutout, target_xy, work.photometry.radii, work.quality.fwhm_pix, quiet_snr,
+            config.diagnostics,
+        )  # fmt: skip
+
+    def _own_light(
+        self, work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """The reference frame's own point: no flux, unless the reference holds the transient's light, which
+        another camera's reference free of it then measures."""
+        assert work.photometry is not None
+        if reference.transient_total != 0.0 and math.isfinite(reference.transient_total):
+            clean = _clean_reference(work, reference.instrument_class)
+            if clean is not None:
+                measured = self._measure(work, clean, target_xy, 0.0)
+                return measured.flux, measured.flux_err, measured.residual
+        return np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
 
     @staticmethod
     def _may_be_reference(work: FrameWork) -> bool:
@@ -127,25 +195,59 @@ class SubtractReference:
             return False
         return work.store.changed_before(meta.target, meta.mjd_mid, work.config.photometry.detection_snr)
 
-    @staticmethod
-    def _new_reference(work: FrameWork, target_xy: np.ndarray, klass: str) -> ReferenceImage:
+    def _new_reference(self, work: FrameWork, target_xy: np.ndarray, klass: str) -> ReferenceImage:
         meta, quality, to_frame = work.frame.meta, work.quality, work.to_frame
         assert meta.target is not None and quality is not None and to_frame is not None
         # Twice the cutout: a frame whose cutout has too few stars to fit the kernel tries twice the size.
         image, variance, origin = work.pixels.run(_cutout, target_xy, 2 * work.config.subtraction.cutout)
         window = work.config.targets[meta.target].reference_window()
         reason = "first good frame" + ("" if window is None else " outside the transient's window")
-        if reference_pins(work.store.conn, meta.target, meta.filter, klass):
+        pinned = bool(reference_pins(work.store.conn, meta.target, meta.filter, klass))
+        if pinned:
             reason = "set by hand"
-        return ReferenceImage(
+        reference = ReferenceImage(
             meta.target, meta.filter, klass, work.frame.sha256, work.frame.name, meta.mjd_mid, quality.fwhm_pix,
             origin, to_frame, image, variance, 1, reason,
+        )  # fmt: skip
+        if window is not None or pinned:
+            return reference  # the user's word that it holds no transient light
+        return self._with_transient_light(work, reference, target_xy)
+
+    def _with_transient_light(
+        self, work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray
+    ) -> ReferenceImage:
+        """A new reference image (no window, no frames set by hand) with the transient's light it holds: its
+        frame measured against another camera's reference free of it, kept where it reaches
+        ``photometry.detection_snr`` in a good subtraction. With no such reference, a transient seen before
+        this frame is in it unmeasured (``transient_total`` inf): its points are flagged."""
+        clean = _clean_reference(work, reference.instrument_class)
+        if clean is None:
+            if not self._transient_seen(work):
+                return reference
+            work.log.warning("reference_transient_light_unmeasured", reference=reference.file)
+            return replace(reference, transient_total=math.inf, reason=f"{reference.reason}; holds the "
+                           "transient's light, not measured (no other camera's reference free of it)")  # fmt: skip
+        measured = self._measure(work, clean, target_xy, 0.0)
+        config = work.config
+        total, total_err = measured.flux[0] / measured.encircled[0], measured.flux_err[0] / measured.encircled[0]
+        holds = bool(
+            abs(measured.flux[0]) >= config.photometry.detection_snr * measured.flux_err[0]
+            and measured.residual <= config.subtraction.max_residual
+        )
+        work.log.info("reference_transient_light", reference=reference.file, against=clean.file, added_back=holds,
+                      flux=round(float(total), 1), flux_err=round(float(total_err), 1),
+                      residual_rms=round(float(measured.residual), 3))  # fmt: skip
+        if not holds:
+            return reference
+        return replace(
+            reference, transient_total=float(total), transient_total_err=float(total_err),
+            reason=f"{reference.reason}; holds the transient's light, measured against {clean.file}, added back",
         )  # fmt: skip
 
     @staticmethod
     def _replace_target(
-        work: FrameWork, target_xy: np.ndarray, flux: np.ndarray, flux_err: np.ndarray, residual: float, *,
-        is_reference: bool,
+        work: FrameWork, target_xy: np.ndarray, flux: np.ndarray, flux_err: np.ndarray, residual: float,
+        reference: ReferenceImage, *, is_reference: bool,
     ) -> None:  # fmt: skip
         phot = work.photometry
         assert phot is not None
@@ -155,6 +257,8 @@ class SubtractReference:
         mark = flags.value("is_reference") if is_reference else 0
         if residual > work.config.subtraction.max_residual:
             mark |= flags.value("bad_subtraction")
+        if math.isinf(reference.transient_total):
+            mark |= flags.value("reference_has_transient")
         phot.flags[0] = phot.flags[0] & ~CLEARED_BY_SUBTRACTION | mark
         work.log.info("target_subtracted", residual_rms=round(float(residual), 3), is_reference=is_reference,
                       flux=[round(float(f), 1) for f in flux])  # fmt: skip
@@ -215,11 +319,8 @@ def _cutout(pixels: Pixels, target_xy: np.ndarray, size: int) -> tuple[np.ndarra
 def _difference_flux(
     pixels: Pixels, reference: ReferenceImage, cutout_map: np.ndarray, size: int, target_xy: np.ndarray,
     radii: np.ndarray, fwhm_pix: float, quiet_snr: float, with_views: bool,
-) -> tuple[
-    np.ndarray, np.ndarray, float, ReferenceImage | None, SubtractionViews | None, tuple[float, float] | None
-]:  # fmt: skip
-    """Flux and error (electrons) at the target in each aperture radius (pixels) on the frame minus its
-    reference, the subtraction's residual RMS at bright stars (about 1 when good), the reference with this
+) -> _Measured:  # fmt: skip
+    """The frame minus its reference at the target, in each aperture radius (pixels): the reference with this
     frame averaged in when the target's difference is below ``quiet_snr`` (0: never), (``with_views``) the
     three cutouts for a diagnostic picture, and the transient's centroid on the difference (frame pixels)
     where it is at least :data:`TARGET_CENTROID_SNR` and within half a FWHM of ``target_xy``."""
@@ -245,14 +346,11 @@ def _difference_flux(
         if with_views:
             named = [("frame", science), ("reference, resampled", ref), ("difference", difference.image)]
             views = SubtractionViews([(name, image.astype(np.float32)) for name, image in named], at)
-        return (
-            flux,
-            flux_err,
-            difference.residual_rms,
-            deeper,
-            views,
+        return _Measured(
+            flux, flux_err, difference.residual_rms, difference.scale,
+            np.array([encircled_energy(difference.psf_science, float(r)) for r in radii]), deeper, views,
             _centroid(difference, at, origin, fwhm_pix, flux, flux_err),
-        )
+        )  # fmt: skip
     raise Reject(f"cannot subtract the reference: {failure}", step=Step.SUBTRACT)
 
 

@@ -555,7 +555,7 @@ def _window(array: np.ndarray, row0: int, col0: int, size: tuple[int, int]) -> n
     return out
 
 
-def _encircled(psf: np.ndarray, radius: float) -> float:
+def encircled_energy(psf: np.ndarray, radius: float) -> float:
     """Fraction of a centred PSF stamp within ``radius`` pixels of its centre (exact overlaps)."""
     centre = (psf.shape[0] - 1) / 2.0
     return float(sep.sum_circle(np.ascontiguousarray(psf), [centre], [centre], radius, subpix=0)[0][0])
@@ -618,7 +618,9 @@ def forced_photometry(
         var += float(np.sum(reach**2 * np.nan_to_num(convolved, nan=0.0)))
         correction = 1.0
         if difference.convolved == "science":
-            correction = _encircled(difference.psf_science, radius) / _encircled(difference.psf_difference, radius)
+            correction = encircled_energy(difference.psf_science, radius) / encircled_energy(
+                difference.psf_difference, radius
+            )
         fluxes.append(flux * correction)
         errors.append(math.sqrt(var) * correction)
     return np.array(fluxes), np.array(errors)

@@ -24,6 +24,9 @@ class ReferenceImage:
     ``frame_from_reference`` maps the target's reference pixel frame into the frame's pixels; ``fwhm_pix``
     is the frame's seeing in its own pixels. Later frames averaged in (``frames``) are resampled onto the
     first frame's cutout and put on its flux scale; ``sha256``, ``file`` and ``mjd`` stay the first's.
+    ``transient_total`` is the transient's light the image holds (electrons on its flux scale, a point
+    source's whole flux, with ``transient_total_err``), measured against another camera's reference that is
+    free of it; 0 when it holds none or none could be measured. Such an image is never averaged into.
     """
 
     target: str
@@ -39,19 +42,21 @@ class ReferenceImage:
     variance: np.ndarray
     frames: int  # frames averaged into it
     reason: str
+    transient_total: float = 0.0
+    transient_total_err: float = 0.0
 
 
 def write_reference_image(conn: sqlite3.Connection, ref: ReferenceImage) -> None:
     ny, nx = ref.image.shape
     conn.execute(
         "INSERT OR REPLACE INTO reference_images (target, filter, instrument_class, sha256, file, mjd, fwhm_pix, "
-        "origin_x, origin_y, nx, ny, frame_from_reference, image, variance, frames, reason, created) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "origin_x, origin_y, nx, ny, frame_from_reference, image, variance, frames, reason, transient_total, "
+        "transient_total_err, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             ref.target, ref.filter, ref.instrument_class, ref.sha256, ref.file, ref.mjd, ref.fwhm_pix,
             ref.origin[0], ref.origin[1], nx, ny, affine_to_text(ref.frame_from_reference),
             ref.image.astype(np.float32).tobytes(), ref.variance.astype(np.float32).tobytes(), ref.frames, ref.reason,
-            time.time(),
+            ref.transient_total, ref.transient_total_err, time.time(),
         ),
     )  # fmt: skip
 
@@ -69,14 +74,23 @@ def reference_image(conn: sqlite3.Connection, target: str, filter: str, instrume
         (row["origin_x"], row["origin_y"]), affine_from_text(row["frame_from_reference"]),
         np.frombuffer(row["image"], np.float32).reshape(shape),
         np.frombuffer(row["variance"], np.float32).reshape(shape),
-        row["frames"], row["reason"],
+        row["frames"], row["reason"], row["transient_total"] or 0.0, row["transient_total_err"] or 0.0,
     )  # fmt: skip
+
+
+def reference_images_of(conn: sqlite3.Connection, target: str, filter: str) -> list[ReferenceImage]:
+    """A target's reference images of one filter, every instrument class."""
+    rows = conn.execute(
+        "SELECT instrument_class FROM reference_images WHERE target = ? AND filter = ?", (target, filter)
+    ).fetchall()
+    return [image for (klass,) in rows if (image := reference_image(conn, target, filter, klass)) is not None]
 
 
 def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, object]]:
     """A target's reference images, without their pixels: for ``lcowatch reference``."""
     rows = conn.execute(
-        "SELECT filter, instrument_class, file, mjd, frames, fwhm_pix, nx, ny, reason, created FROM reference_images "
+        "SELECT filter, instrument_class, file, mjd, frames, fwhm_pix, nx, ny, reason, transient_total, created "
+        "FROM reference_images "
         "WHERE target = ? ORDER BY filter, instrument_class",
         (target,),
     )

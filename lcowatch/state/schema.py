@@ -16,7 +16,7 @@ from collections.abc import Callable
 from lcowatch.errors import Stop
 
 #: Version of the tables below; one more for each entry of :data:`MIGRATIONS`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 LEDGER_TABLES = """
 CREATE TABLE IF NOT EXISTS files (
@@ -217,6 +217,8 @@ CREATE TABLE IF NOT EXISTS reference_images (
     frames INTEGER NOT NULL,
     reason TEXT NOT NULL,
     created REAL NOT NULL,
+    transient_total REAL,
+    transient_total_err REAL,
     PRIMARY KEY (target, filter, instrument_class)
 );
 CREATE TABLE IF NOT EXISTS reference_pins (
@@ -233,7 +235,8 @@ CREATE TABLE IF NOT EXISTS reference_pins (
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
     """Add the nullable columns a table lacks: release 0.1 (no version yet) grew its tables by columns
     only, version 2 added ``points.diff_color_term`` and ``points.color_err``, version 3 ``points.reference``
-    (and the ``reference_images`` table), version 4 the ``reference_pins`` table."""
+    (and the ``reference_images`` table), version 4 the ``reference_pins`` table, version 5
+    ``reference_images.transient_total`` and ``transient_total_err``."""
     for table, body in re.findall(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\n\);", STORE_TABLES, re.S):
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
         for line in body.strip().splitlines():
@@ -244,7 +247,7 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
 
 #: ``MIGRATIONS[v]`` brings a database from version ``v`` to ``v + 1`` (after the tables of the current
 #: schema that it lacks entirely have been created).
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns] * 4
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_add_missing_columns] * 5
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
