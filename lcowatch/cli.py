@@ -389,6 +389,7 @@ def cmd_reference(args: argparse.Namespace, config: Config) -> int:
         "nx",
         "ny",
         "transient_total",
+        "transient_total_err",
         "reason",
     ]
     write_table(rows, columns, "table", sys.stdout)

@@ -181,9 +181,37 @@ def supernova(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return folder, {path.name: truth for path, _, truth in series}
 
 
+def _late_sbig(folder: Path) -> list[tuple[Path, object, FrameTruth]]:
+    """A 0.4 m telescope joining a day before the supernova's peak (300 s, 2.5-3.5" seeing, 3x the sky)."""
+    return simulate_series(
+        SUPERNOVA, folder, nights=9, frames_per_night=1, filters=("rp",), shape=(512, 512), seed=102,
+        exptime=300.0, seeing=(2.5, 3.5), mjd_start=61006.3, site="coj", telescope="0m4-14", instrument="kb29",
+        pixscale=0.571, zeropoint_offset=-2.0, sky_scale=3.0, first_frame_number=600,
+    )  # fmt: skip
+
+
+def _supernova_config(folder: Path, scene: Path, method: str = "difference") -> Path:
+    """A config for the supernova in ``folder``, with the reference catalog of ``scene``."""
+    settings = {"ra": SUPERNOVA.ra, "dec": SUPERNOVA.dec, "refcat": str(scene / "stars.csv"), "method": method}
+    return write_config(folder, {"SN2026sim": settings})
+
+
+def _mags(points: list[sqlite3.Row], truth: dict[str, FrameTruth]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """True magnitude, measured magnitude and its error (NaN where not measured) of each point."""
+    true_mag = np.array([truth[row["file"]].mag[0] for row in points])
+    mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in points], dtype=float)
+    err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in points], dtype=float)
+    return true_mag, mag, err
+
+
+def _transient_totals(folder: Path) -> dict[str, float]:
+    with sqlite3.connect(folder / "state" / "lcowatch.sqlite") as conn:
+        query = "SELECT filter || ':' || instrument_class, transient_total FROM reference_images"
+        return dict(conn.execute(query).fetchall())
+
+
 def _process_supernova(folder: Path, frames: Path, method: str) -> list[sqlite3.Row]:
-    settings = {"ra": SUPERNOVA.ra, "dec": SUPERNOVA.dec, "refcat": str(frames.parent / "stars.csv"), "method": method}
-    config = write_config(folder, {"SN2026sim": settings})
+    config = _supernova_config(folder, frames.parent, method)
     assert main(["process", "--config", str(config), str(frames)]) == 0
     return _points(folder)
 
@@ -201,14 +229,12 @@ class TestSupernovaOnHost:
         assert len(points) == len(plain) == len(truth)  # every frame a point
         # The host beside the supernova, a detected source, is in the reference too: no blend or crowding left.
         assert not any(row["flags"] & flags.value("blended", "crowded") for row in points)
-        true_mag = np.array([truth[row["file"]].mag[0] for row in points])
+        true_mag, mag, err = _mags(points, truth)
         assert np.isinf(true_mag[0]) and points[0]["flags"] & flags.value("is_reference")
         faint = np.isfinite(true_mag) & (true_mag > 20.5)
         plain_mag = np.array([row["mag"] for row in plain], dtype=float)
         assert np.all(plain_mag[faint] < 17.5), "aperture photometry should see the host, not the fading SN"
 
-        mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in points], dtype=float)
-        err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in points], dtype=float)
         snr = np.array([row["snr"] for row in points], dtype=float)
         bright, measured = snr > 20, np.isfinite(mag) & (snr > 5)
         assert bright.sum() >= 5 and measured.sum() >= bright.sum()
@@ -247,21 +273,13 @@ class TestSupernovaFromTwoTelescopes:
             instrument="kb29", pixscale=0.571, zeropoint_offset=-2.0, sky_scale=3.0, first_frame_number=500,
         )  # fmt: skip
         truth = truth | {path.name: frame_truth for path, _, frame_truth in sbig}
-        settings = {
-            "ra": SUPERNOVA.ra,
-            "dec": SUPERNOVA.dec,
-            "refcat": str(folder / "stars.csv"),
-            "method": "difference",
-        }
-        config = write_config(tmp_path, {"SN2026sim": settings})
+        config = _supernova_config(tmp_path, folder)
         assert main(["process", "--config", str(config), str(folder / "frames"), str(tmp_path / "sbig")]) == 0
         points = _points(tmp_path)
         assert len(points) == len(truth)
-        true_mag = np.array([truth[row["file"]].mag[0] for row in points])
+        true_mag, mag, err = _mags(points, truth)
         snr = np.array([row["snr"] for row in points], dtype=float)
         assert np.all(np.abs(snr[np.isinf(true_mag)]) < 3.0), "nothing is there before the explosion"
-        mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in points], dtype=float)
-        err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in points], dtype=float)
         one_metre = np.array(["fa06" in row["file"] for row in points])
         bright = one_metre & (snr > 20)
         assert bright.sum() >= 4 and np.median(np.abs(mag - true_mag)[bright]) <= 0.035
@@ -286,40 +304,31 @@ class TestTransientInTheReference:
     that light is measured against the 1 m reference, free of it, and added back, so the 0.4 m light curve
     follows the truth; without the add-back every 0.4 m point would be short of the reference's flux (near
     the peak, no detection at all). A filter that starts after the explosion has no reference free of it to
-    measure against: its points are flagged."""
+    measure against: its points are flagged. Frames met out of time order never measure an earlier frame
+    against a later reference."""
 
     def test_the_light_in_a_late_reference_is_added_back(
         self, supernova: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
     ) -> None:
         folder, truth = supernova
-        late = simulate_series(
-            SUPERNOVA, tmp_path / "sbig", nights=9, frames_per_night=1, filters=("rp",), shape=(512, 512),
-            seed=102, exptime=300.0, seeing=(2.5, 3.5), mjd_start=61006.3, site="coj", telescope="0m4-14",
-            instrument="kb29", pixscale=0.571, zeropoint_offset=-2.0, sky_scale=3.0, first_frame_number=600,
+        late = _late_sbig(tmp_path / "sbig")
+        new_filter = simulate_series(
+            SUPERNOVA, tmp_path / "gp", nights=2, frames_per_night=1, filters=("gp",), shape=(512, 512), seed=103,
+            exptime=120.0, seeing=(1.4, 2.5), mjd_start=61006.2, first_frame_number=700,
         )  # fmt: skip
-        truth = truth | {path.name: frame_truth for path, _, frame_truth in late}
-        settings = {
-            "ra": SUPERNOVA.ra,
-            "dec": SUPERNOVA.dec,
-            "refcat": str(folder / "stars.csv"),
-            "method": "difference",
-        }
-        config = write_config(tmp_path, {"SN2026sim": settings})
-        assert main(["process", "--config", str(config), str(folder / "frames"), str(tmp_path / "sbig")]) == 0
+        truth = truth | {path.name: frame_truth for path, _, frame_truth in late + new_filter}
+        config = _supernova_config(tmp_path, folder)
+        folders = [str(folder / "frames"), str(tmp_path / "sbig"), str(tmp_path / "gp")]
+        assert main(["process", "--config", str(config), *folders]) == 0
         points = _points(tmp_path)
         assert len(points) == len(truth)
+        unmeasured = {row["file"] for row in points if row["flags"] & flags.value("reference_has_transient")}
+        assert unmeasured == {path.name for path, _, _ in new_filter}
+        totals = _transient_totals(tmp_path)
+        assert totals["rp:fa"] == 0 and totals["rp:kb"] > 0 and totals["gp:fa"] == np.inf
         small = [row for row in points if "kb29" in row["file"]]
-        founding = small[0]
-        assert founding["flags"] & flags.value("is_reference")
-        assert not any(row["flags"] & flags.value("reference_has_transient") for row in points)
-        with sqlite3.connect(tmp_path / "state" / "lcowatch.sqlite") as conn:
-            total = conn.execute(
-                "SELECT transient_total FROM reference_images WHERE instrument_class = 'kb'"
-            ).fetchone()
-        assert total[0] > 0
-        true_mag = np.array([truth[row["file"]].mag[0] for row in small])
-        mag = np.array([np.nan if row["mag"] is None else row["mag"] for row in small], dtype=float)
-        err = np.array([np.nan if row["mag_err"] is None else row["mag_err"] for row in small], dtype=float)
+        assert small[0]["flags"] & flags.value("is_reference")
+        true_mag, mag, err = _mags(small, truth)
         # The founding frame's own point is its light as the 1 m reference measures it, not 0.
         assert np.isfinite(mag[0]) and abs(mag[0] - true_mag[0]) < 3 * err[0] + 0.02
         # Measured 17.35 +- 0.12, 17.08 +- 0.16, 17.55 +- 0.27 against a truth of 17.30, 17.04, 17.37; then limits.
@@ -328,3 +337,21 @@ class TestTransientInTheReference:
         bias = np.sum(weights * (mag - true_mag)[measured]) / np.sum(weights)
         chi2 = np.mean(((mag - true_mag) / err)[measured] ** 2)
         assert measured.sum() >= 3 and abs(bias) < 0.1 and chi2 < 2.0, (bias, chi2)
+
+    def test_a_later_reference_met_first_is_not_measured_against(
+        self, supernova: tuple[Path, dict[str, FrameTruth]], tmp_path: Path
+    ) -> None:
+        folder, truth = supernova
+        _late_sbig(tmp_path / "sbig")
+        config = _supernova_config(tmp_path, folder)
+        # A backlog met out of time order: the 0.4 m frames first, so its reference (with the supernova in it)
+        # exists when the 1 m's, from before the explosion, is founded.
+        assert main(["process", "--config", str(config), str(tmp_path / "sbig")]) == 0
+        assert main(["process", "--config", str(config), str(folder / "frames")]) == 0
+        assert _transient_totals(tmp_path)["rp:fa"] == 0
+        one_metre = [row for row in _points(tmp_path) if "fa06" in row["file"]]
+        true_mag, mag, _ = _mags(one_metre, truth)
+        snr = np.array([row["snr"] for row in one_metre], dtype=float)
+        assert np.all(np.abs(snr[np.isinf(true_mag)]) < 3.0), "nothing is there before the explosion"
+        bright = snr > 20
+        assert bright.sum() >= 4 and np.median(np.abs(mag - true_mag)[bright]) <= 0.03

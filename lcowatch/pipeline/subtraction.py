@@ -71,7 +71,7 @@ class _Measured:
     def with_light_of(self, reference: ReferenceImage) -> tuple[np.ndarray, np.ndarray]:
         """Flux and error with the transient's light that ``reference`` holds added back (its error too:
         one error shared by every point measured against it)."""
-        if reference.transient_total == 0.0 or math.isinf(reference.transient_total):
+        if not reference.light_measured:
             return self.flux, self.flux_err
         light = self.scale * self.encircled
         return (
@@ -81,15 +81,18 @@ class _Measured:
 
 
 def _clean_reference(work: FrameWork, instrument_class: str) -> ReferenceImage | None:
-    """Another camera's reference image of the frame's target and filter that holds none of the transient's
-    light, the deepest (most frames) first; None when there is none."""
+    """Another camera's reference image of the frame's target and filter, from an earlier frame, that holds
+    none of the transient's light as far as is known, the earliest first; None when there is none.
+
+    Only earlier ones: a reference founded later in time (frames met out of order, as in a backlog) may hold
+    light nothing had yet shown, and measured against it an earlier frame would come out negative."""
     meta = work.frame.meta
     assert meta.target is not None
     others = [
         image for image in reference_images_of(work.store.conn, meta.target, meta.filter)
-        if image.instrument_class != instrument_class and image.transient_total == 0.0
+        if image.instrument_class != instrument_class and image.transient_total == 0.0 and image.mjd < meta.mjd_mid
     ]  # fmt: skip
-    return max(others, key=lambda image: (image.frames, -image.mjd), default=None)
+    return min(others, key=lambda image: image.mjd, default=None)
 
 
 def instrument_class(instrument: str | None) -> str:
@@ -115,20 +118,29 @@ class SubtractReference:
         reference = reference_image(work.store.conn, meta.target, meta.filter, klass)
         # An earlier version of this very file (a part of it) made the reference: the same pixels.
         is_reference = reference is None or reference.sha256 == work.replaces
+        own: _Measured | None = None  # the reference frame's own light, where it holds the transient's
         if reference is None:
             if not self._may_be_reference(work):
                 raise Reject(f"waiting for a reference image of {meta.filter} ({klass})", step=Step.SUBTRACT)
-            reference = work.new_reference_image = self._new_reference(work, target_xy, klass)
+            reference, own = self._new_reference(work, target_xy, klass)
+            work.new_reference_image = reference
             at = (float(target_xy[0] - reference.origin[0]), float(target_xy[1] - reference.origin[1]))
             work.subtraction_views = SubtractionViews([("new reference image", reference.image)], at)
+        elif is_reference and reference.light_measured:
+            own = self._against_clean_reference(work, target_xy, klass)
+            if own is None:
+                reference = replace(reference, transient_total=math.inf)  # for this point's flag only
         if is_reference:
-            flux, flux_err, residual = self._own_light(work, reference, target_xy)
+            flux, flux_err, residual = (
+                (own.flux, own.flux_err, own.residual) if own is not None and reference.light_measured
+                else (np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0)
+            )  # fmt: skip
         else:
             # Measured against the reference as it is; then, while it is shallow and free of the transient
             # and the target shows nothing new, averaged into it.
             grow = (
                 reference.frames < config.subtraction.reference_frames
-                and reference.transient_total == 0.0
+                and reference.transient_total == 0.0  # one that holds the transient's light stays as it is
                 and self._may_be_reference(work)
                 and work.replaces is None  # its earlier version may be averaged in already
                 and not self._transient_seen(work)
@@ -157,19 +169,6 @@ class SubtractReference:
             config.diagnostics,
         )  # fmt: skip
 
-    def _own_light(
-        self, work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """The reference frame's own point: no flux, unless the reference holds the transient's light, which
-        another camera's reference free of it then measures."""
-        assert work.photometry is not None
-        if reference.transient_total != 0.0 and math.isfinite(reference.transient_total):
-            clean = _clean_reference(work, reference.instrument_class)
-            if clean is not None:
-                measured = self._measure(work, clean, target_xy, 0.0)
-                return measured.flux, measured.flux_err, measured.residual
-        return np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0
-
     @staticmethod
     def _may_be_reference(work: FrameWork) -> bool:
         """Whether the frame may be, or be averaged into, the reference image: one set by hand
@@ -195,7 +194,11 @@ class SubtractReference:
             return False
         return work.store.changed_before(meta.target, meta.mjd_mid, work.config.photometry.detection_snr)
 
-    def _new_reference(self, work: FrameWork, target_xy: np.ndarray, klass: str) -> ReferenceImage:
+    def _new_reference(
+        self, work: FrameWork, target_xy: np.ndarray, klass: str
+    ) -> tuple[ReferenceImage, _Measured | None]:
+        """The frame's cutout as a new reference image, with the transient's light it holds (see
+        :meth:`_with_transient_light`) and the subtraction that measured it, if any."""
         meta, quality, to_frame = work.frame.meta, work.quality, work.to_frame
         assert meta.target is not None and quality is not None and to_frame is not None
         # Twice the cutout: a frame whose cutout has too few stars to fit the kernel tries twice the size.
@@ -210,39 +213,52 @@ class SubtractReference:
             origin, to_frame, image, variance, 1, reason,
         )  # fmt: skip
         if window is not None or pinned:
-            return reference  # the user's word that it holds no transient light
+            return reference, None  # the user's word that it holds no transient light
         return self._with_transient_light(work, reference, target_xy)
+
+    def _against_clean_reference(self, work: FrameWork, target_xy: np.ndarray, klass: str) -> _Measured | None:
+        """The frame minus another camera's earlier reference free of the transient (:func:`_clean_reference`),
+        where there is one and the subtraction is good; else None."""
+        clean = _clean_reference(work, klass)
+        if clean is None:
+            return None
+        try:
+            measured = self._measure(work, clean, target_xy, 0.0)
+        except Reject as exc:
+            work.log.warning("reference_transient_light_unmeasured", against=clean.file, reason=str(exc))
+            return None
+        good = measured.residual <= work.config.subtraction.max_residual and np.isfinite(measured.flux_err[0])
+        work.log.info("reference_transient_light", against=clean.file, good=bool(good),
+                      flux=round(float(measured.flux[0]), 1), flux_err=round(float(measured.flux_err[0]), 1),
+                      residual_rms=round(float(measured.residual), 3))  # fmt: skip
+        return measured if good else None
 
     def _with_transient_light(
         self, work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray
-    ) -> ReferenceImage:
+    ) -> tuple[ReferenceImage, _Measured | None]:
         """A new reference image (no window, no frames set by hand) with the transient's light it holds: its
-        frame measured against another camera's reference free of it, kept where it reaches
-        ``photometry.detection_snr`` in a good subtraction. With no such reference, a transient seen before
-        this frame is in it unmeasured (``transient_total`` inf): its points are flagged."""
-        clean = _clean_reference(work, reference.instrument_class)
-        if clean is None:
-            if not self._transient_seen(work):
-                return reference
-            work.log.warning("reference_transient_light_unmeasured", reference=reference.file)
-            return replace(reference, transient_total=math.inf, reason=f"{reference.reason}; holds the "
-                           "transient's light, not measured (no other camera's reference free of it)")  # fmt: skip
-        measured = self._measure(work, clean, target_xy, 0.0)
-        config = work.config
-        total, total_err = measured.flux[0] / measured.encircled[0], measured.flux_err[0] / measured.encircled[0]
-        holds = bool(
-            abs(measured.flux[0]) >= config.photometry.detection_snr * measured.flux_err[0]
-            and measured.residual <= config.subtraction.max_residual
-        )
-        work.log.info("reference_transient_light", reference=reference.file, against=clean.file, added_back=holds,
-                      flux=round(float(total), 1), flux_err=round(float(total_err), 1),
-                      residual_rms=round(float(measured.residual), 3))  # fmt: skip
-        if not holds:
-            return reference
+        frame measured against another camera's earlier reference free of it. The light is added back where
+        the transient was seen before this frame or shows at ``photometry.detection_snr``; where it was seen
+        and nothing can measure it (no such reference, a failed or poor subtraction, or one that shows that
+        reference brighter), ``transient_total`` is inf and the points are flagged."""
+        seen = self._transient_seen(work)
+        measured = self._against_clean_reference(work, target_xy, reference.instrument_class)
+        snr = math.nan if measured is None else float(measured.flux[0] / measured.flux_err[0])
+        detection = work.config.photometry.detection_snr
+        if measured is not None and snr >= (-detection if seen else detection):
+            total = float(measured.flux[0] / measured.encircled[0])
+            total_err = float(measured.flux_err[0] / measured.encircled[0])
+            return replace(
+                reference, transient_total=total, transient_total_err=total_err,
+                reason=f"{reference.reason}; holds the transient's light (S/N {snr:.1f}), added back",
+            ), measured  # fmt: skip
+        if not seen:
+            return reference, None
         return replace(
-            reference, transient_total=float(total), transient_total_err=float(total_err),
-            reason=f"{reference.reason}; holds the transient's light, measured against {clean.file}, added back",
-        )  # fmt: skip
+            reference, transient_total=math.inf,
+            reason=f"{reference.reason}; holds the transient's light, not measured (no other camera's earlier "
+            "reference free of it)",
+        ), None  # fmt: skip
 
     @staticmethod
     def _replace_target(
@@ -257,7 +273,7 @@ class SubtractReference:
         mark = flags.value("is_reference") if is_reference else 0
         if residual > work.config.subtraction.max_residual:
             mark |= flags.value("bad_subtraction")
-        if math.isinf(reference.transient_total):
+        if reference.light_unmeasured:
             mark |= flags.value("reference_has_transient")
         phot.flags[0] = phot.flags[0] & ~CLEARED_BY_SUBTRACTION | mark
         work.log.info("target_subtracted", residual_rms=round(float(residual), 3), is_reference=is_reference,

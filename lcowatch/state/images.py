@@ -4,6 +4,7 @@ points measured against it."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ class ReferenceImage:
     first frame's cutout and put on its flux scale; ``sha256``, ``file`` and ``mjd`` stay the first's.
     ``transient_total`` is the transient's light the image holds (electrons on its flux scale, a point
     source's whole flux, with ``transient_total_err``), measured against another camera's reference that is
-    free of it; 0 when it holds none or none could be measured. Such an image is never averaged into.
+    free of it; 0 when it holds none; inf when it holds some that nothing could measure. An image that
+    holds any is never averaged into.
     """
 
     target: str
@@ -44,6 +46,16 @@ class ReferenceImage:
     reason: str
     transient_total: float = 0.0
     transient_total_err: float = 0.0
+
+    @property
+    def light_measured(self) -> bool:
+        """Whether it holds transient light of a known amount, added back to the points."""
+        return self.transient_total != 0.0 and math.isfinite(self.transient_total)
+
+    @property
+    def light_unmeasured(self) -> bool:
+        """Whether it holds transient light that nothing could measure."""
+        return math.isinf(self.transient_total)
 
 
 def write_reference_image(conn: sqlite3.Connection, ref: ReferenceImage) -> None:
@@ -89,7 +101,9 @@ def reference_images_of(conn: sqlite3.Connection, target: str, filter: str) -> l
 def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, object]]:
     """A target's reference images, without their pixels: for ``lcowatch reference``."""
     rows = conn.execute(
-        "SELECT filter, instrument_class, file, mjd, frames, fwhm_pix, nx, ny, reason, transient_total, created "
+        "SELECT filter, instrument_class, file, mjd, frames, fwhm_pix, nx, ny, reason, "
+        "COALESCE(transient_total, 0) AS transient_total, COALESCE(transient_total_err, 0) AS transient_total_err, "
+        "created "
         "FROM reference_images "
         "WHERE target = ? ORDER BY filter, instrument_class",
         (target,),
