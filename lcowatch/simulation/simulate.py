@@ -1452,11 +1452,13 @@ def lco_filename(spec: FrameSpec, compress: str | None = "fz") -> str:
     return f"{spec.site}{tel}-{spec.instrument}-{date}-{int(spec.frame_number):04d}-e91{ext[compress]}"
 
 
-def _to_fpack(hdul: fits.HDUList, seed: int) -> fits.HDUList:
-    """fpack-like layout: empty PRIMARY + RICE-compressed extensions (float: quantize 64, dithered)."""
+def _to_fpack(hdul: fits.HDUList, seed: int, tile_rows: int = 1) -> fits.HDUList:
+    """fpack-like layout: empty PRIMARY + RICE-compressed extensions (float: quantize 64, dithered), tiles of
+    ``tile_rows`` full rows (fpack's and LCO's: 1)."""
     dither_seed = 1 + (int(seed) % 10000)
     out = fits.HDUList([fits.PrimaryHDU()])
     for hdu in hdul[1:]:
+        tiles = {"tile_shape": (min(tile_rows, hdu.data.shape[0]), hdu.data.shape[1])}
         if hdu.name == "ERR":
             # Smooth image: a fixed quantisation step (0.1 % of its smallest value) is precise and twice as
             # fast as estimating the noise tile by tile.
@@ -1469,6 +1471,7 @@ def _to_fpack(hdul: fits.HDUList, seed: int) -> fits.HDUList:
                 quantize_level=-step,
                 quantize_method=1,
                 dither_seed=dither_seed,
+                **tiles,
             )
         elif hdu.data.dtype.kind == "f":
             comp = fits.CompImageHDU(
@@ -1479,14 +1482,17 @@ def _to_fpack(hdul: fits.HDUList, seed: int) -> fits.HDUList:
                 quantize_level=64.0,
                 quantize_method=1,
                 dither_seed=dither_seed,
+                **tiles,
             )
         else:
-            comp = fits.CompImageHDU(hdu.data, hdu.header, name=hdu.name, compression_type="RICE_1")
+            comp = fits.CompImageHDU(hdu.data, hdu.header, name=hdu.name, compression_type="RICE_1", **tiles)
         out.append(comp)
     return out
 
 
-def write_frame(path: str | Path, field: Field, spec: FrameSpec, *, compress: str | None = None) -> FrameTruth:
+def write_frame(
+    path: str | Path, field: Field, spec: FrameSpec, *, compress: str | None = None, tile_rows: int = 1
+) -> FrameTruth:
     """Render a frame and write it to ``path``.
 
     Parameters
@@ -1501,6 +1507,11 @@ def write_frame(path: str | Path, field: Field, spec: FrameSpec, *, compress: st
         None: plain FITS, PRIMARY empty + ImageHDUs SCI, BPM, ERR. ``"fz"``: fpack-style, PRIMARY empty +
         CompImageHDUs (RICE_1; float data quantised at level 64 with SUBTRACTIVE_DITHER_1 like BANZAI, so
         pixel values differ from the plain file by up to ~noise/64). ``"gz"``: the plain file, gzipped.
+    tile_rows : int
+        ``"fz"`` only: rows per compression tile. 1, as fpack and LCO write, unless a test writing many
+        frames wants them faster: astropy's cost per tile is mostly Python, and 64 rows halve the time to
+        render and write a 512x512 frame (0.18 s to 0.09 s) and to read it (0.045 s to 0.024 s). The pixels
+        differ only by their quantisation.
 
     Returns
     -------
@@ -1511,7 +1522,7 @@ def write_frame(path: str | Path, field: Field, spec: FrameSpec, *, compress: st
     hdul, truth = render_frame(field, spec)
     path = Path(path)
     if compress == "fz":
-        _to_fpack(hdul, spec.seed).writeto(path, overwrite=True)
+        _to_fpack(hdul, spec.seed, tile_rows).writeto(path, overwrite=True)
     elif compress == "gz":
         buffer = io.BytesIO()
         hdul.writeto(buffer)
@@ -1584,6 +1595,7 @@ def simulate_series(
     shape: tuple[int, int] = (512, 512),
     seed: int = 0,
     compress: str | None = "fz",
+    tile_rows: int = 1,
     seeing: tuple[float, float] = DEFAULT_SEEING,
     seeing_of_night: Mapping[int, float] | None = None,
     wcs_jitter: tuple[float, float] | None = None,
@@ -1620,6 +1632,8 @@ def simulate_series(
         Seed for the conditions and the frames' noise.
     compress : {None, "fz", "gz"}
         File format, see :func:`write_frame`.
+    tile_rows : int
+        Rows per compression tile of ``"fz"`` files, see :func:`write_frame`.
     seeing : tuple of float
         ``(low, high)`` range of the nightly median seeing, arcsec (a 0.4 m telescope: 2.5-5). Each frame's
         FWHM (the median times ``airmass**0.6``, plus noise) is clipped to 1.5-3" at the default range, to
@@ -1722,7 +1736,7 @@ def simulate_series(
                 values["frame_number"] = frame_number
                 spec = replace(base, **values)  # type: ignore[arg-type]
                 path = out_dir / lco_filename(spec, compress)
-                truth = write_frame(path, field, spec, compress=compress)
+                truth = write_frame(path, field, spec, compress=compress, tile_rows=tile_rows)
                 results.append((path, spec, truth))
                 frame_number += 1
                 t += (exptime + 40.0) / 86400.0
