@@ -32,7 +32,7 @@ from lcowatch.science.quality import recentre
 from lcowatch.science.register import MAX_RMS, Affine, apply_affine, compose, invert, register
 from lcowatch.science.subtract import Difference, encircled_energy, forced_photometry, resample_reference, subtract
 from lcowatch.science.template import TARGET_CENTROID_SNR
-from lcowatch.state.images import ReferenceImage, reference_image, reference_images_of, reference_pins
+from lcowatch.state.images import ReferenceImage, clean_reference_image, reference_image, reference_pins
 from lcowatch.states import Step
 
 if TYPE_CHECKING:
@@ -82,17 +82,13 @@ class _Measured:
 
 def _clean_reference(work: FrameWork, instrument_class: str) -> ReferenceImage | None:
     """Another camera's reference image of the frame's target and filter, from an earlier frame, that holds
-    none of the transient's light as far as is known, the earliest first; None when there is none.
+    none of the transient's light as far as is known, the earliest; None when there is none.
 
     Only earlier ones: a reference founded later in time (frames met out of order, as in a backlog) may hold
     light nothing had yet shown, and measured against it an earlier frame would come out negative."""
     meta = work.frame.meta
     assert meta.target is not None
-    others = [
-        image for image in reference_images_of(work.store.conn, meta.target, meta.filter)
-        if image.instrument_class != instrument_class and image.transient_total == 0.0 and image.mjd < meta.mjd_mid
-    ]  # fmt: skip
-    return min(others, key=lambda image: image.mjd, default=None)
+    return clean_reference_image(work.store.conn, meta.target, meta.filter, instrument_class, meta.mjd_mid)
 
 
 def instrument_class(instrument: str | None) -> str:

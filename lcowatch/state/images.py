@@ -90,12 +90,18 @@ def reference_image(conn: sqlite3.Connection, target: str, filter: str, instrume
     )  # fmt: skip
 
 
-def reference_images_of(conn: sqlite3.Connection, target: str, filter: str) -> list[ReferenceImage]:
-    """A target's reference images of one filter, every instrument class."""
-    rows = conn.execute(
-        "SELECT instrument_class FROM reference_images WHERE target = ? AND filter = ?", (target, filter)
-    ).fetchall()
-    return [image for (klass,) in rows if (image := reference_image(conn, target, filter, klass)) is not None]
+def clean_reference_image(
+    conn: sqlite3.Connection, target: str, filter: str, other_than: str, before_mjd: float
+) -> ReferenceImage | None:
+    """The earliest reference image of a target and filter, of an instrument class other than ``other_than``,
+    made from a frame before ``before_mjd`` and holding none of the transient's light as far as is known;
+    None when there is none."""
+    row = conn.execute(
+        "SELECT instrument_class FROM reference_images WHERE target = ? AND filter = ? AND instrument_class != ? "
+        "AND mjd < ? AND COALESCE(transient_total, 0) = 0 ORDER BY mjd LIMIT 1",
+        (target, filter, other_than, before_mjd),
+    ).fetchone()
+    return None if row is None else reference_image(conn, target, filter, row[0])
 
 
 def reference_images(conn: sqlite3.Connection, target: str) -> list[dict[str, object]]:
