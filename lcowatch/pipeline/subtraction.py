@@ -80,17 +80,6 @@ class _Measured:
         )
 
 
-def _clean_reference(work: FrameWork, instrument_class: str) -> ReferenceImage | None:
-    """Another camera's reference image of the frame's target and filter, from an earlier frame, that holds
-    none of the transient's light as far as is known, the earliest; None when there is none.
-
-    Only earlier ones: a reference founded later in time (frames met out of order, as in a backlog) may hold
-    light nothing had yet shown, and measured against it an earlier frame would come out negative."""
-    meta = work.frame.meta
-    assert meta.target is not None
-    return clean_reference_image(work.store.conn, meta.target, meta.filter, instrument_class, meta.mjd_mid)
-
-
 def instrument_class(instrument: str | None) -> str:
     """The camera family of an LCO instrument name (``fa`` Sinistro, ``kb`` SBIG, ``sq`` QHY600, ``ep``
     MuSCAT): frames of one family share pixel scale and PSF shape well enough to share a reference."""
@@ -124,11 +113,11 @@ class SubtractReference:
             work.subtraction_views = SubtractionViews([("new reference image", reference.image)], at)
         elif is_reference and reference.light_measured:
             own = self._against_clean_reference(work, target_xy, klass)
-            if own is None:
-                reference = replace(reference, transient_total=math.inf)  # for this point's flag only
+        # A reference frame measured again whose light nothing can measure now is flagged like its points.
+        unmeasured = reference.light_unmeasured or (is_reference and reference.light_measured and own is None)
         if is_reference:
             flux, flux_err, residual = (
-                (own.flux, own.flux_err, own.residual) if own is not None and reference.light_measured
+                (own.flux, own.flux_err, own.residual) if own is not None
                 else (np.zeros_like(work.photometry.flux[0]), work.photometry.flux_err[0], 0.0)
             )  # fmt: skip
         else:
@@ -152,7 +141,9 @@ class SubtractReference:
                 at_reference = apply_affine(invert(work.to_frame), np.array([centroid]))[0]
                 work.target_centroid_ref = (at_reference, float(measured.flux[0] / measured.flux_err[0]))
         work.reference_image_file = reference.file
-        self._replace_target(work, target_xy, flux, flux_err, residual, reference, is_reference=is_reference)
+        self._replace_target(
+            work, target_xy, flux, flux_err, residual, is_reference=is_reference, unmeasured=unmeasured
+        )
 
     @staticmethod
     def _measure(work: FrameWork, reference: ReferenceImage, target_xy: np.ndarray, quiet_snr: float) -> _Measured:
@@ -213,9 +204,12 @@ class SubtractReference:
         return self._with_transient_light(work, reference, target_xy)
 
     def _against_clean_reference(self, work: FrameWork, target_xy: np.ndarray, klass: str) -> _Measured | None:
-        """The frame minus another camera's earlier reference free of the transient (:func:`_clean_reference`),
-        where there is one and the subtraction is good; else None."""
-        clean = _clean_reference(work, klass)
+        """The frame minus another camera's earlier reference free of the transient
+        (:func:`~lcowatch.state.images.clean_reference_image`), where there is one and the subtraction is good;
+        else None."""
+        meta = work.frame.meta
+        assert meta.target is not None
+        clean = clean_reference_image(work.store.conn, meta.target, meta.filter, klass, meta.mjd_mid)
         if clean is None:
             return None
         try:
@@ -258,8 +252,8 @@ class SubtractReference:
 
     @staticmethod
     def _replace_target(
-        work: FrameWork, target_xy: np.ndarray, flux: np.ndarray, flux_err: np.ndarray, residual: float,
-        reference: ReferenceImage, *, is_reference: bool,
+        work: FrameWork, target_xy: np.ndarray, flux: np.ndarray, flux_err: np.ndarray, residual: float, *,
+        is_reference: bool, unmeasured: bool,
     ) -> None:  # fmt: skip
         phot = work.photometry
         assert phot is not None
@@ -269,7 +263,7 @@ class SubtractReference:
         mark = flags.value("is_reference") if is_reference else 0
         if residual > work.config.subtraction.max_residual:
             mark |= flags.value("bad_subtraction")
-        if reference.light_unmeasured:
+        if unmeasured:
             mark |= flags.value("reference_has_transient")
         phot.flags[0] = phot.flags[0] & ~CLEARED_BY_SUBTRACTION | mark
         work.log.info("target_subtracted", residual_rms=round(float(residual), 3), is_reference=is_reference,

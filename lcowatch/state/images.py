@@ -95,7 +95,9 @@ def clean_reference_image(
 ) -> ReferenceImage | None:
     """The earliest reference image of a target and filter, of an instrument class other than ``other_than``,
     made from a frame before ``before_mjd`` and holding none of the transient's light as far as is known;
-    None when there is none."""
+    None when there is none. Only earlier ones: a reference founded from a later frame (frames met out of
+    order, as in a backlog) may hold light nothing had yet shown, and an earlier frame measured against it
+    would come out negative."""
     row = conn.execute(
         "SELECT instrument_class FROM reference_images WHERE target = ? AND filter = ? AND instrument_class != ? "
         "AND mjd < ? AND COALESCE(transient_total, 0) = 0 ORDER BY mjd LIMIT 1",
